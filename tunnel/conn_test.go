@@ -1,0 +1,306 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// echoHandler answers with the request body, prefixed by the path.
+func echoHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Path", r.URL.Path)
+		io.WriteString(w, r.URL.Path+":")
+		io.Copy(w, r.Body)
+	})
+}
+
+func TestManyConcurrentStreams(t *testing.T) {
+	p := newPair(t, echoHandler(), pairOptions{})
+	const streams = 500
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	for i := range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body := strings.Repeat(strconv.Itoa(i), 1000+i)
+			req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://agent/s/%d", i), strings.NewReader(body))
+			resp, err := p.kas.RoundTrip(req)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer resp.Body.Close()
+			got, err := io.ReadAll(resp.Body)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if want := fmt.Sprintf("/s/%d:%s", i, body); string(got) != want {
+				errs <- fmt.Errorf("stream %d: got %d bytes, want %d", i, len(got), len(want))
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := p.kas.Load(); n != 0 {
+		t.Errorf("load after all bodies closed = %d, want 0", n)
+	}
+}
+
+// TestStalledReaderDoesNotBlockOthers stalls one stream in each direction
+// far beyond its flow-control window while other streams keep working.
+func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
+	const big = 64 << 20 // 16 stream windows
+	release := make(chan struct{})
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/download": // KAS never reads the response
+			chunk := bytes.Repeat([]byte("d"), 64<<10)
+			for written := 0; written < big; written += len(chunk) {
+				if _, err := w.Write(chunk); err != nil {
+					return
+				}
+			}
+		case "/upload": // the agent never reads the request body
+			<-release
+		default:
+			io.WriteString(w, "ok")
+		}
+	})
+	p := newPair(t, handler, pairOptions{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	defer close(release)
+
+	download, err := p.get(ctx, "/download")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer download.Body.Close()
+	// Read a little so the stream is surely flowing, then stall.
+	if _, err := io.ReadFull(download.Body, make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
+
+	uploadBody, uploadWriter := io.Pipe()
+	go func() {
+		chunk := bytes.Repeat([]byte("u"), 64<<10)
+		for written := 0; written < big; written += len(chunk) {
+			if _, err := uploadWriter.Write(chunk); err != nil {
+				return // the stream was reset at the end of the test
+			}
+		}
+	}()
+	uploadReq, _ := http.NewRequestWithContext(ctx, http.MethodPut, "http://agent/upload", uploadBody)
+	uploadDone := make(chan struct{})
+	go func() {
+		defer close(uploadDone)
+		if resp, err := p.kas.RoundTrip(uploadReq); err == nil {
+			resp.Body.Close()
+		}
+	}()
+
+	// Both stalled streams have now filled their windows (or will while
+	// these run). Everything else must still go through.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var wg sync.WaitGroup
+		for i := range 100 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := p.get(ctx, fmt.Sprintf("/other/%d", i))
+				if err != nil {
+					t.Errorf("other request %d: %v", i, err)
+					return
+				}
+				defer resp.Body.Close()
+				if b, _ := io.ReadAll(resp.Body); string(b) != "ok" {
+					t.Errorf("other request %d: body %q", i, b)
+				}
+			}()
+		}
+		wg.Wait()
+	}()
+	waitDone(t, done, "requests next to stalled streams")
+	cancel()
+	uploadWriter.CloseWithError(errTest)
+	waitDone(t, uploadDone, "stalled upload after cancel")
+}
+
+// TestDroppedConnectionFailsInFlight breaks the network under streams in
+// flight, abruptly and silently; every stream must fail, none may hang.
+func TestDroppedConnectionFailsInFlight(t *testing.T) {
+	tests := []struct {
+		name  string
+		opts  Options
+		break_ func(p *pair)
+	}{
+		{
+			name:   "agent connection reset",
+			break_: func(p *pair) { p.agentNet.Conn.Close() },
+		},
+		{
+			// Nothing is closed: only keepalive PINGs can find out.
+			name:   "network silently dead",
+			opts:   Options{KeepaliveInterval: 200 * time.Millisecond, KeepaliveTimeout: 200 * time.Millisecond},
+			break_: func(p *pair) { p.agentNet.Blackhole() },
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			started := make(chan struct{}, 100)
+			handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				// A watch: one event, then silence until the client goes.
+				io.WriteString(w, "event\n")
+				http.NewResponseController(w).Flush()
+				started <- struct{}{}
+				<-r.Context().Done()
+			})
+			p := newPair(t, handler, pairOptions{opts: tt.opts})
+			const inFlight = 20
+			results := make(chan error, inFlight)
+			for range inFlight {
+				go func() {
+					resp, err := p.get(context.Background(), "/watch")
+					if err != nil {
+						results <- err
+						return
+					}
+					defer resp.Body.Close()
+					_, err = io.ReadAll(resp.Body)
+					results <- err
+				}()
+			}
+			for range inFlight {
+				<-started
+			}
+			tt.break_(p)
+			for range inFlight {
+				select {
+				case err := <-results:
+					if err == nil {
+						t.Error("stream ended cleanly after the connection broke; want an error")
+					}
+				case <-time.After(30 * time.Second):
+					t.Fatal("stream still open 30s after the connection broke")
+				}
+			}
+			waitDone(t, p.kas.Done(), "conn done")
+			if p.kas.Err() == nil {
+				t.Error("Err() = nil on a dead connection")
+			}
+			if _, err := p.get(context.Background(), "/after"); err == nil {
+				t.Error("request on a dead connection succeeded")
+			}
+		})
+	}
+}
+
+func TestLargeBodiesBothWays(t *testing.T) {
+	p := newPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, _ := io.Copy(h, r.Body)
+		fmt.Fprintf(w, "%d %x\n", n, h.Sum(nil))
+		// Then send the same amount back.
+		io.CopyN(w, zeros{}, n)
+	}), pairOptions{})
+	const size = 32 << 20
+	req, _ := http.NewRequest(http.MethodPut, "http://agent/big", io.LimitReader(zeros{}, size))
+	resp, err := p.kas.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var gotN int64
+	var gotSum string
+	if _, err := fmt.Fscanf(resp.Body, "%d %s\n", &gotN, &gotSum); err != nil {
+		t.Fatal(err)
+	}
+	want := sha256.Sum256(make([]byte, size))
+	if gotN != size || gotSum != fmt.Sprintf("%x", want) {
+		t.Errorf("agent got %d bytes with sum %s, want %d bytes", gotN, gotSum, size)
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	if err != nil || n != size {
+		t.Errorf("response body: %d bytes, err %v; want %d", n, err, size)
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+func TestServeConnEnds(t *testing.T) {
+	t.Run("context cancelled", func(t *testing.T) {
+		p := newPair(t, echoHandler(), pairOptions{})
+		p.cancel()
+		select {
+		case err := <-p.served:
+			if err != nil {
+				t.Errorf("ServeConn = %v, want nil after cancel", err)
+			}
+			p.served <- err // for the cleanup
+		case <-time.After(30 * time.Second):
+			t.Fatal("ServeConn still running after cancel")
+		}
+		waitDone(t, p.kas.Done(), "KAS side notices the agent left")
+	})
+	t.Run("KAS closes", func(t *testing.T) {
+		p := newPair(t, echoHandler(), pairOptions{})
+		p.kas.Close()
+		select {
+		case err := <-p.served:
+			if err != ErrConnClosed {
+				t.Errorf("ServeConn = %v, want ErrConnClosed", err)
+			}
+			p.served <- err
+		case <-time.After(30 * time.Second):
+			t.Fatal("ServeConn still running after KAS closed")
+		}
+	})
+}
+
+// TestFlushReachesKASAtOnce checks that every flush on the agent side is
+// delivered before the handler writes more: what watches rely on.
+func TestFlushReachesKASAtOnce(t *testing.T) {
+	next := make(chan struct{})
+	p := newPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		for i := range 3 {
+			fmt.Fprintf(w, "line %d\n", i)
+			rc.Flush()
+			<-next // the test reads the line before the next is written
+		}
+	}), pairOptions{})
+	resp, err := p.get(context.Background(), "/watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	buf := make([]byte, 64)
+	for i := range 3 {
+		n, err := resp.Body.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := string(buf[:n]), fmt.Sprintf("line %d\n", i); got != want {
+			t.Errorf("read %q, want %q", got, want)
+		}
+		next <- struct{}{}
+	}
+}
