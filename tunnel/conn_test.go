@@ -1,9 +1,10 @@
-package tunnel
+package tunnel_test
 
 import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,6 +13,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
 )
 
 // echoHandler answers with the request body, prefixed by the path.
@@ -24,7 +28,7 @@ func echoHandler() http.Handler {
 }
 
 func TestManyConcurrentStreams(t *testing.T) {
-	p := newPair(t, echoHandler(), pairOptions{})
+	p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
 	const streams = 500
 	var wg sync.WaitGroup
 	errs := make(chan error, streams)
@@ -34,7 +38,7 @@ func TestManyConcurrentStreams(t *testing.T) {
 			defer wg.Done()
 			body := strings.Repeat(strconv.Itoa(i), 1000+i)
 			req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://agent/s/%d", i), strings.NewReader(body))
-			resp, err := p.kas.RoundTrip(req)
+			resp, err := p.KAS.RoundTrip(req)
 			if err != nil {
 				errs <- err
 				return
@@ -55,7 +59,7 @@ func TestManyConcurrentStreams(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	if n := p.kas.Load(); n != 0 {
+	if n := p.KAS.Load(); n != 0 {
 		t.Errorf("load after all bodies closed = %d, want 0", n)
 	}
 }
@@ -80,12 +84,12 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 			io.WriteString(w, "ok")
 		}
 	})
-	p := newPair(t, handler, pairOptions{})
+	p := tunneltest.NewPair(t, handler, tunneltest.Options{})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	defer close(release)
 
-	download, err := p.get(ctx, "/download")
+	download, err := p.Get(ctx, "/download")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +112,7 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 	uploadDone := make(chan struct{})
 	go func() {
 		defer close(uploadDone)
-		if resp, err := p.kas.RoundTrip(uploadReq); err == nil {
+		if resp, err := p.KAS.RoundTrip(uploadReq); err == nil {
 			resp.Body.Close()
 		}
 	}()
@@ -123,7 +127,7 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				resp, err := p.get(ctx, fmt.Sprintf("/other/%d", i))
+				resp, err := p.Get(ctx, fmt.Sprintf("/other/%d", i))
 				if err != nil {
 					t.Errorf("other request %d: %v", i, err)
 					return
@@ -136,29 +140,29 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 		}
 		wg.Wait()
 	}()
-	waitDone(t, done, "requests next to stalled streams")
+	tunneltest.WaitDone(t, done, "requests next to stalled streams")
 	cancel()
-	uploadWriter.CloseWithError(errTest)
-	waitDone(t, uploadDone, "stalled upload after cancel")
+	uploadWriter.CloseWithError(errors.New("test over"))
+	tunneltest.WaitDone(t, uploadDone, "stalled upload after cancel")
 }
 
 // TestDroppedConnectionFailsInFlight breaks the network under streams in
 // flight, abruptly and silently; every stream must fail, none may hang.
 func TestDroppedConnectionFailsInFlight(t *testing.T) {
 	tests := []struct {
-		name  string
-		opts  Options
-		break_ func(p *pair)
+		name   string
+		opts   tunnel.Options
+		break_ func(p *tunneltest.Pair)
 	}{
 		{
 			name:   "agent connection reset",
-			break_: func(p *pair) { p.agentNet.Conn.Close() },
+			break_: func(p *tunneltest.Pair) { p.AgentNet.Conn.Close() },
 		},
 		{
 			// Nothing is closed: only keepalive PINGs can find out.
 			name:   "network silently dead",
-			opts:   Options{KeepaliveInterval: 200 * time.Millisecond, KeepaliveTimeout: 200 * time.Millisecond},
-			break_: func(p *pair) { p.agentNet.Blackhole() },
+			opts:   tunnel.Options{KeepaliveInterval: 200 * time.Millisecond, KeepaliveTimeout: 200 * time.Millisecond},
+			break_: func(p *tunneltest.Pair) { p.AgentNet.Blackhole() },
 		},
 	}
 	for _, tt := range tests {
@@ -171,12 +175,12 @@ func TestDroppedConnectionFailsInFlight(t *testing.T) {
 				started <- struct{}{}
 				<-r.Context().Done()
 			})
-			p := newPair(t, handler, pairOptions{opts: tt.opts})
+			p := tunneltest.NewPair(t, handler, tunneltest.Options{Tunnel: tt.opts})
 			const inFlight = 20
 			results := make(chan error, inFlight)
 			for range inFlight {
 				go func() {
-					resp, err := p.get(context.Background(), "/watch")
+					resp, err := p.Get(context.Background(), "/watch")
 					if err != nil {
 						results <- err
 						return
@@ -200,11 +204,11 @@ func TestDroppedConnectionFailsInFlight(t *testing.T) {
 					t.Fatal("stream still open 30s after the connection broke")
 				}
 			}
-			waitDone(t, p.kas.Done(), "conn done")
-			if p.kas.Err() == nil {
+			tunneltest.WaitDone(t, p.KAS.Done(), "conn done")
+			if p.KAS.Err() == nil {
 				t.Error("Err() = nil on a dead connection")
 			}
-			if _, err := p.get(context.Background(), "/after"); err == nil {
+			if _, err := p.Get(context.Background(), "/after"); err == nil {
 				t.Error("request on a dead connection succeeded")
 			}
 		})
@@ -212,16 +216,16 @@ func TestDroppedConnectionFailsInFlight(t *testing.T) {
 }
 
 func TestLargeBodiesBothWays(t *testing.T) {
-	p := newPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	p := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := sha256.New()
 		n, _ := io.Copy(h, r.Body)
 		fmt.Fprintf(w, "%d %x\n", n, h.Sum(nil))
 		// Then send the same amount back.
 		io.CopyN(w, zeros{}, n)
-	}), pairOptions{})
+	}), tunneltest.Options{})
 	const size = 32 << 20
 	req, _ := http.NewRequest(http.MethodPut, "http://agent/big", io.LimitReader(zeros{}, size))
-	resp, err := p.kas.RoundTrip(req)
+	resp, err := p.KAS.RoundTrip(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,28 +251,28 @@ func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
 func TestServeConnEnds(t *testing.T) {
 	t.Run("context cancelled", func(t *testing.T) {
-		p := newPair(t, echoHandler(), pairOptions{})
-		p.cancel()
+		p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+		p.Cancel()
 		select {
-		case err := <-p.served:
+		case err := <-p.Served:
 			if err != nil {
 				t.Errorf("ServeConn = %v, want nil after cancel", err)
 			}
-			p.served <- err // for the cleanup
+			p.Served <- err // for the cleanup
 		case <-time.After(30 * time.Second):
 			t.Fatal("ServeConn still running after cancel")
 		}
-		waitDone(t, p.kas.Done(), "KAS side notices the agent left")
+		tunneltest.WaitDone(t, p.KAS.Done(), "KAS side notices the agent left")
 	})
 	t.Run("KAS closes", func(t *testing.T) {
-		p := newPair(t, echoHandler(), pairOptions{})
-		p.kas.Close()
+		p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+		p.KAS.Close()
 		select {
-		case err := <-p.served:
-			if err != ErrConnClosed {
-				t.Errorf("ServeConn = %v, want ErrConnClosed", err)
+		case err := <-p.Served:
+			if err != tunnel.ErrConnClosed {
+				t.Errorf("ServeConn = %v, want tunnel.ErrConnClosed", err)
 			}
-			p.served <- err
+			p.Served <- err
 		case <-time.After(30 * time.Second):
 			t.Fatal("ServeConn still running after KAS closed")
 		}
@@ -279,15 +283,15 @@ func TestServeConnEnds(t *testing.T) {
 // delivered before the handler writes more: what watches rely on.
 func TestFlushReachesKASAtOnce(t *testing.T) {
 	next := make(chan struct{})
-	p := newPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	p := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
 		for i := range 3 {
 			fmt.Fprintf(w, "line %d\n", i)
 			rc.Flush()
 			<-next // the test reads the line before the next is written
 		}
-	}), pairOptions{})
-	resp, err := p.get(context.Background(), "/watch")
+	}), tunneltest.Options{})
+	resp, err := p.Get(context.Background(), "/watch")
 	if err != nil {
 		t.Fatal(err)
 	}

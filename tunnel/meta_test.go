@@ -1,4 +1,4 @@
-package tunnel
+package tunnel_test
 
 import (
 	"errors"
@@ -6,16 +6,18 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
 func TestAgentMetaRoundTrip(t *testing.T) {
-	in := AgentMeta{
+	in := tunnel.AgentMeta{
 		Version: "v0.1.0", CommitID: "abc123", PodNamespace: "gitlab-agent", PodName: "agentk-7d9f",
 		PodID: 8817, ConnectionID: -42, KubernetesVersion: "v1.32.13",
 	}
 	h := http.Header{}
 	in.SetHeaders(h)
-	out, err := MetaFromHeaders(h)
+	out, err := tunnel.MetaFromHeaders(h)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -30,33 +32,33 @@ func TestMetaFromHeadersRejects(t *testing.T) {
 		header string
 		value  string
 	}{
-		{"too long", HeaderPodName, strings.Repeat("a", 254)},
-		{"control character", HeaderAgentVersion, "v1\x01"},
-		{"non-ASCII", HeaderPodNamespace, "nämespace"},
-		{"not a number", HeaderPodID, "12a"},
+		{"too long", tunnel.HeaderPodName, strings.Repeat("a", 254)},
+		{"control character", tunnel.HeaderAgentVersion, "v1\x01"},
+		{"non-ASCII", tunnel.HeaderPodNamespace, "nämespace"},
+		{"not a number", tunnel.HeaderPodID, "12a"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := http.Header{}
 			h.Set(tt.header, tt.value)
-			if _, err := MetaFromHeaders(h); !errors.Is(err, ErrBadMeta) {
-				t.Errorf("MetaFromHeaders = %v, want ErrBadMeta", err)
+			if _, err := tunnel.MetaFromHeaders(h); !errors.Is(err, tunnel.ErrBadMeta) {
+				t.Errorf("tunnel.MetaFromHeaders = %v, want tunnel.ErrBadMeta", err)
 			}
 		})
 	}
-	if m, err := MetaFromHeaders(http.Header{}); err != nil || m != (AgentMeta{}) {
+	if m, err := tunnel.MetaFromHeaders(http.Header{}); err != nil || m != (tunnel.AgentMeta{}) {
 		t.Errorf("empty headers: %+v, %v; want zero meta and no error", m, err)
 	}
 }
 
 func TestIdentityRoundTrip(t *testing.T) {
-	in := &Identity{
+	in := &tunnel.Identity{
 		Username: "gitlab:ci_job:42",
 		UID:      "u-1",
 		Groups:   []string{"gitlab:ci_job", "gitlab:project:7", "dev ops"},
 		Extra:    map[string][]string{"agent.gitlab.com/id": {"5"}},
 	}
-	out, err := DecodeIdentity(in.Encode())
+	out, err := tunnel.DecodeIdentity(in.Encode())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,8 +66,8 @@ func TestIdentityRoundTrip(t *testing.T) {
 		t.Errorf("round trip: got %+v, want %+v", out, in)
 	}
 	for _, bad := range []string{"", "!!!", "bnVsbA", "e30"} { // "", invalid, "null", "{}"
-		if _, err := DecodeIdentity(bad); !errors.Is(err, ErrBadIdentity) {
-			t.Errorf("DecodeIdentity(%q) = %v, want ErrBadIdentity", bad, err)
+		if _, err := tunnel.DecodeIdentity(bad); !errors.Is(err, tunnel.ErrBadIdentity) {
+			t.Errorf("tunnel.DecodeIdentity(%q) = %v, want tunnel.ErrBadIdentity", bad, err)
 		}
 	}
 }
@@ -76,16 +78,16 @@ func TestSetImpersonation(t *testing.T) {
 	h.Add("Impersonate-Group", "system:masters")
 	h["impersonate-extra-scopes"] = []string{"x"} // not canonical: must still go
 	h.Set("Accept", "application/json")
-	id := &Identity{
+	id := &tunnel.Identity{
 		Username: "alice",
 		Groups:   []string{"dev", "viewers"},
 		Extra:    map[string][]string{"agent.gitlab.com/id": {"5"}, "a b%": {"1", "2"}},
 	}
 	id.SetImpersonation(h)
 	want := http.Header{
-		"Accept":                                  {"application/json"},
-		"Impersonate-User":                        {"alice"},
-		"Impersonate-Group":                       {"dev", "viewers"},
+		"Accept":            {"application/json"},
+		"Impersonate-User":  {"alice"},
+		"Impersonate-Group": {"dev", "viewers"},
 		// Go canonicalises header names ("%2F" becomes "%2f"); the
 		// apiserver lower-cases extra keys before unescaping, so both mean
 		// "agent.gitlab.com/id".
@@ -110,8 +112,8 @@ func TestHasImpersonation(t *testing.T) {
 		{http.Header{"Impersonated": {"x"}}, false},
 	}
 	for _, tt := range tests {
-		if got := HasImpersonation(tt.h); got != tt.want {
-			t.Errorf("HasImpersonation(%v) = %v, want %v", tt.h, got, tt.want)
+		if got := tunnel.HasImpersonation(tt.h); got != tt.want {
+			t.Errorf("tunnel.HasImpersonation(%v) = %v, want %v", tt.h, got, tt.want)
 		}
 	}
 }

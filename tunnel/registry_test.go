@@ -1,4 +1,4 @@
-package tunnel
+package tunnel_test
 
 import (
 	"context"
@@ -7,11 +7,14 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
 )
 
 func TestRegistryFindWaitsForAgent(t *testing.T) {
-	r := NewMemoryRegistry()
-	found := make(chan *Conn, 1)
+	r := tunnel.NewMemoryRegistry()
+	found := make(chan *tunnel.Conn, 1)
 	go func() {
 		c, err := r.Find(context.Background(), 7)
 		if err != nil {
@@ -22,13 +25,13 @@ func TestRegistryFindWaitsForAgent(t *testing.T) {
 	// Let Find start waiting (not required for correctness: Register
 	// before Find must work too).
 	time.Sleep(20 * time.Millisecond)
-	p := newPair(t, echoHandler(), pairOptions{agent: AgentInfo{ID: 7}})
-	unregister := r.Register(p.kas)
+	p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 7}})
+	unregister := r.Register(p.KAS)
 	defer unregister()
 	select {
 	case c := <-found:
-		if c != p.kas {
-			t.Errorf("Find returned %p, want %p", c, p.kas)
+		if c != p.KAS {
+			t.Errorf("Find returned %p, want %p", c, p.KAS)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("Find still waiting after the agent registered")
@@ -36,20 +39,20 @@ func TestRegistryFindWaitsForAgent(t *testing.T) {
 }
 
 func TestRegistryFindGivesUp(t *testing.T) {
-	r := NewMemoryRegistry()
+	r := tunnel.NewMemoryRegistry()
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	_, err := r.Find(ctx, 42)
-	if !errors.Is(err, ErrNoConnection) || !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("Find = %v, want ErrNoConnection and DeadlineExceeded", err)
+	if !errors.Is(err, tunnel.ErrNoConnection) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Find = %v, want tunnel.ErrNoConnection and DeadlineExceeded", err)
 	}
-	if n := len(r.agents); n != 0 {
+	if n := tunnel.NumAgentEntries(r); n != 0 {
 		t.Errorf("registry keeps %d entries after a failed wait, want 0", n)
 	}
 }
 
 func TestRegistryPicksLiveLeastLoaded(t *testing.T) {
-	r := NewMemoryRegistry()
+	r := tunnel.NewMemoryRegistry()
 	block := make(chan struct{})
 	defer close(block)
 	slow := http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
@@ -57,14 +60,14 @@ func TestRegistryPicksLiveLeastLoaded(t *testing.T) {
 		http.NewResponseController(w).Flush()
 		<-block
 	})
-	busy := newPair(t, slow, pairOptions{agent: AgentInfo{ID: 3}})
-	idle := newPair(t, slow, pairOptions{agent: AgentInfo{ID: 3}})
-	dead := newPair(t, slow, pairOptions{agent: AgentInfo{ID: 3}})
-	for _, p := range []*pair{busy, idle, dead} {
-		defer r.Register(p.kas)()
+	busy := tunneltest.NewPair(t, slow, tunneltest.Options{Agent: tunnel.AgentInfo{ID: 3}})
+	idle := tunneltest.NewPair(t, slow, tunneltest.Options{Agent: tunnel.AgentInfo{ID: 3}})
+	dead := tunneltest.NewPair(t, slow, tunneltest.Options{Agent: tunnel.AgentInfo{ID: 3}})
+	for _, p := range []*tunneltest.Pair{busy, idle, dead} {
+		defer r.Register(p.KAS)()
 	}
-	dead.kas.Close()
-	resp, err := busy.get(context.Background(), "/hold")
+	dead.KAS.Close()
+	resp, err := busy.Get(context.Background(), "/hold")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,8 +77,8 @@ func TestRegistryPicksLiveLeastLoaded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c != idle.kas {
-		t.Errorf("Find picked the %s connection, want the idle one", map[*Conn]string{busy.kas: "busy", dead.kas: "dead"}[c])
+	if c != idle.KAS {
+		t.Errorf("Find picked the %s connection, want the idle one", map[*tunnel.Conn]string{busy.KAS: "busy", dead.KAS: "dead"}[c])
 	}
 	if got := len(r.Conns(3)); got != 2 {
 		t.Errorf("Conns = %d live connections, want 2", got)
@@ -83,17 +86,17 @@ func TestRegistryPicksLiveLeastLoaded(t *testing.T) {
 }
 
 func TestRegistryUnregisterAndClose(t *testing.T) {
-	r := NewMemoryRegistry()
-	p := newPair(t, echoHandler(), pairOptions{agent: AgentInfo{ID: 5}})
-	unregister := r.Register(p.kas)
+	r := tunnel.NewMemoryRegistry()
+	p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 5}})
+	unregister := r.Register(p.KAS)
 	unregister()
 	unregister() // twice is fine
-	if n := len(r.agents); n != 0 {
+	if n := tunnel.NumAgentEntries(r); n != 0 {
 		t.Fatalf("registry keeps %d entries after unregister, want 0", n)
 	}
 
-	q := newPair(t, echoHandler(), pairOptions{agent: AgentInfo{ID: 5}})
-	r.Register(q.kas)
+	q := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 5}})
+	r.Register(q.KAS)
 	waiting := make(chan error, 1)
 	go func() {
 		_, err := r.Find(context.Background(), 6)
@@ -101,27 +104,27 @@ func TestRegistryUnregisterAndClose(t *testing.T) {
 	}()
 	time.Sleep(20 * time.Millisecond)
 	r.Close()
-	waitDone(t, q.kas.Done(), "registered conn closed by registry Close")
+	tunneltest.WaitDone(t, q.KAS.Done(), "registered conn closed by registry Close")
 	select {
 	case err := <-waiting:
-		if !errors.Is(err, ErrRegistryClosed) {
-			t.Errorf("waiting Find = %v, want ErrRegistryClosed", err)
+		if !errors.Is(err, tunnel.ErrRegistryClosed) {
+			t.Errorf("waiting Find = %v, want tunnel.ErrRegistryClosed", err)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("Find still waiting after Close")
 	}
-	if _, err := r.Find(context.Background(), 5); !errors.Is(err, ErrRegistryClosed) {
-		t.Errorf("Find after Close = %v, want ErrRegistryClosed", err)
+	if _, err := r.Find(context.Background(), 5); !errors.Is(err, tunnel.ErrRegistryClosed) {
+		t.Errorf("Find after Close = %v, want tunnel.ErrRegistryClosed", err)
 	}
 }
 
 func TestRegistryRoutesRequests(t *testing.T) {
-	r := NewMemoryRegistry()
+	r := tunnel.NewMemoryRegistry()
 	for _, id := range []int64{1, 2} {
-		p := newPair(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		p := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 			io.WriteString(w, req.URL.Path)
-		}), pairOptions{agent: AgentInfo{ID: id}})
-		defer r.Register(p.kas)()
+		}), tunneltest.Options{Agent: tunnel.AgentInfo{ID: id}})
+		defer r.Register(p.KAS)()
 	}
 	for _, id := range []int64{1, 2} {
 		c, err := r.Find(context.Background(), id)
