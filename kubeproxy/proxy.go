@@ -1,0 +1,232 @@
+// Package kubeproxy is the user-facing Kubernetes API proxy of the agent
+// server: it authenticates a request, picks a tunnel connection of the
+// agent the request names and streams the request to it and the answer
+// back. It imports no Caddy package.
+package kubeproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-kas/caddy-kas/kubestatus"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+// DefaultWaitForAgent is how long a request waits for a connection of its
+// agent to appear, as GitLab's KAS does (routingTunnelFindTimeout,
+// kas-spec §4.3): an agent that is reconnecting is back well within it.
+const DefaultWaitForAgent = 20 * time.Second
+
+// Proxy is an http.Handler for the Kubernetes API proxy.
+type Proxy struct {
+	// Prefix is the URL path the proxy is mounted at; it ends in "/" and is
+	// removed before the request goes to the cluster.
+	Prefix string
+	// Auth authenticates requests.
+	Auth Authenticator
+	// Registry holds the agents' tunnel connections.
+	Registry tunnel.Registry
+	// WaitForAgent is how long a request waits for its agent to connect;
+	// zero means [DefaultWaitForAgent].
+	WaitForAgent time.Duration
+	// Logger receives refusals and failures; it is never given a secret.
+	Logger *zap.Logger
+}
+
+// copyBufferSize is the size of the buffers that move response bodies: big
+// enough for bulk transfers, small enough that 10,000 concurrent watches
+// cost little.
+const copyBufferSize = 32 << 10
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize); return &b }}
+
+// ServeHTTP implements http.Handler.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	path, rawPath, ok := p.stripPrefix(r.URL)
+	if !ok {
+		p.refuse(w, r, &Error{Code: http.StatusBadRequest, Message: "URL does not start with expected prefix", Reason: "path outside prefix"})
+		return
+	}
+	access, err := p.Auth.Authenticate(r)
+	if err != nil {
+		var e *Error
+		if !errors.As(err, &e) {
+			p.log().Error("authenticating k8s proxy request", zap.Error(err), zap.String("remote_addr", r.RemoteAddr))
+			kubestatus.Error(w, http.StatusInternalServerError, "authentication failed")
+			return
+		}
+		p.refuse(w, r, e)
+		return
+	}
+	if tunnel.HasImpersonation(r.Header) {
+		switch {
+		case access.Identity != nil:
+			// GitLab's agentk refuses this combination (gitlab#338664).
+			p.refuse(w, r, &Error{Code: http.StatusBadRequest, Message: "nested impersonation is not supported",
+				Reason: access.Principal + " sent impersonation headers but is impersonated already", AgentID: access.AgentID})
+			return
+		case !access.AllowClientImpersonation:
+			p.refuse(w, r, &Error{Code: http.StatusForbidden, Message: "Forbidden: impersonation is not allowed for this token",
+				Reason: access.Principal + " may not impersonate", AgentID: access.AgentID})
+			return
+		}
+	}
+
+	out := r.WithContext(r.Context()) // shallow: fields are replaced below, the body is shared
+	out.URL = &url.URL{Scheme: "http", Host: "agent", Path: path, RawPath: rawPath, RawQuery: sanitizeQuery(r.URL.RawQuery)}
+	out.Host = ""
+	out.RequestURI = ""
+	out.Header = outboundHeader(r.Header, access.AllowClientImpersonation)
+	if access.Identity != nil {
+		out.Header.Set(tunnel.IdentityHeader, access.Identity.Encode())
+	}
+	if r.ContentLength == 0 {
+		out.Body = nil // nothing to stream: lets a failed request be retried
+	}
+	// An HTTP/1.1 client's trailers are not forwarded; the Kubernetes API
+	// does not use request trailers.
+	out.Trailer = nil
+
+	resp, err := p.roundTrip(out, access)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return // the client went away; nobody to answer
+		}
+		var e *Error
+		if errors.As(err, &e) {
+			p.refuse(w, r, e)
+			return
+		}
+		p.log().Warn("k8s proxy request failed", zap.Int64("agent_id", access.AgentID), zap.Error(err))
+		kubestatus.Error(w, http.StatusBadGateway, fmt.Sprintf("agent %d: %v", access.AgentID, err))
+		return
+	}
+	defer resp.Body.Close()
+	p.copyResponse(w, r, resp, access)
+}
+
+// stripPrefix returns the request path without the proxy's prefix, as a
+// path beginning with "/", in decoded and (if the client used escapes)
+// raw form.
+func (p *Proxy) stripPrefix(u *url.URL) (path, rawPath string, ok bool) {
+	prefix := p.Prefix
+	bare := strings.TrimSuffix(prefix, "/")
+	if u.Path == bare {
+		return "/", "", true
+	}
+	if !strings.HasPrefix(u.Path, prefix) {
+		return "", "", false
+	}
+	path = "/" + u.Path[len(prefix):]
+	if u.RawPath != "" && strings.HasPrefix(u.RawPath, prefix) {
+		rawPath = "/" + u.RawPath[len(prefix):]
+	}
+	return path, rawPath, true
+}
+
+// roundTrip finds a connection of the agent and sends the request on it. A
+// request without a body that failed because its connection died before
+// it was sent is tried once more on another connection; one with a body
+// cannot be replayed.
+func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, error) {
+	wait := p.WaitForAgent
+	if wait <= 0 {
+		wait = DefaultWaitForAgent
+	}
+	for attempt := 0; ; attempt++ {
+		findCtx, cancel := context.WithTimeout(out.Context(), wait)
+		conn, err := p.Registry.Find(findCtx, access.AgentID)
+		cancel()
+		if err != nil {
+			if out.Context().Err() != nil {
+				return nil, err
+			}
+			return nil, &Error{Code: http.StatusBadGateway,
+				Message: fmt.Sprintf("agent %d is not connected (waited %s). Is the agent up and connected?", access.AgentID, wait),
+				Reason:  err.Error(), AgentID: access.AgentID}
+		}
+		resp, err := conn.RoundTrip(out)
+		if err == nil {
+			return resp, nil
+		}
+		if attempt > 0 || out.Body != nil || conn.Err() == nil || out.Context().Err() != nil {
+			return nil, err
+		}
+		p.log().Debug("retrying request on another connection", zap.Int64("agent_id", access.AgentID), zap.Error(err))
+	}
+}
+
+// copyResponse streams the agent's answer to the client, flushing after
+// every read so that watch events and log lines arrive at once.
+func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.Response, access *Access) {
+	h := w.Header()
+	removeHopByHop(resp.Header)
+	for k, vs := range resp.Header {
+		h[k] = vs
+	}
+	w.WriteHeader(resp.StatusCode)
+	rc := http.NewResponseController(w)
+	if resp.Body == http.NoBody {
+		return
+	}
+	bufp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bufp)
+	buf := *bufp
+	for {
+		n, readErr := resp.Body.Read(buf)
+		if n > 0 {
+			if _, err := w.Write(buf[:n]); err != nil {
+				return // the client went away; closing resp.Body resets the stream
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		}
+		if readErr == io.EOF {
+			return
+		}
+		if readErr != nil {
+			if r.Context().Err() == nil {
+				p.log().Warn("agent connection lost mid-response", zap.Int64("agent_id", access.AgentID), zap.Error(readErr))
+			}
+			// The status line is out: the only honest signal left is to
+			// abort, so the client sees a broken response instead of a
+			// truncated one that looks complete.
+			panic(http.ErrAbortHandler)
+		}
+	}
+}
+
+func (p *Proxy) log() *zap.Logger {
+	if p.Logger == nil {
+		return nopLogger
+	}
+	return p.Logger
+}
+
+var nopLogger = zap.NewNop()
+
+// refuse answers with a Kubernetes Status for e and logs why.
+func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
+	fields := []zap.Field{
+		zap.Int("status", e.Code), zap.String("reason", e.Reason), zap.String("remote_addr", r.RemoteAddr),
+	}
+	if e.AgentID != 0 {
+		fields = append(fields, zap.Int64("agent_id", e.AgentID))
+	}
+	p.log().Info("k8s proxy request refused", fields...)
+	if e.Code == http.StatusUnauthorized {
+		// Tells a KAS refusal from a 401 of the cluster (kas-spec §1.2).
+		w.Header().Set("Gitlab-Unauthorized", "true")
+	}
+	kubestatus.Error(w, e.Code, e.Message)
+}

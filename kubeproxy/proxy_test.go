@@ -1,0 +1,317 @@
+package kubeproxy
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+)
+
+const prefix = "/-/kubernetes-agent/k8s-proxy/"
+
+// seen records what reached the fake cluster behind the agent.
+type seen struct {
+	mu   sync.Mutex // guards reqs
+	reqs []*http.Request
+}
+
+func (s *seen) add(r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reqs = append(s.reqs, r)
+}
+
+func (s *seen) last(t *testing.T) *http.Request {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.reqs) == 0 {
+		t.Fatal("nothing reached the agent")
+	}
+	return s.reqs[len(s.reqs)-1]
+}
+
+func (s *seen) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.reqs)
+}
+
+type env struct {
+	proxy    *httptest.Server
+	registry *tunnel.MemoryRegistry
+	agent    *tunneltest.Pair
+	seen     *seen
+}
+
+// newEnv starts the proxy with users dev (agent 1, impersonates alice),
+// ops (agents 1 and 2, may impersonate) and plain (agent 1), and agent 1
+// serving agentHandler (nil: record and answer 200 "ok").
+func newEnv(t *testing.T, agentHandler http.Handler) *env {
+	t.Helper()
+	e := &env{registry: tunnel.NewMemoryRegistry(), seen: &seen{}}
+	if agentHandler == nil {
+		agentHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.ReadAll(r.Body)
+			e.seen.add(r)
+			io.WriteString(w, "ok")
+		})
+	}
+	e.agent = tunneltest.NewPair(t, agentHandler, tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
+	t.Cleanup(e.registry.Register(e.agent.KAS))
+	auth, err := NewStaticAuthenticator([]User{
+		{Name: "dev", Token: "dev-token", Agents: []int64{1}, Impersonate: &tunnel.Identity{Username: "alice", Groups: []string{"dev"}}},
+		{Name: "ops", Token: "ops-token", Agents: []int64{1, 2}, AllowImpersonation: true},
+		{Name: "plain", Token: "plain-token", Agents: []int64{1}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.proxy = httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Registry: e.registry, WaitForAgent: 200 * time.Millisecond})
+	t.Cleanup(e.proxy.Close)
+	return e
+}
+
+func (e *env) do(t *testing.T, method, path, auth string, header http.Header, body io.Reader) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(method, e.proxy.URL+path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, vs := range header {
+		req.Header[k] = vs
+	}
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := e.proxy.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+func decodeStatus(t *testing.T, resp *http.Response) map[string]any {
+	t.Helper()
+	var st map[string]any
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatalf("body is not JSON: %v", err)
+	}
+	if st["kind"] != "Status" || st["apiVersion"] != "v1" || st["status"] != "Failure" {
+		t.Errorf("body is not a failure Status: %v", st)
+	}
+	return st
+}
+
+func TestProxyForwards(t *testing.T) {
+	e := newEnv(t, nil)
+	header := http.Header{
+		"Cookie":          {"_gitlab_kas=secret"},
+		"X-Csrf-Token":    {"secret"},
+		"Kas-Impersonate": {(&tunnel.Identity{Username: "system:admin"}).Encode()},
+		"Content-Type":    {"application/apply-patch+yaml"},
+		"Connection":      {"X-Private"},
+		"X-Private":       {"hop"},
+	}
+	resp := e.do(t, http.MethodPatch, prefix+"api/v1/namespaces/a%2Fb/configmaps/cm?fieldManager=me&gitlab-agent-id=1&force=true",
+		"Bearer pat:1:plain-token", header, strings.NewReader("data: {}"))
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	got := e.seen.last(t)
+	if got.Method != http.MethodPatch {
+		t.Errorf("method %s", got.Method)
+	}
+	if got.URL.EscapedPath() != "/api/v1/namespaces/a%2Fb/configmaps/cm" {
+		t.Errorf("path %q, want prefix stripped and escaping kept", got.URL.EscapedPath())
+	}
+	if got.URL.RawQuery != "fieldManager=me&force=true" {
+		t.Errorf("query %q", got.URL.RawQuery)
+	}
+	for _, k := range []string{"Authorization", "Cookie", "X-Csrf-Token", "Kas-Impersonate", "X-Private"} {
+		if v := got.Header.Get(k); v != "" {
+			t.Errorf("%s reached the agent: %q", k, v)
+		}
+	}
+	if got.Header.Get("Content-Type") != "application/apply-patch+yaml" {
+		t.Errorf("Content-Type lost: %v", got.Header)
+	}
+}
+
+func TestProxyIdentity(t *testing.T) {
+	e := newEnv(t, nil)
+	resp := e.do(t, http.MethodGet, prefix+"api", "Bearer pat:1:dev-token", nil, nil)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	id, err := tunnel.DecodeIdentity(e.seen.last(t).Header.Get(tunnel.IdentityHeader))
+	if err != nil {
+		t.Fatalf("identity header: %v", err)
+	}
+	if id.Username != "alice" || len(id.Groups) != 1 || id.Groups[0] != "dev" {
+		t.Errorf("identity %+v, want alice [dev]", id)
+	}
+}
+
+func TestProxyRefuses(t *testing.T) {
+	asBob := http.Header{"Impersonate-User": {"bob"}}
+	tests := []struct {
+		name         string
+		path         string
+		auth         string
+		header       http.Header
+		wantCode     int
+		wantMessage  string
+		unauthorized bool
+	}{
+		{"no credentials", prefix + "api", "", nil, 401, "no valid credentials", true},
+		{"unknown token", prefix + "api", "Bearer pat:1:nope", nil, 401, "no valid credentials", true},
+		{"malformed token", prefix + "api", "Bearer nope", nil, 401, "no valid credentials", true},
+		{"agent not allowed", prefix + "api", "Bearer pat:2:dev-token", nil, 403, "agent 2 is not allowed", false},
+		{"nested impersonation", prefix + "api", "Bearer pat:1:dev-token", asBob, 400, "nested impersonation is not supported", false},
+		{"impersonation not allowed", prefix + "api", "Bearer pat:1:plain-token", asBob, 403, "impersonation is not allowed", false},
+		{"outside prefix", "/elsewhere", "Bearer pat:1:plain-token", nil, 400, "expected prefix", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			resp := e.do(t, http.MethodGet, tt.path, tt.auth, tt.header, nil)
+			if resp.StatusCode != tt.wantCode {
+				t.Errorf("status %d, want %d", resp.StatusCode, tt.wantCode)
+			}
+			if got := resp.Header.Get("Gitlab-Unauthorized") == "true"; got != tt.unauthorized {
+				t.Errorf("Gitlab-Unauthorized present = %v, want %v", got, tt.unauthorized)
+			}
+			st := decodeStatus(t, resp)
+			if msg, _ := st["message"].(string); !strings.Contains(msg, tt.wantMessage) || !strings.HasPrefix(msg, "GitLab Agent Server: ") {
+				t.Errorf("message %q, want it to contain %q", msg, tt.wantMessage)
+			}
+			if code, _ := st["code"].(float64); int(code) != tt.wantCode {
+				t.Errorf("Status code %v", st["code"])
+			}
+			if n := e.seen.count(); n != 0 {
+				t.Errorf("%d requests reached the agent", n)
+			}
+		})
+	}
+}
+
+func TestProxyClientImpersonationAllowed(t *testing.T) {
+	e := newEnv(t, nil)
+	resp := e.do(t, http.MethodGet, prefix+"api", "Bearer pat:1:ops-token",
+		http.Header{"Impersonate-User": {"bob"}, "Impersonate-Group": {"g1", "g2"}}, nil)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	got := e.seen.last(t).Header
+	if got.Get("Impersonate-User") != "bob" || len(got.Values("Impersonate-Group")) != 2 || got.Get(tunnel.IdentityHeader) != "" {
+		t.Errorf("agent saw %v", got)
+	}
+}
+
+func TestProxyNoAgent(t *testing.T) {
+	e := newEnv(t, nil)
+	resp := e.do(t, http.MethodGet, prefix+"api", "Bearer pat:2:ops-token", nil, nil)
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("status %d, want 502", resp.StatusCode)
+	}
+	st := decodeStatus(t, resp)
+	if msg, _ := st["message"].(string); !strings.Contains(msg, "agent 2 is not connected") {
+		t.Errorf("message %q", msg)
+	}
+}
+
+func TestProxyAgentArrivesWhileWaiting(t *testing.T) {
+	e := newEnv(t, nil)
+	e.proxy.Config.Handler.(*Proxy).WaitForAgent = 30 * time.Second
+	done := make(chan int)
+	go func() {
+		req, _ := http.NewRequest(http.MethodGet, e.proxy.URL+prefix+"api", nil)
+		req.Header.Set("Authorization", "Bearer pat:2:ops-token")
+		resp, err := e.proxy.Client().Do(req)
+		if err != nil {
+			t.Error(err)
+			done <- 0
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}()
+	time.Sleep(50 * time.Millisecond) // let the request start waiting; not required for correctness
+	agent2 := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 2}})
+	defer e.registry.Register(agent2.KAS)()
+	select {
+	case code := <-done:
+		if code != http.StatusOK {
+			t.Errorf("status %d, want 200 once the agent connected", code)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("request still waiting after its agent connected")
+	}
+}
+
+func TestProxyClientLeavesWhileWaiting(t *testing.T) {
+	e := newEnv(t, nil)
+	p := e.proxy.Config.Handler.(*Proxy)
+	p.WaitForAgent = time.Hour
+	ctx, cancel := context.WithCancel(context.Background())
+	req := httptest.NewRequestWithContext(ctx, http.MethodGet, prefix+"api", nil)
+	req.Header.Set("Authorization", "Bearer pat:2:ops-token")
+	rec := httptest.NewRecorder()
+	served := make(chan struct{})
+	go func() { defer close(served); p.ServeHTTP(rec, req) }()
+	time.Sleep(20 * time.Millisecond)
+	cancel()
+	tunneltest.WaitDone(t, served, "handler after the client left")
+}
+
+// TestProxyStreamsAndAborts checks that a watch's events arrive one by one
+// and that losing the agent mid-response aborts the client's response.
+func TestProxyStreamsAndAborts(t *testing.T) {
+	next := make(chan struct{})
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		for i := 0; ; i++ {
+			io.WriteString(w, `{"type":"ADDED"}`+"\n")
+			rc.Flush()
+			select {
+			case <-next:
+			case <-r.Context().Done():
+				return
+			}
+		}
+	}))
+	resp := e.do(t, http.MethodGet, prefix+"api/v1/configmaps?watch=true", "Bearer pat:1:plain-token", nil, nil)
+	lines := bufio.NewReader(resp.Body)
+	for range 3 {
+		line, err := lines.ReadString('\n')
+		if err != nil || line != `{"type":"ADDED"}`+"\n" {
+			t.Fatalf("read %q, %v", line, err)
+		}
+		next <- struct{}{}
+	}
+	e.agent.AgentNet.Conn.Close() // the agent vanishes mid-watch
+	done := make(chan error)
+	go func() {
+		_, err := io.ReadAll(lines)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("watch ended cleanly after the agent vanished; want an error")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("watch still open 30s after the agent vanished")
+	}
+}

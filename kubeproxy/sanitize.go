@@ -1,0 +1,84 @@
+package kubeproxy
+
+import (
+	"net/http"
+	"net/url"
+	"strings"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+// credentialHeaders carry the client's credentials for KAS; they must never
+// reach the cluster (kas-spec §1.2).
+var credentialHeaders = []string{"Authorization", "Cookie", "Gitlab-Agent-Id", "X-Csrf-Token"}
+
+// credentialQueryParams are the query forms of the same, used by browser
+// WebSockets, which cannot set headers.
+var credentialQueryParams = []string{"gitlab-agent-id", "gitlab-csrf-token"}
+
+// hopByHopHeaders belong to one connection, not to the request
+// (RFC 9110 §7.6.1), so a proxy removes them.
+var hopByHopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// outboundHeader returns the headers to send to the agent: the client's,
+// less credentials, hop-by-hop headers, any forged identity header, and
+// impersonation headers unless keepImpersonation.
+func outboundHeader(in http.Header, keepImpersonation bool) http.Header {
+	out := in.Clone()
+	removeHopByHop(out)
+	for _, k := range credentialHeaders {
+		out.Del(k)
+	}
+	// Only KAS may set the identity; a client's copy is a forgery.
+	out.Del(tunnel.IdentityHeader)
+	if !keepImpersonation {
+		tunnel.DeleteImpersonation(out)
+	}
+	return out
+}
+
+// removeHopByHop deletes hop-by-hop headers from h, including those the
+// Connection header names.
+func removeHopByHop(h http.Header) {
+	for _, line := range h.Values("Connection") {
+		for _, name := range strings.Split(line, ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, k := range hopByHopHeaders {
+		h.Del(k)
+	}
+}
+
+// sanitizeQuery removes credential parameters from a raw query and keeps
+// everything else byte for byte, in order (re-encoding through url.Values
+// would reorder and re-escape what the client sent).
+func sanitizeQuery(rawQuery string) string {
+	if rawQuery == "" {
+		return ""
+	}
+	parts := strings.Split(rawQuery, "&")
+	kept := parts[:0]
+	for _, p := range parts {
+		key, _, _ := strings.Cut(p, "=")
+		if k, err := url.QueryUnescape(key); err == nil && isCredentialParam(k) {
+			continue
+		}
+		kept = append(kept, p)
+	}
+	return strings.Join(kept, "&")
+}
+
+func isCredentialParam(k string) bool {
+	for _, c := range credentialQueryParams {
+		if k == c {
+			return true
+		}
+	}
+	return false
+}
