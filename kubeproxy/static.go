@@ -1,13 +1,12 @@
 package kubeproxy
 
 import (
-	"crypto/sha256"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net/http"
 	"slices"
 
+	"github.com/caddy-kas/caddy-kas/internal/tokenmatch"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
@@ -32,16 +31,16 @@ type User struct {
 // StaticAuthenticator authenticates the tokens of [User]s declared in the
 // configuration. It needs no GitLab.
 type StaticAuthenticator struct {
-	users   []User
-	digests [][sha256.Size]byte // digests[i] is the SHA-256 of users[i].Token
+	users  []User
+	tokens *tokenmatch.Set // tokens.Match gives the index into users
 }
 
 // NewStaticAuthenticator checks users and returns their authenticator.
 func NewStaticAuthenticator(users []User) (*StaticAuthenticator, error) {
 	a := &StaticAuthenticator{}
 	seenNames := map[string]bool{}
-	seenTokens := map[[sha256.Size]byte]bool{}
 	var errs []error
+	var tokens []string
 	for _, u := range users {
 		if u.Name == "" {
 			errs = append(errs, errors.New("user without a name"))
@@ -54,11 +53,6 @@ func NewStaticAuthenticator(users []User) (*StaticAuthenticator, error) {
 		if u.Token == "" {
 			errs = append(errs, fmt.Errorf("user %q: empty token", u.Name))
 		}
-		d := sha256.Sum256([]byte(u.Token))
-		if seenTokens[d] {
-			errs = append(errs, fmt.Errorf("user %q: same token as another user", u.Name))
-		}
-		seenTokens[d] = true
 		if len(u.Agents) == 0 {
 			errs = append(errs, fmt.Errorf("user %q: no agents listed", u.Name))
 		}
@@ -69,8 +63,12 @@ func NewStaticAuthenticator(users []User) (*StaticAuthenticator, error) {
 			errs = append(errs, fmt.Errorf("user %q: impersonate and allow_impersonation together would be nested impersonation", u.Name))
 		}
 		a.users = append(a.users, u)
-		a.digests = append(a.digests, d)
+		tokens = append(tokens, u.Token)
 	}
+	for _, i := range tokenmatch.Duplicates(tokens) {
+		errs = append(errs, fmt.Errorf("user %q: same token as another user", a.users[i].Name))
+	}
+	a.tokens = tokenmatch.New(tokens)
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -91,12 +89,13 @@ func (a *StaticAuthenticator) Authenticate(r *http.Request) (*Access, error) {
 		e.AgentID = cred.AgentID
 		return nil, e
 	}
-	u := a.lookup(cred.Token)
-	if u == nil {
+	i := a.tokens.Match(cred.Token)
+	if i < 0 {
 		e := unauthorized("unknown token")
 		e.AgentID = cred.AgentID
 		return nil, e
 	}
+	u := &a.users[i]
 	if !slices.Contains(u.Agents, cred.AgentID) {
 		return nil, &Error{
 			Code:    http.StatusForbidden,
@@ -111,22 +110,6 @@ func (a *StaticAuthenticator) Authenticate(r *http.Request) (*Access, error) {
 		AllowClientImpersonation: u.AllowImpersonation,
 		Principal:                "user " + u.Name,
 	}, nil
-}
-
-// lookup finds the user with token in time that does not depend on the
-// token or on which user (if any) it belongs to: it compares fixed-size
-// digests, all of them, without stopping at a match.
-func (a *StaticAuthenticator) lookup(token string) *User {
-	d := sha256.Sum256([]byte(token))
-	found := -1
-	for i := range a.digests {
-		eq := subtle.ConstantTimeCompare(d[:], a.digests[i][:])
-		found = subtle.ConstantTimeSelect(eq, i, found)
-	}
-	if found < 0 {
-		return nil
-	}
-	return &a.users[found]
 }
 
 var _ Authenticator = (*StaticAuthenticator)(nil)

@@ -1,0 +1,132 @@
+// Package agentserver is the agent-facing endpoint of the agent server:
+// it authenticates agentk's WebSocket handshake, turns the connection into
+// a tunnel and keeps it in the registry for as long as it lives. It imports
+// no Caddy package.
+package agentserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+// Agent identifies an authenticated agent.
+type Agent struct {
+	ID   int64
+	Name string
+}
+
+// Authenticator resolves an agent token to its agent.
+type Authenticator interface {
+	// AuthenticateAgent returns the agent token belongs to, or an error
+	// wrapping [ErrUnknownToken] if it belongs to none. Other errors mean
+	// the answer is not known now (a backend is down).
+	AuthenticateAgent(ctx context.Context, token string) (Agent, error)
+}
+
+// ErrUnknownToken is wrapped by [Authenticator] errors for tokens that
+// belong to no agent.
+var ErrUnknownToken = errors.New("unknown agent token")
+
+// Endpoint is the http.Handler that agentk connects to.
+type Endpoint struct {
+	// Auth authenticates agent tokens.
+	Auth Authenticator
+	// Registry receives the tunnels.
+	Registry tunnel.Registry
+	// Options tune the tunnels' HTTP/2 connections.
+	Options tunnel.Options
+	// Logger receives connects, disconnects and refusals; never a token.
+	Logger *zap.Logger
+}
+
+// ServeHTTP accepts a tunnel and blocks until it ends: the connection is
+// hijacked, so its lifetime is the handler's.
+func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	log := e.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	log = log.With(zap.String("remote_addr", r.RemoteAddr))
+	refuse := func(code int, reason, message string, fields ...zap.Field) {
+		log.Warn("agent refused", append(fields, zap.String("reason", reason), zap.Int("status", code))...)
+		http.Error(w, message, code)
+	}
+
+	if !tunnel.IsWebSocketUpgrade(r) {
+		// Someone opened the agent URL in a browser, or a proxy in front
+		// dropped the Upgrade header (kas-spec §9 item 1).
+		refuse(http.StatusBadRequest, "not a websocket upgrade",
+			"This is the GitLab agent endpoint: agentk connects here over WebSocket. If agentk sees this, a proxy in front dropped the Upgrade header.")
+		return
+	}
+	if !tunnel.OffersSubprotocol(r) {
+		refuse(http.StatusBadRequest, "unsupported tunnel protocol",
+			fmt.Sprintf("unsupported tunnel protocol %q: this server speaks %q; upgrade agentk",
+				r.Header.Get("Sec-WebSocket-Protocol"), tunnel.Subprotocol),
+			zap.String("offered", r.Header.Get("Sec-WebSocket-Protocol")))
+		return
+	}
+	token, ok := bearerToken(r.Header)
+	if !ok {
+		refuse(http.StatusUnauthorized, "no agent token", "missing agent token")
+		return
+	}
+	agent, err := e.Auth.AuthenticateAgent(r.Context(), token)
+	switch {
+	case errors.Is(err, ErrUnknownToken):
+		refuse(http.StatusUnauthorized, "unknown agent token", "unauthenticated")
+		return
+	case err != nil:
+		log.Error("cannot authenticate agent now", zap.Error(err))
+		http.Error(w, "cannot authenticate the agent now; retry later", http.StatusServiceUnavailable)
+		return
+	}
+	log = log.With(zap.Int64("agent_id", agent.ID), zap.String("agent_name", agent.Name))
+	meta, err := tunnel.MetaFromHeaders(r.Header)
+	if err != nil {
+		refuse(http.StatusBadRequest, "malformed agent metadata", "malformed agent metadata", zap.Error(err))
+		return
+	}
+
+	nc, err := tunnel.Accept(w, r)
+	if err != nil {
+		log.Warn("agent handshake failed", zap.Error(err))
+		return
+	}
+	conn, err := tunnel.NewConn(nc, tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, Meta: meta, RemoteAddr: r.RemoteAddr}, e.Options)
+	if err != nil {
+		log.Warn("agent handshake failed", zap.Error(err))
+		return
+	}
+	unregister := e.Registry.Register(conn)
+	log = log.With(zap.Int64("connection_id", meta.ConnectionID), zap.Int64("pod_id", meta.PodID))
+	log.Info("agent connected",
+		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),
+		zap.String("pod_name", meta.PodName), zap.String("kubernetes_version", meta.KubernetesVersion))
+
+	<-conn.Done()
+	unregister()
+	log.Info("agent disconnected", zap.Duration("connected_for", time.Since(conn.ConnectedAt())), zap.NamedError("reason", conn.Err()))
+}
+
+// bearerToken returns the token of the one "Authorization: Bearer" header.
+func bearerToken(h http.Header) (string, bool) {
+	values := h.Values("Authorization")
+	if len(values) != 1 {
+		return "", false
+	}
+	const prefix = "Bearer "
+	v := values[0]
+	if len(v) <= len(prefix) || !strings.EqualFold(v[:len(prefix)], prefix) {
+		return "", false
+	}
+	return v[len(prefix):], true
+}

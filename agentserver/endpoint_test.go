@@ -1,0 +1,218 @@
+package agentserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+const (
+	goodToken  = "agent-one-secret-token"
+	wrongToken = "wrong-secret-token"
+)
+
+type env struct {
+	url      string
+	registry *tunnel.MemoryRegistry
+	logs     *observer.ObservedLogs
+}
+
+func newEnv(t *testing.T, auth Authenticator) *env {
+	t.Helper()
+	if auth == nil {
+		var err error
+		auth, err = NewStaticAgents([]StaticAgent{{ID: 1, Name: "one", Token: goodToken}})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	e := &env{registry: tunnel.NewMemoryRegistry(), logs: logs}
+	srv := httptest.NewServer(&Endpoint{Auth: auth, Registry: e.registry, Logger: zap.New(core)})
+	t.Cleanup(func() {
+		e.registry.Close() // ends the handlers blocked on live tunnels
+		srv.Close()
+	})
+	e.url = "ws" + strings.TrimPrefix(srv.URL, "http") + "/-/kubernetes-agent/"
+	return e
+}
+
+// dial connects like agentk and serves h on the tunnel until ctx ends.
+func (e *env) dial(ctx context.Context, token string, meta tunnel.AgentMeta, h http.Handler) (*http.Response, error) {
+	header := http.Header{}
+	if token != "" {
+		header.Set("Authorization", "Bearer "+token)
+	}
+	meta.SetHeaders(header)
+	nc, resp, err := tunnel.Dial(ctx, e.url, tunnel.DialOptions{Header: header})
+	if err != nil {
+		return resp, err
+	}
+	go (&tunnel.Server{Handler: h}).ServeConn(ctx, nc)
+	return resp, nil
+}
+
+func (e *env) logged(msg string) []observer.LoggedEntry {
+	return e.logs.FilterMessage(msg).All()
+}
+
+func TestEndpointConnectsAgent(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	meta := tunnel.AgentMeta{Version: "v1.2.3", PodNamespace: "gitlab-agent", PodName: "agentk-0", PodID: 77, ConnectionID: 88, KubernetesVersion: "v1.32.13"}
+	if _, err := e.dial(ctx, goodToken, meta, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello from the cluster")
+	})); err != nil {
+		t.Fatal(err)
+	}
+	findCtx, findCancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer findCancel()
+	conn, err := e.registry.Find(findCtx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := conn.Agent(); got.Name != "one" || got.Meta != meta {
+		t.Errorf("agent info %+v, want name one and meta %+v", got, meta)
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://agent/version", nil)
+	resp, err := conn.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "hello from the cluster" {
+		t.Errorf("body %q", body)
+	}
+	if n := len(e.logged("agent connected")); n != 1 {
+		t.Errorf("%d 'agent connected' lines, want 1", n)
+	}
+
+	cancel() // agentk goes away
+	deadline := time.Now().Add(30 * time.Second)
+	for len(e.logged("agent disconnected")) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no 'agent disconnected' line 30s after the agent left")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := e.registry.Conns(1); len(got) != 0 {
+		t.Errorf("registry still has %d connections of the agent", len(got))
+	}
+}
+
+func TestEndpointRefuses(t *testing.T) {
+	tests := []struct {
+		name       string
+		header     http.Header
+		wantStatus int
+		wantReason string
+	}{
+		{"plain GET", http.Header{}, http.StatusBadRequest, "not a websocket upgrade"},
+		{"other subprotocol", wsHeader("ws-tunnel", goodToken), http.StatusBadRequest, "unsupported tunnel protocol"},
+		{"no token", wsHeader(tunnel.Subprotocol, ""), http.StatusUnauthorized, "no agent token"},
+		{"wrong token", wsHeader(tunnel.Subprotocol, wrongToken), http.StatusUnauthorized, "unknown agent token"},
+		{"bad metadata", withHeader(wsHeader(tunnel.Subprotocol, goodToken), tunnel.HeaderPodID, "x"), http.StatusBadRequest, "malformed agent metadata"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			req, _ := http.NewRequest(http.MethodGet, "http"+strings.TrimPrefix(e.url, "ws"), nil)
+			req.Header = tt.header
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tt.wantStatus {
+				t.Errorf("status %d, want %d", resp.StatusCode, tt.wantStatus)
+			}
+			refusals := e.logged("agent refused")
+			if len(refusals) != 1 || refusals[0].ContextMap()["reason"] != tt.wantReason {
+				t.Errorf("refusal log %v, want one with reason %q", refusals, tt.wantReason)
+			}
+			for _, entry := range e.logs.All() {
+				if s := fmt.Sprint(entry.Message, entry.ContextMap()); strings.Contains(s, goodToken) || strings.Contains(s, wrongToken) {
+					t.Errorf("a token reached the log: %s", s)
+				}
+			}
+		})
+	}
+}
+
+func TestEndpointWrongTokenThroughDial(t *testing.T) {
+	e := newEnv(t, nil)
+	resp, err := e.dial(context.Background(), wrongToken, tunnel.AgentMeta{}, http.NotFoundHandler())
+	if err == nil {
+		t.Fatal("dial with a wrong token succeeded")
+	}
+	if resp == nil || resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("response %v, want 401", resp)
+	}
+}
+
+type failingAuth struct{}
+
+func (failingAuth) AuthenticateAgent(context.Context, string) (Agent, error) {
+	return Agent{}, errors.New("gitlab unreachable")
+}
+
+func TestEndpointBackendDown(t *testing.T) {
+	e := newEnv(t, failingAuth{})
+	resp, err := e.dial(context.Background(), goodToken, tunnel.AgentMeta{}, http.NotFoundHandler())
+	if err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("dial = %v, %v; want a 503 refusal so agentk retries", resp, err)
+	}
+}
+
+func TestNewStaticAgentsRejects(t *testing.T) {
+	tests := []struct {
+		name   string
+		agents []StaticAgent
+		want   string
+	}{
+		{"zero id", []StaticAgent{{Name: "a", Token: "t"}}, "id must be a positive integer"},
+		{"duplicate id", []StaticAgent{{ID: 1, Name: "a", Token: "t"}, {ID: 1, Name: "b", Token: "u"}}, "agent 1: declared twice"},
+		{"no name", []StaticAgent{{ID: 1, Token: "t"}}, "agent 1: empty name"},
+		{"no token", []StaticAgent{{ID: 1, Name: "a"}}, "agent 1: empty token"},
+		{"shared token", []StaticAgent{{ID: 1, Name: "a", Token: "t"}, {ID: 2, Name: "b", Token: "t"}}, "agent 2: same token as another agent"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, err := NewStaticAgents(tt.agents); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("err = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func wsHeader(subprotocol, token string) http.Header {
+	h := http.Header{
+		"Connection":             {"Upgrade"},
+		"Upgrade":                {"websocket"},
+		"Sec-Websocket-Version":  {"13"},
+		"Sec-Websocket-Key":      {"dGhlIHNhbXBsZSBub25jZQ=="},
+		"Sec-Websocket-Protocol": {subprotocol},
+	}
+	if token != "" {
+		h.Set("Authorization", "Bearer "+token)
+	}
+	return h
+}
+
+func withHeader(h http.Header, k, v string) http.Header {
+	h.Set(k, v)
+	return h
+}
