@@ -1,0 +1,145 @@
+package k8sproxy
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("k8s_proxy", parseCaddyfile)
+	// Early in the chain, so that a site's respond, reverse_proxy or
+	// encode (which would buffer watches) never see proxied requests;
+	// requests outside the prefix pass on.
+	httpcaddyfile.RegisterDirectiveOrder("k8s_proxy", httpcaddyfile.Before, "basic_auth")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	var handler Handler
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return &handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	k8s_proxy [<path_prefix>] {
+//	    path_prefix    <path>
+//	    wait_for_agent <duration>
+//	    user <name> {
+//	        token       <token or placeholder>
+//	        token_file  <path>
+//	        agents      <id>...
+//	        impersonate <username> [<group>...]
+//	        impersonate_uid   <uid>
+//	        impersonate_extra <key> <value>...
+//	        allow_impersonation
+//	    }
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	if d.NextArg() {
+		h.PathPrefix = d.Val()
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "path_prefix":
+			if !d.AllArgs(&h.PathPrefix) {
+				return d.ArgErr()
+			}
+		case "wait_for_agent":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("wait_for_agent: %v", err)
+			}
+			h.WaitForAgent = caddy.Duration(dur)
+		case "user":
+			u, err := parseUser(d)
+			if err != nil {
+				return err
+			}
+			h.Users = append(h.Users, u)
+		default:
+			return d.Errf("unrecognized subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func parseUser(d *caddyfile.Dispenser) (User, error) {
+	var u User
+	if !d.AllArgs(&u.Name) {
+		return u, d.Err("user needs a name: user <name> { token ... }")
+	}
+	identity := func() *Identity {
+		if u.Impersonate == nil {
+			u.Impersonate = &Identity{}
+		}
+		return u.Impersonate
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "token":
+			if !d.AllArgs(&u.Token) {
+				return u, d.ArgErr()
+			}
+		case "token_file":
+			if !d.AllArgs(&u.TokenFile) {
+				return u, d.ArgErr()
+			}
+		case "agents":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return u, d.ArgErr()
+			}
+			for _, a := range args {
+				id, err := strconv.ParseInt(a, 10, 64)
+				if err != nil || id <= 0 {
+					return u, d.Errf("agent id %q is not a positive integer", a)
+				}
+				u.Agents = append(u.Agents, id)
+			}
+		case "impersonate":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return u, d.Err("impersonate needs a username, then optional groups")
+			}
+			id := identity()
+			id.Username, id.Groups = args[0], append(id.Groups, args[1:]...)
+		case "impersonate_uid":
+			if !d.AllArgs(&identity().UID) {
+				return u, d.ArgErr()
+			}
+		case "impersonate_extra":
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return u, d.Err("impersonate_extra needs a key and at least one value")
+			}
+			id := identity()
+			if id.Extra == nil {
+				id.Extra = map[string][]string{}
+			}
+			id.Extra[args[0]] = append(id.Extra[args[0]], args[1:]...)
+		case "allow_impersonation":
+			if d.NextArg() {
+				return u, d.ArgErr()
+			}
+			u.AllowImpersonation = true
+		default:
+			return u, d.Errf("unrecognized user subdirective %q", d.Val())
+		}
+	}
+	return u, nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

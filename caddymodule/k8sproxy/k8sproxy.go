@@ -1,0 +1,188 @@
+// Package k8sproxy is the k8s_proxy Caddy handler: the Kubernetes API
+// proxy that kubectl, CI jobs and the GitLab UI talk to.
+package k8sproxy
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
+	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
+	"github.com/caddy-kas/caddy-kas/kubeproxy"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// DefaultPathPrefix is where GitLab's Omnibus serves the proxy
+// (external_k8s_proxy_url); kubeconfigs point their server there.
+const DefaultPathPrefix = "/-/kubernetes-agent/k8s-proxy/"
+
+// streamIdleTimeout replaces Caddy's read_body_idle and write_idle (one
+// minute by default) for proxied requests. A watch or "logs -f" may be
+// silent for hours, and a client that uploads slowly is only held back by
+// flow control; GitLab's KAS has no write timeout either for this reason
+// (its MR !731). Dead peers are still found: the client's connection by
+// Caddy's keepalives, the agent's by the tunnel's PINGs.
+const streamIdleTimeout = 100 * 365 * 24 * time.Hour
+
+// Handler proxies requests under PathPrefix to the agents' clusters and
+// passes every other request on to the next handler.
+type Handler struct {
+	// PathPrefix is the URL path the proxy serves; it is removed before
+	// the request reaches the cluster. A missing trailing slash is added.
+	// Default: "/-/kubernetes-agent/k8s-proxy/".
+	PathPrefix string `json:"path_prefix,omitempty"`
+
+	// WaitForAgent is how long a request for an agent that has no tunnel
+	// waits for one to appear before it fails with 502. Default: 20s, as
+	// GitLab's KAS.
+	WaitForAgent caddy.Duration `json:"wait_for_agent,omitempty"`
+
+	// Users are the tokens that may use the proxy (standalone mode).
+	// Clients send "Authorization: Bearer pat:<agent id>:<token>", the
+	// same form as GitLab personal access tokens.
+	Users []User `json:"users,omitempty"`
+
+	proxy *kubeproxy.Proxy
+}
+
+// User is a token allowed to use the proxy, and what it may reach.
+type User struct {
+	// Name identifies the user in logs.
+	Name string `json:"name"`
+
+	// Token is the user's secret. Global placeholders such as
+	// {env.KAS_USER_TOKEN} or {file./run/secrets/token} are replaced once,
+	// when the configuration loads. Give Token or TokenFile.
+	Token string `json:"token,omitempty"`
+
+	// TokenFile is the path of a file holding the user's secret, read
+	// when the configuration loads. Give Token or TokenFile.
+	TokenFile string `json:"token_file,omitempty"`
+
+	// Agents are the ids of the agents this token may reach.
+	Agents []int64 `json:"agents,omitempty"`
+
+	// Impersonate, if set, is the Kubernetes identity every request of
+	// this user has on the cluster. Without it, requests have the agent's
+	// own identity (its service account).
+	Impersonate *Identity `json:"impersonate,omitempty"`
+
+	// AllowImpersonation lets the client's own Impersonate-* headers
+	// (kubectl --as, --as-group) reach the cluster, where RBAC decides.
+	// Without it such requests are refused with 403. It cannot be combined
+	// with Impersonate (that would be nested impersonation). Default: false.
+	AllowImpersonation bool `json:"allow_impersonation,omitempty"`
+}
+
+// Identity is a Kubernetes user to impersonate.
+type Identity struct {
+	// Username is the user name; required.
+	Username string `json:"username"`
+	// UID is the user's uid; optional.
+	UID string `json:"uid,omitempty"`
+	// Groups are the user's groups, in order.
+	Groups []string `json:"groups,omitempty"`
+	// Extra is extra user information (Impersonate-Extra-<key>).
+	Extra map[string][]string `json:"extra,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.k8s_proxy",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision loads the users' tokens and connects to the registry.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	if h.PathPrefix == "" {
+		h.PathPrefix = DefaultPathPrefix
+	}
+	if !strings.HasSuffix(h.PathPrefix, "/") {
+		h.PathPrefix += "/"
+	}
+	if h.WaitForAgent == 0 {
+		h.WaitForAgent = caddy.Duration(kubeproxy.DefaultWaitForAgent)
+	}
+	app, err := kasapp.FromContext(ctx)
+	if err != nil {
+		return err
+	}
+	users := make([]kubeproxy.User, 0, len(h.Users))
+	var errs []error
+	for _, u := range h.Users {
+		token, err := secret.Load(u.Token, u.TokenFile)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("user %q: %w", u.Name, err))
+			continue
+		}
+		ku := kubeproxy.User{Name: u.Name, Token: token, Agents: u.Agents, AllowImpersonation: u.AllowImpersonation}
+		if id := u.Impersonate; id != nil {
+			ku.Impersonate = &tunnel.Identity{Username: id.Username, UID: id.UID, Groups: id.Groups, Extra: id.Extra}
+		}
+		users = append(users, ku)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("k8s_proxy: %w", err)
+	}
+	auth, err := kubeproxy.NewStaticAuthenticator(users)
+	if err != nil {
+		return fmt.Errorf("k8s_proxy: %w", err)
+	}
+	h.proxy = &kubeproxy.Proxy{
+		Prefix:       h.PathPrefix,
+		Auth:         auth,
+		Registry:     app.Registry(),
+		WaitForAgent: time.Duration(h.WaitForAgent),
+		Logger:       ctx.Logger(),
+	}
+	return nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	if !strings.HasPrefix(h.PathPrefix, "/") {
+		return fmt.Errorf("k8s_proxy: path_prefix %q must start with /", h.PathPrefix)
+	}
+	if h.WaitForAgent < 0 {
+		return errors.New("k8s_proxy: wait_for_agent must not be negative")
+	}
+	if len(h.Users) == 0 {
+		return errors.New("k8s_proxy: no users declared")
+	}
+	return nil
+}
+
+// ServeHTTP proxies requests under PathPrefix and passes everything else on.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if !strings.HasPrefix(r.URL.Path, h.PathPrefix) && r.URL.Path != strings.TrimSuffix(h.PathPrefix, "/") {
+		return next.ServeHTTP(w, r)
+	}
+	reader, writer := caddyhttp.IdleTimeoutsFromContext(r.Context())
+	if reader != nil {
+		defer reader.Override(streamIdleTimeout, 0)()
+	}
+	if writer != nil {
+		defer writer.Override(streamIdleTimeout, 0, 0)()
+	}
+	h.proxy.ServeHTTP(w, r)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,93 @@
+// Package kasapp is the "kas" Caddy app: it owns the registry of agent
+// tunnels that the kubernetes_agent and k8s_proxy handlers share.
+package kasapp
+
+import (
+	"fmt"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+}
+
+// App is the agent server's Caddy app. Handlers get it with
+// ctx.App("kas"); Caddy creates it even when the configuration does not
+// mention it.
+type App struct {
+	registry *tunnel.MemoryRegistry
+	poolKey  string
+}
+
+// registries holds the tunnel registries across configuration reloads.
+// Caddy provisions a new config (and a new App) before it cleans up the
+// old one, so the reference count never drops to zero on a reload and
+// connected agents stay connected; on process exit it does, and
+// Destruct closes every tunnel.
+var registries = caddy.NewUsagePool()
+
+// memoryRegistryKey names the one in-process registry. A shared (Redis)
+// registry will be keyed by its address and prefix.
+const memoryRegistryKey = "memory"
+
+type pooledRegistry struct{ *tunnel.MemoryRegistry }
+
+func (p pooledRegistry) Destruct() error { return p.Close() }
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "kas",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision takes a reference to the registry.
+func (a *App) Provision(caddy.Context) error {
+	v, _, err := registries.LoadOrNew(memoryRegistryKey, func() (caddy.Destructor, error) {
+		return pooledRegistry{tunnel.NewMemoryRegistry()}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("tunnel registry: %w", err)
+	}
+	a.registry, a.poolKey = v.(pooledRegistry).MemoryRegistry, memoryRegistryKey
+	return nil
+}
+
+// Registry returns the agents' tunnel registry.
+func (a *App) Registry() *tunnel.MemoryRegistry { return a.registry }
+
+// Start implements caddy.App; the registry needs no goroutines.
+func (a *App) Start() error { return nil }
+
+// Stop implements caddy.App. Tunnels are not closed here: on a reload the
+// next config keeps using them.
+func (a *App) Stop() error { return nil }
+
+// Cleanup drops this config's reference to the registry.
+func (a *App) Cleanup() error {
+	if a.poolKey == "" {
+		return nil // provisioning failed before taking a reference
+	}
+	_, err := registries.Delete(a.poolKey)
+	return err
+}
+
+// FromContext returns the provisioned kas app of ctx's configuration.
+func FromContext(ctx caddy.Context) (*App, error) {
+	v, err := ctx.App("kas")
+	if err != nil {
+		return nil, fmt.Errorf("loading kas app: %w", err)
+	}
+	return v.(*App), nil
+}
+
+// Interface guards
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

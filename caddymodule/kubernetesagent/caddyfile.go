@@ -1,0 +1,110 @@
+package kubernetesagent
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("kubernetes_agent", parseCaddyfile)
+	// Early in the chain, so that a site's respond, reverse_proxy or
+	// encode never see agent traffic; requests for other paths pass on.
+	httpcaddyfile.RegisterDirectiveOrder("kubernetes_agent", httpcaddyfile.Before, "basic_auth")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	var handler Handler
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return &handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	kubernetes_agent [<path>] {
+//	    path               <path>
+//	    keepalive_interval <duration>
+//	    keepalive_timeout  <duration>
+//	    agent <id> <name> {
+//	        token      <token or placeholder>
+//	        token_file <path>
+//	    }
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	if d.NextArg() {
+		h.Path = d.Val()
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "path":
+			if !d.AllArgs(&h.Path) {
+				return d.ArgErr()
+			}
+		case "keepalive_interval", "keepalive_timeout":
+			name := d.Val()
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("%s: %v", name, err)
+			}
+			if name == "keepalive_interval" {
+				h.KeepaliveInterval = caddy.Duration(dur)
+			} else {
+				h.KeepaliveTimeout = caddy.Duration(dur)
+			}
+		case "agent":
+			a, err := parseAgent(d)
+			if err != nil {
+				return err
+			}
+			h.Agents = append(h.Agents, a)
+		default:
+			return d.Errf("unrecognized subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func parseAgent(d *caddyfile.Dispenser) (Agent, error) {
+	var a Agent
+	var id string
+	if !d.Args(&id, &a.Name) {
+		return a, d.Err("agent needs an id and a name: agent <id> <name> { token ... }")
+	}
+	n, err := strconv.ParseInt(id, 10, 64)
+	if err != nil || n <= 0 {
+		return a, d.Errf("agent id %q is not a positive integer", id)
+	}
+	a.ID = n
+	if d.NextArg() {
+		return a, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "token":
+			if !d.AllArgs(&a.Token) {
+				return a, d.ArgErr()
+			}
+		case "token_file":
+			if !d.AllArgs(&a.TokenFile) {
+				return a, d.ArgErr()
+			}
+		default:
+			return a, d.Errf("unrecognized agent subdirective %q", d.Val())
+		}
+	}
+	return a, nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -1,0 +1,146 @@
+// Package kubernetesagent is the kubernetes_agent Caddy handler: the
+// endpoint agentk connects to.
+package kubernetesagent
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-kas/caddy-kas/agentserver"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
+	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// DefaultPath is where GitLab's Omnibus serves the agent endpoint; agentk's
+// --kas-address is wss://<host>/-/kubernetes-agent/ (trailing slash and all).
+const DefaultPath = "/-/kubernetes-agent/"
+
+// Handler accepts agentk's tunnels at Path and passes every other request
+// on to the next handler, so it can sit in a site block next to anything
+// else. A tunnel is a hijacked connection: Caddy's read and write timeouts
+// do not apply to it, and it survives configuration reloads.
+type Handler struct {
+	// Path is the URL path agentk connects to. The same path without its
+	// trailing slash is accepted too. Default: "/-/kubernetes-agent/".
+	Path string `json:"path,omitempty"`
+
+	// Agents are the agents allowed to connect, with their tokens
+	// (standalone mode).
+	Agents []Agent `json:"agents,omitempty"`
+
+	// KeepaliveInterval is how long a tunnel may be silent before KAS
+	// sends an HTTP/2 PING to check the agent is still there. Default: 10s.
+	KeepaliveInterval caddy.Duration `json:"keepalive_interval,omitempty"`
+
+	// KeepaliveTimeout is how long a PING may go unanswered before the
+	// tunnel is closed and requests on it fail. Default: 5s.
+	KeepaliveTimeout caddy.Duration `json:"keepalive_timeout,omitempty"`
+
+	endpoint *agentserver.Endpoint
+}
+
+// Agent is an agent allowed to connect.
+type Agent struct {
+	// ID is the agent's id, a positive integer; k8s_proxy clients name
+	// it in their tokens ("pat:<id>:<token>").
+	ID int64 `json:"id"`
+
+	// Name is the agent's name, for logs.
+	Name string `json:"name"`
+
+	// Token is the agent's secret, as agentk sends it. Global placeholders
+	// such as {env.AGENT_TOKEN} or {file./run/secrets/agent} are replaced
+	// once, when the configuration loads. Give Token or TokenFile.
+	Token string `json:"token,omitempty"`
+
+	// TokenFile is the path of a file holding the agent's secret,
+	// read when the configuration loads. Give Token or TokenFile.
+	TokenFile string `json:"token_file,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.kubernetes_agent",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision loads the agents' tokens and connects to the registry.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	if h.Path == "" {
+		h.Path = DefaultPath
+	}
+	app, err := kasapp.FromContext(ctx)
+	if err != nil {
+		return err
+	}
+	agents := make([]agentserver.StaticAgent, 0, len(h.Agents))
+	var errs []error
+	for _, a := range h.Agents {
+		token, err := secret.Load(a.Token, a.TokenFile)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("agent %d (%s): %w", a.ID, a.Name, err))
+			continue
+		}
+		agents = append(agents, agentserver.StaticAgent{ID: a.ID, Name: a.Name, Token: token})
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	auth, err := agentserver.NewStaticAgents(agents)
+	if err != nil {
+		return fmt.Errorf("kubernetes_agent: %w", err)
+	}
+	h.endpoint = &agentserver.Endpoint{
+		Auth:     auth,
+		Registry: app.Registry(),
+		Options: tunnel.Options{
+			KeepaliveInterval: time.Duration(h.KeepaliveInterval),
+			KeepaliveTimeout:  time.Duration(h.KeepaliveTimeout),
+		},
+		Logger: ctx.Logger(),
+	}
+	return nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	if !strings.HasPrefix(h.Path, "/") {
+		return fmt.Errorf("kubernetes_agent: path %q must start with /", h.Path)
+	}
+	if len(h.Agents) == 0 {
+		return errors.New("kubernetes_agent: no agents declared")
+	}
+	if h.KeepaliveInterval < 0 || h.KeepaliveTimeout < 0 {
+		return errors.New("kubernetes_agent: keepalive durations must not be negative")
+	}
+	return nil
+}
+
+// ServeHTTP serves agent connections at Path and passes everything else on.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.URL.Path != h.Path && r.URL.Path != strings.TrimSuffix(h.Path, "/") {
+		return next.ServeHTTP(w, r)
+	}
+	h.endpoint.ServeHTTP(w, r)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
