@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
@@ -106,6 +107,15 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision loads the users' tokens and connects to the registry.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	app, err := kasapp.FromContext(ctx)
+	if err != nil {
+		return err
+	}
+	return h.setup(app.Registry(), ctx.Logger())
+}
+
+// setup is Provision once the app is found.
+func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
 	if h.PathPrefix == "" {
 		h.PathPrefix = DefaultPathPrefix
 	}
@@ -114,10 +124,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.WaitForAgent == 0 {
 		h.WaitForAgent = caddy.Duration(kubeproxy.DefaultWaitForAgent)
-	}
-	app, err := kasapp.FromContext(ctx)
-	if err != nil {
-		return err
 	}
 	users := make([]kubeproxy.User, 0, len(h.Users))
 	var errs []error
@@ -143,9 +149,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.proxy = &kubeproxy.Proxy{
 		Prefix:       h.PathPrefix,
 		Auth:         auth,
-		Registry:     app.Registry(),
+		Registry:     registry,
 		WaitForAgent: time.Duration(h.WaitForAgent),
-		Logger:       ctx.Logger(),
+		Logger:       logger,
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/agentserver"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
@@ -79,12 +80,17 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision loads the agents' tokens and connects to the registry.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	if h.Path == "" {
-		h.Path = DefaultPath
-	}
 	app, err := kasapp.FromContext(ctx)
 	if err != nil {
 		return err
+	}
+	return h.setup(app.Registry(), ctx.Logger())
+}
+
+// setup is Provision once the app is found.
+func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
+	if h.Path == "" {
+		h.Path = DefaultPath
 	}
 	agents := make([]agentserver.StaticAgent, 0, len(h.Agents))
 	var errs []error
@@ -105,12 +111,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.endpoint = &agentserver.Endpoint{
 		Auth:     auth,
-		Registry: app.Registry(),
+		Registry: registry,
 		Options: tunnel.Options{
 			KeepaliveInterval: time.Duration(h.KeepaliveInterval),
 			KeepaliveTimeout:  time.Duration(h.KeepaliveTimeout),
 		},
-		Logger: ctx.Logger(),
+		Logger: logger,
 	}
 	return nil
 }

@@ -1,0 +1,155 @@
+package kubernetesagent
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	tests := []struct {
+		name    string
+		input   string
+		want    Handler
+		wantErr string
+	}{
+		{
+			name: "full",
+			input: `kubernetes_agent /agents/ {
+				keepalive_interval 30s
+				keepalive_timeout 10s
+				agent 1 prod {
+					token_file /etc/kas/prod.token
+				}
+				agent 2 staging {
+					token {env.STAGING_TOKEN}
+				}
+			}`,
+			want: Handler{
+				Path:              "/agents/",
+				KeepaliveInterval: caddy.Duration(30 * time.Second),
+				KeepaliveTimeout:  caddy.Duration(10 * time.Second),
+				Agents: []Agent{
+					{ID: 1, Name: "prod", TokenFile: "/etc/kas/prod.token"},
+					{ID: 2, Name: "staging", Token: "{env.STAGING_TOKEN}"},
+				},
+			},
+		},
+		{name: "path subdirective", input: "kubernetes_agent {\npath /x/\n}", want: Handler{Path: "/x/"}},
+		{name: "bad id", input: "kubernetes_agent {\nagent one x {\n}\n}", wantErr: `agent id "one" is not a positive integer`},
+		{name: "zero id", input: "kubernetes_agent {\nagent 0 x\n}", wantErr: "not a positive integer"},
+		{name: "no name", input: "kubernetes_agent {\nagent 1\n}", wantErr: "agent needs an id and a name"},
+		{name: "unknown", input: "kubernetes_agent {\nfoo\n}", wantErr: `unrecognized subdirective "foo"`},
+		{name: "unknown in agent", input: "kubernetes_agent {\nagent 1 a {\ntokn x\n}\n}", wantErr: `unrecognized agent subdirective "tokn"`},
+		{name: "bad duration", input: "kubernetes_agent {\nkeepalive_interval soon\n}", wantErr: "keepalive_interval"},
+		{name: "two paths", input: "kubernetes_agent /a/ /b/", wantErr: "wrong argument count"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tt.input))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(h, tt.want) {
+				t.Errorf("got  %+v\nwant %+v", h, tt.want)
+			}
+		})
+	}
+}
+
+func provision(t *testing.T, h *Handler) error {
+	t.Helper()
+	if err := h.setup(tunnel.NewMemoryRegistry(), zap.NewNop()); err != nil {
+		return err
+	}
+	return h.Validate()
+}
+
+func TestProvision(t *testing.T) {
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "agent.token")
+	os.WriteFile(tokenFile, []byte("secret-one\n"), 0o600)
+	t.Setenv("KAS_TEST_AGENT2", "secret-two")
+	tests := []struct {
+		name    string
+		h       Handler
+		wantErr string
+	}{
+		{"ok", Handler{Agents: []Agent{{ID: 1, Name: "a", TokenFile: tokenFile}, {ID: 2, Name: "b", Token: "{env.KAS_TEST_AGENT2}"}}}, ""},
+		{"no agents", Handler{}, "no agents declared"},
+		{"missing file", Handler{Agents: []Agent{{ID: 1, Name: "a", TokenFile: filepath.Join(dir, "nope")}}}, "agent 1 (a): reading token file"},
+		{"unset env", Handler{Agents: []Agent{{ID: 1, Name: "a", Token: "{env.KAS_TEST_UNSET}"}}}, "agent 1 (a): token {env.KAS_TEST_UNSET} is empty"},
+		{"shared token", Handler{Agents: []Agent{{ID: 1, Name: "a", Token: "x"}, {ID: 2, Name: "b", Token: "x"}}}, "agent 2: same token as another agent"},
+		{"relative path", Handler{Path: "agents/", Agents: []Agent{{ID: 1, Name: "a", Token: "x"}}}, "must start with /"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := provision(t, &tt.h)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if tt.h.Path != DefaultPath {
+					t.Errorf("path %q, want the default", tt.h.Path)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("err = %v, want %q", err, tt.wantErr)
+			}
+			if err != nil && strings.Contains(err.Error(), "secret-") {
+				t.Errorf("error reveals a token: %v", err)
+			}
+		})
+	}
+}
+
+func TestServeHTTPPassesOtherPaths(t *testing.T) {
+	h := &Handler{Agents: []Agent{{ID: 1, Name: "a", Token: "x"}}}
+	if err := provision(t, h); err != nil {
+		t.Fatal(err)
+	}
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		w.WriteHeader(http.StatusTeapot)
+		return nil
+	})
+	tests := []struct {
+		path string
+		want int
+	}{
+		{"/-/kubernetes-agent/", http.StatusBadRequest}, // ours: not a WebSocket
+		{"/-/kubernetes-agent", http.StatusBadRequest},
+		{"/-/kubernetes-agent/k8s-proxy/api", http.StatusTeapot},
+		{"/", http.StatusTeapot},
+		{"/-/kubernetes-agentx", http.StatusTeapot},
+	}
+	for _, tt := range tests {
+		rec := httptest.NewRecorder()
+		if err := h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, tt.path, nil), next); err != nil {
+			t.Fatal(err)
+		}
+		if rec.Code != tt.want {
+			t.Errorf("%s: status %d, want %d", tt.path, rec.Code, tt.want)
+		}
+	}
+}
