@@ -1,0 +1,423 @@
+package agentk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+// Defaults of [Config].
+const (
+	// DefaultShutdownGrace is how long requests in flight may run on after
+	// agentk was told to stop.
+	DefaultShutdownGrace = 5 * time.Second
+	// MaxConnections bounds Config.Connections. Every tunnel is one
+	// HTTP/2 connection that carries thousands of concurrent requests;
+	// more than a few only help to spread load over KAS replicas.
+	MaxConnections = 100
+	// observabilityShutdownTimeout bounds how long the probes and metrics
+	// server waits for its requests when agentk stops.
+	observabilityShutdownTimeout = 2 * time.Second
+)
+
+// Config configures an [Agent].
+type Config struct {
+	// KASAddress is the ws:// or wss:// URL of KAS's agent endpoint; see
+	// [ParseKASAddress].
+	KASAddress string
+	// KASClient makes the tunnel handshakes (TLS, proxies). Nil means
+	// NewKASClient with zero options.
+	KASClient *http.Client
+	// Token returns the agent token; it is called before every connection
+	// attempt, so that a rotated token file is picked up. Required.
+	Token TokenSource
+	// KASHeader holds extra handshake headers (--kas-header).
+	KASHeader http.Header
+	// Connections is how many tunnels to keep open; zero means one.
+	Connections int
+
+	// Cluster is the kube-apiserver that requests are forwarded to.
+	// Required.
+	Cluster *Cluster
+
+	// PodNamespace and PodName say where agentk runs (downward API);
+	// they are reported to KAS.
+	PodNamespace string
+	PodName      string
+
+	// Logger receives agentk's logs. Nil means none.
+	Logger *zap.Logger
+	// Backoff paces reconnects; zero fields mean GitLab's values.
+	Backoff Backoff
+	// ShutdownGrace is how long requests in flight may finish when Run's
+	// context ends. Zero means DefaultShutdownGrace, negative none.
+	ShutdownGrace time.Duration
+	// TunnelOptions tune the HTTP/2 connections of the tunnels.
+	TunnelOptions tunnel.Options
+	// ObservabilityListener, if not nil, serves /liveness, /readiness and
+	// /metrics while Run runs. Run closes it.
+	ObservabilityListener net.Listener
+
+	// Version and Commit identify this build to KAS; empty means
+	// BuildVersion() and BuildCommit().
+	Version string
+	Commit  string
+}
+
+// Agent keeps tunnels to KAS open and serves the requests KAS sends
+// through them. Make one with [New] and start it with [Agent.Run].
+type Agent struct {
+	cfg       Config
+	kasURL    string // redacted form, for logs
+	log       *zap.Logger
+	httpLog   *log.Logger
+	metrics   *metrics
+	handler   http.Handler
+	podID     int64
+	version   string
+	commit    string
+	userAgent string
+	started   atomic.Bool
+
+	mu         sync.Mutex // guards k8sVersion and versionOK
+	k8sVersion string     // last gitVersion the apiserver reported
+	versionOK  *bool      // whether the last GET /version worked; nil before the first
+}
+
+// New checks cfg and returns an Agent.
+func New(cfg Config) (*Agent, error) {
+	u, err := ParseKASAddress(cfg.KASAddress)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Token == nil {
+		return nil, errors.New("agentk: no agent token source")
+	}
+	if cfg.Cluster == nil {
+		return nil, errors.New("agentk: no cluster")
+	}
+	if cfg.Connections == 0 {
+		cfg.Connections = 1
+	}
+	if cfg.Connections < 1 || cfg.Connections > MaxConnections {
+		return nil, fmt.Errorf("agentk: connections must be between 1 and %d, got %d", MaxConnections, cfg.Connections)
+	}
+	for name, v := range map[string]string{"pod namespace": cfg.PodNamespace, "pod name": cfg.PodName} {
+		if !validMeta(v) {
+			return nil, fmt.Errorf("agentk: %s %q is not a valid Kubernetes name", name, v)
+		}
+	}
+	if cfg.KASClient == nil {
+		if cfg.KASClient, err = NewKASClient(KASClientOptions{}); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if cfg.ShutdownGrace == 0 {
+		cfg.ShutdownGrace = DefaultShutdownGrace
+	}
+	a := &Agent{
+		cfg:     cfg,
+		kasURL:  u.Redacted(),
+		log:     cfg.Logger,
+		metrics: newMetrics(),
+		podID:   rand.Int64(),
+		version: cfg.Version,
+		commit:  cfg.Commit,
+	}
+	if a.version == "" {
+		a.version = BuildVersion()
+	}
+	if a.commit == "" {
+		a.commit = BuildCommit()
+	}
+	a.version, a.commit = metaOrEmpty(a.version), metaOrEmpty(a.commit)
+	a.userAgent = "caddy-kas-agentk/" + a.version
+	a.httpLog, _ = zap.NewStdLogAt(a.log.Named("http"), zap.WarnLevel) // fails only for invalid levels
+	a.handler = newProxy(cfg.Cluster, a.log, a.metrics)
+	return a, nil
+}
+
+// maxMeta is the longest handshake metadata value KAS accepts (a
+// Kubernetes name, 253 bytes; see tunnel.MetaFromHeaders).
+const maxMeta = 253
+
+// validMeta reports whether KAS accepts v as handshake metadata: printable
+// ASCII and not too long.
+func validMeta(v string) bool {
+	return len(v) <= maxMeta && strings.IndexFunc(v, func(r rune) bool { return r < 0x20 || r > 0x7e }) < 0
+}
+
+// metaOrEmpty drops a value KAS would refuse: better a handshake without
+// it than no tunnel.
+func metaOrEmpty(v string) string {
+	if validMeta(v) {
+		return v
+	}
+	return ""
+}
+
+// Ready reports whether at least one tunnel to KAS is connected.
+func (a *Agent) Ready() bool { return a.metrics.tunnels.Load() > 0 }
+
+// Handler returns the handler that serves requests from KAS (exposed for
+// tests and embedding).
+func (a *Agent) Handler() http.Handler { return a.handler }
+
+// ObservabilityHandler returns the handler of /liveness, /readiness and
+// /metrics.
+func (a *Agent) ObservabilityHandler() http.Handler { return a.observabilityHandler() }
+
+// Run keeps the tunnels open and serves the observability endpoints until
+// ctx is done, then lets requests in flight finish (up to ShutdownGrace)
+// and returns. It returns an error only if the observability server
+// failed. Run may be called once.
+func (a *Agent) Run(ctx context.Context) error {
+	if !a.started.CompareAndSwap(false, true) {
+		return errors.New("agentk: Run called twice")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer a.cfg.Cluster.CloseIdleConnections()
+
+	errc := make(chan error, 1) // the observability server's failure
+	if l := a.cfg.ObservabilityListener; l != nil {
+		srv := &http.Server{
+			Handler:           a.observabilityHandler(),
+			ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog:          a.httpLog,
+		}
+		wg.Go(func() {
+			if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("observability server: %w", err)
+				cancel()
+			}
+		})
+		wg.Go(func() {
+			<-ctx.Done()
+			sctx, scancel := context.WithTimeout(context.Background(), observabilityShutdownTimeout)
+			defer scancel()
+			_ = srv.Shutdown(sctx) // also closes l
+		})
+	}
+
+	a.log.Info("agentk starting",
+		zap.String("version", a.version),
+		zap.String("commit", a.commit),
+		zap.String("kas_url", a.kasURL),
+		zap.String("apiserver", a.cfg.Cluster.Server()),
+		zap.Int64("pod_id", a.podID),
+		zap.String("pod_namespace", a.cfg.PodNamespace),
+		zap.String("pod_name", a.cfg.PodName),
+		zap.Int("connections", a.cfg.Connections))
+	a.kubernetesVersion(ctx) // logs whether the apiserver answers
+
+	for slot := range a.cfg.Connections {
+		wg.Go(func() { a.runTunnel(ctx, slot) })
+	}
+	<-ctx.Done()
+	wg.Wait()
+	a.log.Info("agentk stopped")
+	select {
+	case err := <-errc:
+		return err
+	default:
+		return nil
+	}
+}
+
+// kubernetesVersion asks the apiserver for its version, best effort: on
+// failure it returns the last version it learned, or "". A failure is
+// logged as a warning once, not on every reconnect while it lasts.
+func (a *Agent) kubernetesVersion(ctx context.Context) string {
+	v, err := a.cfg.Cluster.ServerVersion(ctx)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err != nil {
+		if ctx.Err() != nil {
+			return a.k8sVersion
+		}
+		level := zap.WarnLevel
+		if a.versionOK != nil && !*a.versionOK {
+			level = zap.DebugLevel
+		}
+		a.versionOK = new(false)
+		a.log.Log(level, "cannot get the Kubernetes version", zap.String("apiserver", a.cfg.Cluster.Server()), zap.Error(err))
+		return a.k8sVersion
+	}
+	if a.versionOK == nil || !*a.versionOK {
+		a.log.Info("kubernetes API server reachable", zap.String("apiserver", a.cfg.Cluster.Server()), zap.String("kubernetes_version", v))
+	}
+	a.versionOK = new(true)
+	a.k8sVersion = metaOrEmpty(v)
+	return a.k8sVersion
+}
+
+// attemptResult is how one connection attempt went.
+type attemptResult struct {
+	connectionID int64
+	connected    bool
+	uptime       time.Duration // how long the tunnel was up
+	err          error         // why the attempt failed or the tunnel ended
+	status       int           // HTTP status of a refused handshake, else 0
+	response     string        // start of the refusal's body, redacted
+}
+
+// runTunnel keeps one tunnel open until ctx is done.
+func (a *Agent) runTunnel(ctx context.Context, slot int) {
+	backoff := a.cfg.Backoff // a copy: each tunnel has its own state
+	tlog := a.log.With(zap.Int("slot", slot), zap.String("kas_url", a.kasURL))
+	for {
+		r := a.attempt(ctx, tlog)
+		if ctx.Err() != nil {
+			if r.connected {
+				tlog.Info("tunnel disconnected", zap.Int64("connection", r.connectionID), zap.String("reason", "agentk is stopping"))
+			}
+			return
+		}
+		delay := backoff.Next(r.uptime)
+		fields := []zap.Field{zap.Int64("connection", r.connectionID), zap.Duration("retry_in", delay)}
+		switch {
+		case r.connected:
+			tlog.Info("tunnel disconnected", append(fields, zap.String("reason", errString(r.err)), zap.Duration("connected_for", r.uptime))...)
+		case r.status == http.StatusUnauthorized:
+			// GitLab agentk logs the same condition at error level: the
+			// agent cannot work until an admin fixes the token.
+			tlog.Error("KAS refused the agent token", append(fields, zap.Int("status_code", r.status), zap.String("response", r.response), zap.Error(r.err))...)
+		case r.status != 0 && r.status != http.StatusSwitchingProtocols:
+			tlog.Error("KAS refused the tunnel handshake", append(fields, zap.Int("status_code", r.status), zap.String("response", r.response), zap.Error(r.err))...)
+		default:
+			tlog.Warn("cannot connect to KAS", append(fields, zap.Error(r.err))...)
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// attempt opens one tunnel and serves it until it ends or ctx is done.
+func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
+	r := attemptResult{connectionID: rand.Int64()}
+	token, err := a.cfg.Token()
+	if err != nil {
+		a.metrics.connectFailures.Add(1)
+		r.err = fmt.Errorf("reading the agent token: %w", err)
+		return r
+	}
+	kubeVersion := a.kubernetesVersion(ctx)
+
+	h := make(http.Header, len(a.cfg.KASHeader)+10)
+	for k, vs := range a.cfg.KASHeader {
+		h[k] = append([]string(nil), vs...)
+	}
+	h.Set("Authorization", "Bearer "+token)
+	h.Set("User-Agent", a.userAgent)
+	tunnel.AgentMeta{
+		Version:           a.version,
+		CommitID:          a.commit,
+		PodNamespace:      a.cfg.PodNamespace,
+		PodName:           a.cfg.PodName,
+		PodID:             a.podID,
+		ConnectionID:      r.connectionID,
+		KubernetesVersion: kubeVersion,
+	}.SetHeaders(h)
+
+	dctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	conn, resp, err := tunnel.Dial(dctx, a.cfg.KASAddress, tunnel.DialOptions{HTTPClient: a.cfg.KASClient, Header: h})
+	cancel() // the handshake is over; the tunnel does not depend on dctx
+	if err != nil {
+		if ctx.Err() != nil {
+			return r // stopping; not a failure
+		}
+		a.metrics.connectFailures.Add(1)
+		r.err = err
+		if resp != nil {
+			r.status = resp.StatusCode
+			r.response = responseExcerpt(resp.Body, token)
+		}
+		return r
+	}
+
+	a.metrics.connects.Add(1)
+	a.metrics.tunnels.Add(1)
+	r.connected = true
+	start := time.Now()
+	tlog.Info("tunnel connected",
+		zap.Int64("connection", r.connectionID),
+		zap.Int64("pod_id", a.podID),
+		zap.String("kubernetes_version", kubeVersion))
+	srv := &tunnel.Server{
+		Handler:       a.handler,
+		Options:       a.cfg.TunnelOptions,
+		ErrorLog:      a.httpLog,
+		ShutdownGrace: max(a.cfg.ShutdownGrace, 0),
+	}
+	r.err = srv.ServeConn(ctx, conn)
+	r.uptime = time.Since(start)
+	a.metrics.tunnels.Add(-1)
+	return r
+}
+
+// maxExcerpt bounds the part of a refused handshake's body that is logged.
+const maxExcerpt = 256
+
+// responseExcerpt returns the start of a refused handshake's body for the
+// log: KAS says why it refused there. The agent token is cut out in case
+// something on the way (a misconfigured proxy, an echo server at the wrong
+// address) reflects the request.
+func responseExcerpt(body io.Reader, token string) string {
+	if body == nil {
+		return ""
+	}
+	b, _ := io.ReadAll(io.LimitReader(body, 1024)) // what is there is enough
+	s := string(b)
+	if token != "" {
+		s = strings.ReplaceAll(s, token, "[redacted]")
+		// The body may have been cut in the middle of the token.
+		for k := len(token) - 1; k >= 4; k-- { // shorter prefixes reveal nothing
+			if strings.HasSuffix(s, token[:k]) {
+				s = s[:len(s)-k] + "[redacted]"
+				break
+			}
+		}
+	}
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsPrint(r) {
+			return r
+		}
+		return ' '
+	}, strings.ToValidUTF8(s, "?"))
+	s = strings.TrimSpace(s)
+	if len(s) > maxExcerpt {
+		s = strings.ToValidUTF8(s[:maxExcerpt], "") + "…"
+	}
+	return s
+}
