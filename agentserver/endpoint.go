@@ -6,6 +6,7 @@ package agentserver
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/http"
@@ -101,7 +102,8 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Warn("agent handshake failed", zap.Error(err))
 		return
 	}
-	conn, err := tunnel.NewConn(nc, tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, Meta: meta, RemoteAddr: r.RemoteAddr}, e.Options)
+	info := tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, Meta: meta, RemoteAddr: r.RemoteAddr, Credential: sha256.Sum256([]byte(token))}
+	conn, err := tunnel.NewConn(nc, info, e.Options)
 	if err != nil {
 		log.Warn("agent handshake failed", zap.Error(err))
 		return

@@ -2,6 +2,7 @@ package agentserver
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -82,6 +83,9 @@ func TestEndpointConnectsAgent(t *testing.T) {
 	conn, err := e.registry.Find(findCtx, 1)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if got := conn.Agent(); got.Credential != sha256.Sum256([]byte(goodToken)) {
+		t.Error("tunnel does not remember the digest of its token")
 	}
 	if got := conn.Agent(); got.Name != "one" || got.Meta != meta {
 		t.Errorf("agent info %+v, want name one and meta %+v", got, meta)
@@ -215,4 +219,26 @@ func wsHeader(subprotocol, token string) http.Header {
 func withHeader(h http.Header, k, v string) http.Header {
 	h.Set(k, v)
 	return h
+}
+
+func TestStaticAgentsDeclares(t *testing.T) {
+	s, err := NewStaticAgents([]StaticAgent{{ID: 1, Name: "a", Token: "ta"}, {ID: 2, Name: "b", Token: "tb"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		id    int64
+		token string
+		want  bool
+	}{
+		{1, "ta", true}, {2, "tb", true},
+		{1, "tb", false}, // another agent's token
+		{3, "ta", false}, // unknown agent
+		{1, "old", false},
+	}
+	for _, tt := range tests {
+		if got := s.Declares(tt.id, sha256.Sum256([]byte(tt.token))); got != tt.want {
+			t.Errorf("Declares(%d, %q) = %v, want %v", tt.id, tt.token, got, tt.want)
+		}
+	}
 }

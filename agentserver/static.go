@@ -2,6 +2,7 @@ package agentserver
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 
@@ -60,6 +61,14 @@ func (s *StaticAgents) AuthenticateAgent(_ context.Context, token string) (Agent
 		return Agent{}, ErrUnknownToken
 	}
 	return Agent{ID: s.agents[i].ID, Name: s.agents[i].Name}, nil
+}
+
+// Declares reports whether an agent with this id and a token with this
+// SHA-256 digest is among the declared agents. A tunnel whose agent it
+// does not declare was authenticated with a revoked token.
+func (s *StaticAgents) Declares(agentID int64, credential [sha256.Size]byte) bool {
+	i := s.tokens.MatchDigest(credential)
+	return i >= 0 && s.agents[i].ID == agentID
 }
 
 var _ Authenticator = (*StaticAgents)(nil)

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -94,6 +95,11 @@ type AgentInfo struct {
 	// RemoteAddr is the network address the connection came from, as seen
 	// by KAS.
 	RemoteAddr string
+	// Credential is the SHA-256 digest of the token the agent
+	// authenticated with, so that a tunnel can be closed when its token
+	// is revoked. Not the token: a digest of a random token reveals
+	// nothing.
+	Credential [sha256.Size]byte
 }
 
 // Conn is one tunnel connection on the KAS side. It sends requests to

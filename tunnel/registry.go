@@ -179,4 +179,19 @@ func (r *MemoryRegistry) Conns(agentID int64) []*Conn {
 	return out
 }
 
+// All returns the live connections of every agent.
+func (r *MemoryRegistry) All() []*Conn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*Conn
+	for _, e := range r.agents {
+		for _, c := range e.conns {
+			if c.Err() == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
 var _ Registry = (*MemoryRegistry)(nil)

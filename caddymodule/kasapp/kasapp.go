@@ -3,15 +3,18 @@
 package kasapp
 
 import (
+	"crypto/sha256"
 	"fmt"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
 func init() {
-	caddy.RegisterModule(App{})
+	caddy.RegisterModule(new(App))
 }
 
 // App is the agent server's Caddy app. Handlers get it with
@@ -20,6 +23,17 @@ func init() {
 type App struct {
 	registry *tunnel.MemoryRegistry
 	poolKey  string
+	logger   *zap.Logger
+
+	mu        sync.Mutex // guards agentSets
+	agentSets []AgentSet // what this config's kubernetes_agent handlers accept
+}
+
+// AgentSet is the set of agents a kubernetes_agent handler accepts.
+type AgentSet interface {
+	// Declares reports whether the agent with this id may connect with a
+	// token of this SHA-256 digest.
+	Declares(agentID int64, credential [sha256.Size]byte) bool
 }
 
 // registries holds the tunnel registries across configuration reloads.
@@ -38,7 +52,7 @@ type pooledRegistry struct{ *tunnel.MemoryRegistry }
 func (p pooledRegistry) Destruct() error { return p.Close() }
 
 // CaddyModule returns the Caddy module information.
-func (App) CaddyModule() caddy.ModuleInfo {
+func (*App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "kas",
 		New: func() caddy.Module { return new(App) },
@@ -46,7 +60,11 @@ func (App) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision takes a reference to the registry.
-func (a *App) Provision(caddy.Context) error {
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if a.logger == nil {
+		a.logger = zap.NewNop()
+	}
 	v, _, err := registries.LoadOrNew(memoryRegistryKey, func() (caddy.Destructor, error) {
 		return pooledRegistry{tunnel.NewMemoryRegistry()}, nil
 	})
@@ -60,8 +78,43 @@ func (a *App) Provision(caddy.Context) error {
 // Registry returns the agents' tunnel registry.
 func (a *App) Registry() *tunnel.MemoryRegistry { return a.registry }
 
-// Start implements caddy.App; the registry needs no goroutines.
-func (a *App) Start() error { return nil }
+// DeclareAgents adds the agents a handler accepts. Handlers call it while
+// they are provisioned.
+func (a *App) DeclareAgents(s AgentSet) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.agentSets = append(a.agentSets, s)
+}
+
+// Start runs once this configuration is in force. Tunnels outlive
+// reloads, so a tunnel authenticated with a token the new configuration no
+// longer has (an agent removed, a token rotated) would keep its access
+// until the agent reconnected; Start closes such tunnels at once.
+func (a *App) Start() error {
+	a.mu.Lock()
+	sets := a.agentSets
+	a.mu.Unlock()
+	for _, c := range a.registry.All() {
+		info := c.Agent()
+		if declared(sets, info) {
+			continue
+		}
+		a.logger.Warn("closing tunnel: its agent token is no longer configured",
+			zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name),
+			zap.Int64("connection_id", info.Meta.ConnectionID), zap.String("remote_addr", info.RemoteAddr))
+		c.Close()
+	}
+	return nil
+}
+
+func declared(sets []AgentSet, info tunnel.AgentInfo) bool {
+	for _, s := range sets {
+		if s.Declares(info.ID, info.Credential) {
+			return true
+		}
+	}
+	return false
+}
 
 // Stop implements caddy.App. Tunnels are not closed here: on a reload the
 // next config keeps using them.

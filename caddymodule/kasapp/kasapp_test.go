@@ -2,12 +2,15 @@ package kasapp
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
+	"net/http"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
 )
 
 // TestRegistrySurvivesReload follows Caddy's reload order: the new config's
@@ -45,5 +48,56 @@ func TestCleanupAfterFailedProvision(t *testing.T) {
 	var a App
 	if err := a.Cleanup(); err != nil {
 		t.Errorf("Cleanup of an unprovisioned app = %v", err)
+	}
+}
+
+type agentSet map[int64][sha256.Size]byte
+
+func (s agentSet) Declares(id int64, credential [sha256.Size]byte) bool {
+	d, ok := s[id]
+	return ok && d == credential
+}
+
+// TestStartClosesRevokedTunnels: a reload that removes an agent or changes
+// its token cuts that agent's tunnels when the new config starts, and keeps
+// the others.
+func TestStartClosesRevokedTunnels(t *testing.T) {
+	var old App
+	if err := old.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	defer old.Cleanup()
+	tunnelOf := func(id int64, token string) *tunnel.Conn {
+		p := tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{
+			Agent: tunnel.AgentInfo{ID: id, Credential: sha256.Sum256([]byte(token))},
+		})
+		t.Cleanup(old.Registry().Register(p.KAS))
+		return p.KAS
+	}
+	kept := tunnelOf(1, "token-one")
+	removed := tunnelOf(2, "token-two")
+	rotated := tunnelOf(3, "token-three")
+
+	var next App
+	if err := next.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	defer next.Cleanup()
+	next.DeclareAgents(agentSet{
+		1: sha256.Sum256([]byte("token-one")),
+		3: sha256.Sum256([]byte("token-three-rotated")),
+	})
+	if err := next.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]*tunnel.Conn{"removed agent": removed, "rotated token": rotated} {
+		select {
+		case <-c.Done():
+		default:
+			t.Errorf("tunnel of the %s is still open", name)
+		}
+	}
+	if kept.Err() != nil {
+		t.Errorf("tunnel of a still declared agent was closed: %v", kept.Err())
 	}
 }

@@ -49,6 +49,7 @@ type Handler struct {
 	KeepaliveTimeout caddy.Duration `json:"keepalive_timeout,omitempty"`
 
 	endpoint *agentserver.Endpoint
+	agents   *agentserver.StaticAgents
 }
 
 // Agent is an agent allowed to connect.
@@ -84,7 +85,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	return h.setup(app.Registry(), ctx.Logger())
+	if err := h.setup(app.Registry(), ctx.Logger()); err != nil {
+		return err
+	}
+	app.DeclareAgents(h.agents)
+	return nil
 }
 
 // setup is Provision once the app is found.
@@ -109,6 +114,7 @@ func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes_agent: %w", err)
 	}
+	h.agents = auth
 	h.endpoint = &agentserver.Endpoint{
 		Auth:     auth,
 		Registry: registry,

@@ -27,7 +27,11 @@ func New(tokens []string) *Set {
 // without stopping or branching on a match, so the time does not tell
 // which entry (if any) matched either.
 func (s *Set) Match(token string) int {
-	d := sha256.Sum256([]byte(token))
+	return s.MatchDigest(sha256.Sum256([]byte(token)))
+}
+
+// MatchDigest is Match for a token known by its SHA-256 digest.
+func (s *Set) MatchDigest(d [sha256.Size]byte) int {
 	found := -1
 	for i := range s.digests {
 		eq := subtle.ConstantTimeCompare(d[:], s.digests[i][:])
