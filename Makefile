@@ -1,0 +1,15 @@
+# The two commands a newcomer needs: `make run` starts a development server, `make test` runs every test.
+
+.PHONY: test build run
+
+# go vet, then every test with the race detector, the end-to-end tests against a real kube-apiserver
+# included (built on the first run, about 5 minutes).
+test:
+	bash hack/test.sh
+
+# bin/caddy (Caddy with the kas modules) and bin/agentk.
+build:
+	go build -trimpath -o bin/ ./cmd/caddy ./cmd/agentk
+
+run:
+	go run ./cmd/caddy kas-dev

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test of the repository, the end-to-end tests in integration/ included: those drive the
+# real caddy and agentk binaries, a real kube-apiserver with etcd, and the real kubectl.
+#
+#   hack/test.sh                                  # go vet, then all tests with the race detector
+#   hack/test.sh -run TestReload -v ./integration/  # extra arguments go to go test instead of ./...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { # need COMMAND WHY
+  command -v "$1" >/dev/null 2>&1 || { echo "test.sh: $1 is not on PATH; $2" >&2; exit 1; }
+}
+need go "install Go (see go.mod for the version)"
+need kubectl "the integration tests drive the real kubectl (1.32 or newer)"
+need openssl "install the openssl package"
+
+echo "==> kube-apiserver and etcd for the integration tests (built once and cached; the first build takes about 5 minutes)"
+KUBE_TESTBIN=$(bash hack/kube-apiserver/build.sh)
+export KUBE_TESTBIN
+echo "    $KUBE_TESTBIN"
+
+echo "==> go vet ./..."
+go vet ./...
+
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(./...)
+echo "==> go test -race -count=1 -timeout 30m ${args[*]}"
+go test -race -count=1 -timeout 30m "${args[@]}"

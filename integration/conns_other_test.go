@@ -1,0 +1,10 @@
+//go:build !linux
+
+package integration
+
+import "errors"
+
+// establishedConnections needs Linux's /proc.
+func establishedConnections(pid, remotePort int) ([]string, error) {
+	return nil, errors.ErrUnsupported
+}

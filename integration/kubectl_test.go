@@ -1,0 +1,245 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// kubectlTimeout bounds one kubectl command that is expected to end by itself.
+const kubectlTimeout = 2 * time.Minute
+
+// kubectl runs the real kubectl with one kubeconfig.
+type kubectl struct {
+	bin        string
+	kubeconfig string
+	context    string // empty: the kubeconfig's current context
+	home       string // HOME of kubectl, so its discovery cache stays out of the developer's ~/.kube
+}
+
+// kubectlResult is what one kubectl command did.
+type kubectlResult struct {
+	args     []string
+	stdout   string
+	stderr   string
+	exitCode int   // -1 when kubectl did not exit by itself
+	err      error // nil when kubectl exited with status 0
+}
+
+func (k kubectl) fullArgs(args []string) []string {
+	full := []string{"--kubeconfig", k.kubeconfig}
+	if k.context != "" {
+		full = append(full, "--context", k.context)
+	}
+	return append(full, args...)
+}
+
+func (k kubectl) env() []string {
+	return append(environWithout("KUBECONFIG", "HOME"), "HOME="+k.home)
+}
+
+// run runs kubectl with args and waits for it, for kubectlTimeout at most.
+func (k kubectl) run(args ...string) kubectlResult {
+	ctx, cancel := context.WithTimeout(context.Background(), kubectlTimeout)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, k.bin, k.fullArgs(args)...)
+	cmd.Env = k.env()
+	cmd.Stdout = &stdout
+	cmd.Stderr = &stderr
+	cmd.WaitDelay = 5 * time.Second
+	runErr := cmd.Run()
+
+	r := kubectlResult{args: args, stdout: stdout.String(), stderr: stderr.String(), exitCode: -1}
+	var exitErr *exec.ExitError
+	switch {
+	case runErr == nil:
+		r.exitCode = 0
+	case ctx.Err() != nil:
+		r.err = fmt.Errorf("kubectl %s did not end within %s", strings.Join(args, " "), kubectlTimeout)
+	case errors.As(runErr, &exitErr):
+		r.exitCode = exitErr.ExitCode()
+		r.err = fmt.Errorf("kubectl %s: exit status %d: %s", strings.Join(args, " "), r.exitCode, redact(strings.TrimSpace(r.stderr)))
+	default:
+		r.err = fmt.Errorf("kubectl %s: %w", strings.Join(args, " "), runErr)
+	}
+	return r
+}
+
+// mustRun runs kubectl and fails t unless it succeeds; it returns stdout.
+func (k kubectl) mustRun(t testing.TB, args ...string) string {
+	t.Helper()
+	r := k.run(args...)
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	return r.stdout
+}
+
+// mustFail runs kubectl and fails t unless it exits with an error whose
+// stderr contains wantInStderr (case-insensitive; empty matches any); it
+// returns stderr.
+func (k kubectl) mustFail(t testing.TB, wantInStderr string, args ...string) string {
+	t.Helper()
+	r := k.run(args...)
+	switch {
+	case r.exitCode == 0:
+		t.Fatalf("kubectl %s succeeded, want an error mentioning %q; stdout:\n%s", strings.Join(args, " "), wantInStderr, redact(r.stdout))
+	case r.exitCode < 0:
+		t.Fatal(r.err)
+	case !strings.Contains(strings.ToLower(r.stderr), strings.ToLower(wantInStderr)):
+		t.Fatalf("kubectl %s failed as expected, but its stderr does not mention %q:\n%s", strings.Join(args, " "), wantInStderr, redact(r.stderr))
+	}
+	return r.stderr
+}
+
+// start starts a kubectl that runs until it ends by itself or t ends (a
+// watch, say); its output goes to files in logDir.
+func (k kubectl) start(t testing.TB, name, logDir string, args ...string) *process {
+	t.Helper()
+	return startOwnedProcess(t, processSpec{
+		name:   name,
+		binary: k.bin,
+		args:   k.fullArgs(args),
+		env:    k.env(),
+		logDir: logDir,
+	})
+}
+
+// userInfo is the part of a SelfSubjectReview (kubectl auth whoami -o json)
+// the tests look at.
+type userInfo struct {
+	Username string   `json:"username"`
+	Groups   []string `json:"groups"`
+}
+
+// whoami runs `kubectl auth whoami -o json` with extra flags (such as --as)
+// and returns who the apiserver saw.
+func (k kubectl) whoami(t testing.TB, extraArgs ...string) userInfo {
+	t.Helper()
+	out := k.mustRun(t, append([]string{"auth", "whoami", "-o", "json"}, extraArgs...)...)
+	var review struct {
+		Kind   string `json:"kind"`
+		Status struct {
+			UserInfo userInfo `json:"userInfo"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(out), &review); err != nil {
+		t.Fatalf("decode kubectl auth whoami output: %v\n%s", err, out)
+	}
+	if review.Kind != "SelfSubjectReview" {
+		t.Fatalf("kubectl auth whoami printed kind %q, want SelfSubjectReview:\n%s", review.Kind, out)
+	}
+	return review.Status.UserInfo
+}
+
+// kubeconfigUser is one user (and the context of the same name) of a kubeconfig.
+type kubeconfigUser struct {
+	name  string
+	token string
+}
+
+// writeKubeconfig writes a kubeconfig with one cluster and a context per
+// user; the first user's context is the current one. It is JSON, which
+// every kubeconfig reader accepts, so no YAML quoting can go wrong.
+func writeKubeconfig(path, server, caFile string, users []kubeconfigUser) error {
+	type named struct {
+		Name    string         `json:"name"`
+		Cluster map[string]any `json:"cluster,omitempty"`
+		User    map[string]any `json:"user,omitempty"`
+		Context map[string]any `json:"context,omitempty"`
+	}
+	config := struct {
+		APIVersion     string  `json:"apiVersion"`
+		Kind           string  `json:"kind"`
+		Clusters       []named `json:"clusters"`
+		Users          []named `json:"users"`
+		Contexts       []named `json:"contexts"`
+		CurrentContext string  `json:"current-context"`
+	}{
+		APIVersion: "v1",
+		Kind:       "Config",
+		Clusters:   []named{{Name: "cluster", Cluster: map[string]any{"server": server, "certificate-authority": caFile}}},
+	}
+	for _, u := range users {
+		config.Users = append(config.Users, named{Name: u.name, User: map[string]any{"token": u.token}})
+		config.Contexts = append(config.Contexts, named{Name: u.name, Context: map[string]any{"cluster": "cluster", "user": u.name}})
+	}
+	if len(users) > 0 {
+		config.CurrentContext = users[0].name
+	}
+	b, err := json.MarshalIndent(config, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode kubeconfig: %w", err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return fmt.Errorf("write kubeconfig: %w", err)
+	}
+	return nil
+}
+
+// writeManifest writes a manifest for kubectl apply -f into dir.
+func writeManifest(t testing.TB, dir, name, manifest string) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(manifest), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// uniqueName returns prefix with a random suffix. Namespaces in particular
+// need one: without a controller-manager their deletion never finishes.
+func uniqueName(prefix string) string {
+	return prefix + "-" + randomHex(4)
+}
+
+// watchEventTimeout bounds the wait for one line from a running kubectl watch.
+const watchEventTimeout = time.Minute
+
+// hasLine reports whether text has a line equal to want, spaces aside.
+func hasLine(text, want string) bool {
+	for line := range strings.Lines(text) {
+		if strings.TrimSpace(line) == want {
+			return true
+		}
+	}
+	return false
+}
+
+// waitForLine waits until the stdout of p, a running kubectl, has the line
+// want, and fails t if p ends first.
+func waitForLine(t testing.TB, p *process, want string) {
+	t.Helper()
+	err := eventually(watchEventTimeout, func() error {
+		if hasLine(p.stdout(), want) {
+			return nil
+		}
+		if !p.running() {
+			return permanent(fmt.Errorf("%w; stderr: %s", p.exitError(), redact(strings.TrimSpace(p.stderr()))))
+		}
+		return fmt.Errorf("no line %q yet", want)
+	})
+	if err != nil {
+		t.Fatalf("%s did not print %q: %v\nits stdout:\n%s", p.name, want, err, redact(p.stdout()))
+	}
+}
+
+// startWatch starts `kubectl get configmaps --watch` in namespace and waits
+// until it printed the existing ConfigMap marker. From then on the list is
+// done, and any later change arrives as a watch event.
+func (k kubectl) startWatch(t testing.TB, logDir, namespace, marker string) *process {
+	t.Helper()
+	k.mustRun(t, "create", "configmap", marker, "-n", namespace)
+	watch := k.start(t, "kubectl-watch", logDir, "get", "configmaps", "-n", namespace, "--watch", "-o", "name")
+	waitForLine(t, watch, "configmap/"+marker)
+	return watch
+}

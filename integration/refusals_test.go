@@ -1,0 +1,196 @@
+package integration
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+const (
+	// agentRefusalTimeout bounds the wait for Caddy to refuse an agentk twice.
+	agentRefusalTimeout = time.Minute
+	// agentLossTimeout bounds how long an open watch may outlive its agentk.
+	agentLossTimeout = 30 * time.Second
+)
+
+func TestAgentWithWrongTokenIsRefused(t *testing.T) {
+	s := requireSuite(t)
+	kas := startCaddy(t, s, standardConfig())
+	wrongToken := newToken("the wrong agent token")
+	agent := kas.startAgentk(t, agentkOptions{agentID: 1, token: wrongToken})
+
+	// Wait for two refusals: the second shows that agentk retries, and
+	// readiness is sampled all along, so "never ready" covers both attempts.
+	refusal := map[string]string{"msg": "agent refused", "reason": "unknown agent token"}
+	err := eventually(agentRefusalTimeout, func() error {
+		if code, err := agent.readiness(); err == nil && code == http.StatusOK {
+			return permanent(errors.New("agentk with a wrong token reports ready"))
+		}
+		if !agent.proc.running() {
+			return permanent(fmt.Errorf("agentk should keep retrying: %w", agent.proc.exitError()))
+		}
+		if n := countLogEntries(kas.proc.stderr(), refusal); n < 2 {
+			return fmt.Errorf("caddy logged %d JSON lines with %v, want 2", n, refusal)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a whole number: timestamps and ids hold the digits 401 by chance
+	if !regexp.MustCompile(`\b401\b`).MatchString(agent.proc.stderr()) {
+		t.Errorf("agentk's stderr does not mention the 401 it got")
+	}
+	if strings.Contains(kas.proc.stdout()+kas.proc.stderr(), wrongToken) {
+		t.Errorf("caddy's output contains the wrong agent token")
+	}
+}
+
+func TestProxyRefusesUnauthorizedUsers(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+	// with agent 1 connected, a refusal can only come from the user check
+	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
+	devToken := config.user(t, "dev").token
+
+	unauthenticated := []struct {
+		name          string
+		authorization string // empty: no Authorization header
+	}{
+		{"unknown token", "Bearer " + patToken(1, newToken("an unknown user token"))},
+		{"token without pat prefix", "Bearer " + devToken},
+		{"pat token without agent id", "Bearer pat:" + devToken},
+		{"agent id that is not a number", "Bearer pat:one:" + devToken},
+		{"basic auth", "Basic " + devToken},
+		{"no Authorization header", ""},
+	}
+	for _, tc := range unauthenticated {
+		t.Run(tc.name, func(t *testing.T) {
+			header := http.Header{}
+			if tc.authorization != "" {
+				header.Set("Authorization", tc.authorization)
+			}
+			resp, body := kas.proxyGet(t, "api", header)
+			status := requireStatus(t, resp, body, http.StatusUnauthorized)
+			if got := resp.Header.Get("Gitlab-Unauthorized"); got != "true" {
+				t.Errorf("header Gitlab-Unauthorized is %q, want %q", got, "true")
+			}
+			if status.Reason != "Unauthorized" {
+				t.Errorf("Status reason is %q, want Unauthorized", status.Reason)
+			}
+			if !strings.HasPrefix(status.Message, "GitLab Agent Server: ") {
+				t.Errorf("Status message %q does not start with %q", status.Message, "GitLab Agent Server: ")
+			}
+		})
+	}
+
+	t.Run("valid token for an agent the user may not reach", func(t *testing.T) {
+		header := http.Header{"Authorization": {"Bearer " + patToken(2, devToken)}}
+		resp, body := kas.proxyGet(t, "api", header)
+		if status := requireStatus(t, resp, body, http.StatusForbidden); status.Reason != "Forbidden" {
+			t.Errorf("Status reason is %q, want Forbidden", status.Reason)
+		}
+		kas.kubectl(t, "dev", 2).mustFail(t, "forbidden", "get", "namespaces")
+	})
+}
+
+func TestClientImpersonation(t *testing.T) {
+	s := requireSuite(t)
+	kas := startCaddy(t, s, standardConfig())
+	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
+
+	refused := []struct {
+		user           string
+		wantCode       int
+		wantInMessage  string
+		wantKubectlErr string
+	}{
+		// dev is impersonated by the proxy already
+		{user: "dev", wantCode: http.StatusBadRequest, wantInMessage: "nested impersonation is not supported", wantKubectlErr: "nested impersonation is not supported"},
+		// plain has neither impersonate nor allow_impersonation; kubectl auth
+		// whoami words a 403 as "API not enabled or no permission", so only
+		// the raw request checks the code
+		{user: "plain", wantCode: http.StatusForbidden, wantKubectlErr: ""},
+	}
+	for _, tc := range refused {
+		t.Run(tc.user+" may not impersonate", func(t *testing.T) {
+			header := http.Header{
+				"Authorization":    {"Bearer " + patToken(1, kas.config.user(t, tc.user).token)},
+				"Impersonate-User": {"someone"},
+			}
+			resp, body := kas.proxyGet(t, "api", header)
+			status := requireStatus(t, resp, body, tc.wantCode)
+			if !strings.Contains(status.Message, tc.wantInMessage) {
+				t.Errorf("Status message %q does not contain %q", status.Message, tc.wantInMessage)
+			}
+			kas.kubectl(t, tc.user, 1).mustFail(t, tc.wantKubectlErr, "--as", "someone", "auth", "whoami")
+		})
+	}
+
+	t.Run("ops may impersonate", func(t *testing.T) {
+		// the agent's identity (admin, in system:masters) may impersonate anyone
+		ops := kas.kubectl(t, "ops", 1)
+		if who := ops.whoami(t, "--as", "bob"); who.Username != "bob" {
+			t.Errorf("kubectl --as bob auth whoami shows %q, want bob", who.Username)
+		}
+		who := ops.whoami(t, "--as", "bob", "--as-group", "team")
+		if who.Username != "bob" || !slices.Contains(who.Groups, "team") {
+			t.Errorf("kubectl --as bob --as-group team auth whoami shows %q in %v, want bob in groups containing team", who.Username, who.Groups)
+		}
+	})
+}
+
+func TestAgentNotConnected(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+
+	start := time.Now()
+	header := http.Header{"Authorization": {"Bearer " + patToken(2, config.user(t, "ops").token)}}
+	resp, body := kas.proxyGet(t, "api", header)
+	t.Logf("the proxy answered after %s (wait_for_agent %s)", time.Since(start).Round(10*time.Millisecond), config.waitForAgent)
+	status := requireStatus(t, resp, body, http.StatusBadGateway)
+	if !strings.Contains(status.Message, "agent 2 is not connected") {
+		t.Errorf("Status message %q does not contain %q", status.Message, "agent 2 is not connected")
+	}
+}
+
+func TestAgentLoss(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+	agent := kas.startAgentk(t, agentkOptions{agentID: 1})
+	agent.waitReady(t)
+	ops := kas.kubectl(t, "ops", 1)
+	ns := uniqueName("kas-it")
+	ops.mustRun(t, "create", "namespace", ns)
+	watch := ops.startWatch(t, kas.dir, ns, "watch-marker")
+
+	agent.proc.kill()
+
+	select {
+	case <-watch.exited:
+	case <-time.After(agentLossTimeout):
+		t.Fatalf("kubectl's watch still runs %s after its agentk was killed", agentLossTimeout)
+	}
+	if watch.waitErr == nil {
+		t.Errorf("kubectl's watch ended with status 0 when its agentk was killed, want an error")
+	}
+	t.Logf("the watch ended: %v; stderr: %s", watch.waitErr, redact(strings.TrimSpace(watch.stderr())))
+
+	// Caddy has forgotten the dead tunnel: requests wait for a new one
+	header := http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "ops").token)}}
+	resp, body := kas.proxyGet(t, "api", header)
+	if status := requireStatus(t, resp, body, http.StatusBadGateway); !strings.Contains(status.Message, "agent 1 is not connected") {
+		t.Errorf("Status message %q does not contain %q", status.Message, "agent 1 is not connected")
+	}
+
+	agent.restart(t).waitReady(t)
+	ops.mustRun(t, "get", "namespaces")
+}
