@@ -50,6 +50,9 @@ type kasConfig struct {
 	waitForAgent string
 	agents       []kasAgent
 	users        []kasUser
+	// serverOptions, when set, is the body of a global "servers { }"
+	// block (Caddy's server timeouts, say).
+	serverOptions string
 }
 
 func (c kasConfig) agent(t testing.TB, id int) kasAgent {
@@ -113,6 +116,11 @@ var caddyfileTemplate = template.Must(template.New("Caddyfile").Funcs(template.F
 	log {
 		level DEBUG
 	}
+{{- if .ServerOptions}}
+	servers {
+		{{.ServerOptions}}
+	}
+{{- end}}
 }
 
 https://localhost:{{.HTTPSPort}} {
@@ -227,8 +235,9 @@ func (c *caddyServer) checkServesHTTPS() error {
 	return nil
 }
 
-// reload replaces Caddy's config through `caddy reload` and its admin API.
-func (c *caddyServer) reload(t *testing.T, config kasConfig) {
+// reload replaces Caddy's config through `caddy reload` and its admin API;
+// extraArgs go to `caddy reload` (--force, say).
+func (c *caddyServer) reload(t *testing.T, config kasConfig, extraArgs ...string) {
 	t.Helper()
 	for _, a := range config.agents {
 		if a.tokenEnv != "" && !slices.Contains(c.env, a.tokenEnv+"="+a.token) {
@@ -238,8 +247,9 @@ func (c *caddyServer) reload(t *testing.T, config kasConfig) {
 	caddyfile := c.writeCaddyfile(t, config)
 	ctx, cancel := context.WithTimeout(context.Background(), caddyReloadTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, c.suite.caddyBin, "reload", "--config", caddyfile, "--adapter", "caddyfile",
-		"--address", fmt.Sprintf("localhost:%d", c.adminPort))
+	args := append([]string{"reload", "--config", caddyfile, "--adapter", "caddyfile",
+		"--address", fmt.Sprintf("localhost:%d", c.adminPort)}, extraArgs...)
+	cmd := exec.CommandContext(ctx, c.suite.caddyBin, args...)
 	cmd.Env = c.env
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -264,11 +274,12 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 	data := struct {
 		AdminPort, HTTPPort, HTTPSPort int
 		StateDir, WaitForAgent         string
+		ServerOptions                  string
 		Agents                         []agentData
 		Users                          []userData
 	}{
 		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort,
-		StateDir: c.dir, WaitForAgent: config.waitForAgent,
+		StateDir: c.dir, WaitForAgent: config.waitForAgent, ServerOptions: config.serverOptions,
 	}
 	for _, a := range config.agents {
 		d := agentData{ID: a.id, Name: a.name, TokenEnv: a.tokenEnv}

@@ -28,10 +28,13 @@ func init() {
 const DefaultPathPrefix = "/-/kubernetes-agent/k8s-proxy/"
 
 // streamIdleTimeout replaces Caddy's read_body_idle and write_idle (one
-// minute by default) for proxied requests. A watch or "logs -f" may be
-// silent for hours, and a client that uploads slowly is only held back by
-// flow control; GitLab's KAS has no write timeout either for this reason
-// (its MR !731). Dead peers are still found: the client's connection by
+// minute by default) for proxied requests. Caddy re-arms them before every
+// read and write, so a silent watch is safe anyway; what they cut is a
+// write that stays blocked because the client stopped reading
+// ("kubectl logs -f | less" paused, a laptop asleep) or a body the client
+// pauses mid-way. GitLab's KAS has no write timeout for these reasons (its
+// MR !731); a stalled client only holds its own stream, bounded by flow
+// control. Dead peers are still found: the client's connection by TCP and
 // Caddy's keepalives, the agent's by the tunnel's PINGs.
 const streamIdleTimeout = 100 * 365 * 24 * time.Hour
 

@@ -1,0 +1,222 @@
+package integration
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestCaddyIdleTimeoutsDoNotCutStreams runs with Caddy's body and write
+// idle timeouts at one second (Caddy's defaults are one minute). Caddy
+// re-arms them before every write, so a silent watch is safe anyway; what
+// they cut is a write that stays blocked because the client stopped
+// reading: "kubectl logs -f | less" paused, a laptop asleep. GitLab's KAS
+// has no write timeout for that reason, and neither has k8s_proxy: here a
+// client stops reading a 20 MiB list for three timeouts, over HTTP/1.1 and
+// HTTP/2, and must still get all of it. The tunnel and a watch stay silent
+// meanwhile and must survive too.
+func TestCaddyIdleTimeoutsDoNotCutStreams(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	config.serverOptions = "timeouts {\n\t\t\tread_body_idle 1s\n\t\t\twrite_idle 1s\n\t\t}"
+	kas := startCaddy(t, s, config)
+	agent := kas.startAgentk(t, agentkOptions{agentID: 1})
+	agent.waitReady(t)
+	ops := kas.kubectl(t, "ops", 1)
+	ns := uniqueName("kas-idle")
+	ops.mustRun(t, "create", "namespace", ns)
+	watch := ops.startWatch(t, kas.dir, ns, "before-silence")
+	auth := "Bearer " + patToken(1, config.user(t, "ops").token)
+
+	// 24 ConfigMaps of 900 KiB: a list far larger than the socket buffers
+	// between Caddy and the client, so Caddy's writes block while the
+	// client does not read.
+	const configMaps, size = 24, 900 << 10
+	h2 := kas.httpClient(t)
+	value := strings.Repeat("x", size)
+	for i := range configMaps {
+		body := fmt.Sprintf(`{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"big-%d"},"data":{"v":%q}}`, i, value)
+		req, _ := http.NewRequest(http.MethodPost, kas.proxyURL()+"api/v1/namespaces/"+ns+"/configmaps", strings.NewReader(body))
+		req.Header.Set("Authorization", auth)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := h2.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusCreated {
+			t.Fatalf("creating big-%d: %s", i, resp.Status)
+		}
+	}
+
+	h1 := kas.httpClient(t)
+	h1.Transport.(*http.Transport).ForceAttemptHTTP2 = false
+	h1.Transport.(*http.Transport).TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	for _, tc := range []struct {
+		name   string
+		client *http.Client
+		proto  int
+	}{{"HTTP/1.1", h1, 1}, {"HTTP/2", h2, 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(http.MethodGet, kas.proxyURL()+"api/v1/namespaces/"+ns+"/configmaps", nil)
+			req.Header.Set("Authorization", auth)
+			req.Header.Set("Accept", "application/json")
+			// The apiserver gzips large lists, and these compress to
+			// almost nothing; the test needs 21 MiB on the wire.
+			req.Header.Set("Accept-Encoding", "identity")
+			resp, err := tc.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			if resp.ProtoMajor != tc.proto || resp.StatusCode != http.StatusOK {
+				t.Fatalf("list: %s %s, want HTTP/%d 200", resp.Proto, resp.Status, tc.proto)
+			}
+			time.Sleep(3 * time.Second) // the client stops reading
+			var list struct {
+				Items []struct {
+					Data map[string]string `json:"data"`
+				} `json:"items"`
+			}
+			if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+				t.Fatalf("reading the list after a pause: %v", err)
+			}
+			big := 0
+			for _, item := range list.Items {
+				if len(item.Data["v"]) == size {
+					big++
+				}
+			}
+			if big != configMaps {
+				t.Errorf("the list holds %d complete big ConfigMaps, want %d", big, configMaps)
+			}
+		})
+	}
+
+	ops.mustRun(t, "create", "configmap", "after-silence", "-n", ns)
+	waitForLine(t, watch, "configmap/after-silence")
+	if code, err := agent.readiness(); err != nil || code != http.StatusOK {
+		t.Errorf("agentk readiness after the silence: %d, %v", code, err)
+	}
+}
+
+// TestReloadRevokingAgentTokenDisconnectsIt: rotating an agent's token and
+// reloading cuts the tunnel that used the old token at once, and the agent
+// cannot come back with it. The token file keeps its path, so the adapted
+// config is the same JSON and only "caddy reload --force" applies it (a
+// plain reload answers "config is unchanged"), as the README says.
+func TestReloadRevokingAgentTokenDisconnectsIt(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+	agent := kas.startAgentk(t, agentkOptions{agentID: 1})
+	agent.waitReady(t)
+	plain := kas.kubectl(t, "plain", 1)
+	plain.mustRun(t, "get", "namespaces")
+
+	rotated := config
+	rotated.agents = append([]kasAgent(nil), config.agents...)
+	rotated.agents[0].token = newToken("the rotated token of agent 1")
+	kas.reload(t, rotated, "--force")
+
+	closing := map[string]string{"msg": "closing tunnel: its agent token is no longer configured"}
+	err := eventually(agentLossTimeout, func() error {
+		if n := countLogEntries(kas.proc.stderr(), closing); n == 0 {
+			return fmt.Errorf("caddy logged no %v", closing)
+		}
+		if code, err := agent.readiness(); err == nil && code == http.StatusOK {
+			return fmt.Errorf("agentk with the revoked token still reports ready")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// agentk keeps retrying with the old token and keeps being refused.
+	refusal := map[string]string{"msg": "agent refused", "reason": "unknown agent token"}
+	if err := eventually(agentRefusalTimeout, func() error {
+		if countLogEntries(kas.proc.stderr(), refusal) == 0 {
+			return fmt.Errorf("caddy logged no %v", refusal)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "plain").token)}})
+	requireStatus(t, resp, body, http.StatusBadGateway)
+}
+
+// TestKasDev runs the README's first command, "caddy kas-dev", and follows
+// what it prints: agentk with the generated token and Caddy's internal CA,
+// then kubectl with the generated kubeconfig.
+func TestKasDev(t *testing.T) {
+	s := requireSuite(t)
+	dir := testDir(t, s)
+	state := filepath.Join(dir, "state")
+	dataHome := filepath.Join(dir, "data")
+	port := mustFreeLoopbackPorts(t, 1)[0]
+	env := append(environWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"),
+		"HOME="+filepath.Join(dir, "home"), "XDG_DATA_HOME="+dataHome, "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
+	dev := startOwnedProcess(t, processSpec{
+		name:   "caddy-kas-dev",
+		binary: s.caddyBin,
+		args:   []string{"kas-dev", "--listen", fmt.Sprintf("localhost:%d", port), "--state", state},
+		env:    env,
+		logDir: dir,
+	})
+	kubeconfig := filepath.Join(state, "kubeconfig")
+	if err := eventually(caddyStartTimeout, func() error {
+		if !dev.running() {
+			return permanent(fmt.Errorf("kas-dev exited: %w", dev.exitError()))
+		}
+		if !strings.Contains(dev.stdout(), "caddy-kas is running") {
+			return fmt.Errorf("kas-dev has not printed its instructions yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"--token-file " + filepath.Join(state, "agent.token"), "kubectl --kubeconfig " + kubeconfig} {
+		if !strings.Contains(dev.stdout(), want) {
+			t.Errorf("kas-dev's instructions lack %q:\n%s", want, dev.stdout())
+		}
+	}
+	rootCA := filepath.Join(dataHome, "caddy", "pki", "authorities", "local", "root.crt")
+	observability := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
+	agent := &agentk{
+		proc: startOwnedProcess(t, processSpec{
+			name:   "agentk-kas-dev",
+			binary: s.agentkBin,
+			args: []string{
+				"--kas-address", fmt.Sprintf("wss://localhost:%d/-/kubernetes-agent/", port),
+				"--token-file", filepath.Join(state, "agent.token"),
+				"--kas-ca-cert-file", rootCA,
+				"--kubeconfig", s.cluster.kubeconfig, "--context", adminUser,
+				"--observability-listen-address", observability,
+			},
+			env:    append(environWithout("KUBECONFIG", "AGENTK_TOKEN"), "POD_NAMESPACE=kas-it", "POD_NAME=agentk-kas-dev"),
+			logDir: dir,
+		}),
+		observabilityURL: "http://" + observability,
+	}
+	agent.waitReady(t)
+	k := kubectl{bin: s.kubectlBin, kubeconfig: kubeconfig, home: filepath.Join(dir, "home")}
+	if out := k.mustRun(t, "get", "namespaces", "-o", "name"); !strings.Contains(out, "namespace/default") {
+		t.Errorf("kubectl get namespaces through kas-dev: %q", out)
+	}
+	// The generated kubeconfig trusts Caddy's internal CA, nothing else.
+	pem, err := os.ReadFile(rootCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !x509.NewCertPool().AppendCertsFromPEM(pem) {
+		t.Errorf("%s holds no certificate", rootCA)
+	}
+}
