@@ -2,7 +2,6 @@ package agentk
 
 import (
 	"context"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -467,15 +466,7 @@ func TestNewConfigErrors(t *testing.T) {
 				}
 				return
 			}
-			if err == nil {
-				t.Fatal("no error")
-			}
-			if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
-				t.Errorf("error %q does not wrap %q", err, tt.wantErr)
-			}
-			if !strings.Contains(err.Error(), tt.text) {
-				t.Errorf("error %q does not say %q", err, tt.text)
-			}
+			checkError(t, err, tt.wantErr, tt.text)
 		})
 	}
 }

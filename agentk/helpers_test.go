@@ -8,10 +8,12 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -146,4 +148,19 @@ func (m *metrics) requestCount(code int) uint64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.requests[code]
+}
+
+// checkError fails t unless err is non-nil, wraps wantErr (when given) and
+// says wantText.
+func checkError(t testing.TB, err, wantErr error, wantText string) {
+	t.Helper()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	if wantErr != nil && !errors.Is(err, wantErr) {
+		t.Errorf("error %q does not wrap %q", err, wantErr)
+	}
+	if !strings.Contains(err.Error(), wantText) {
+		t.Errorf("error %q does not say %q", err, wantText)
+	}
 }

@@ -38,15 +38,7 @@ func TestParseKASAddress(t *testing.T) {
 				}
 				return
 			}
-			if err == nil {
-				t.Fatal("no error")
-			}
-			if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
-				t.Errorf("error %q does not wrap %q", err, tt.wantErr)
-			}
-			if !strings.Contains(err.Error(), tt.text) {
-				t.Errorf("error %q does not say %q", err, tt.text)
-			}
+			checkError(t, err, tt.wantErr, tt.text)
 			if strings.Contains(err.Error(), "pw") {
 				t.Errorf("error %q shows the password", err)
 			}

@@ -3,7 +3,6 @@ package agentk
 import (
 	"context"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -274,15 +273,7 @@ func TestLoadKubeconfig(t *testing.T) {
 
 			spec, err := kubeconfigSpec(path, tt.context, clockOptions{})
 			if tt.wantErr != nil || tt.wantErrText != "" {
-				if err == nil {
-					t.Fatalf("no error, want one")
-				}
-				if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
-					t.Errorf("error %q does not wrap %q", err, tt.wantErr)
-				}
-				if !strings.Contains(err.Error(), tt.wantErrText) {
-					t.Errorf("error %q does not say %q", err, tt.wantErrText)
-				}
+				checkError(t, err, tt.wantErr, tt.wantErrText)
 				return
 			}
 			if err != nil {
