@@ -36,6 +36,11 @@ type Cluster struct {
 	server    *url.URL
 	base      *http.Transport // connections; closed idle by CloseIdleConnections
 	transport http.RoundTripper
+	// upgrades sends protocol upgrades (exec, attach, port-forward) over
+	// HTTP/1.1 only: Go's transport keeps HTTP/2 for every upgrade but
+	// "websocket", and HTTP/2 cannot carry an Upgrade (RFC 9113 §8.6), so
+	// SPDY/3.1 would fail on the apiserver's HTTP/2 connection.
+	upgrades http.RoundTripper
 }
 
 // clusterSpec is what a kubeconfig or the in-cluster environment says about
@@ -105,10 +110,17 @@ func newCluster(s clusterSpec) *Cluster {
 	if cred == nil {
 		cred = noCredential{}
 	}
+	h1 := base.Clone()
+	h1.ForceAttemptHTTP2 = false
+	h1.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{} // non-nil and empty: no HTTP/2
+	h1.TLSClientConfig.NextProtos = []string{"http/1.1"}
+	// A switched connection is never reused, so keeping idle ones is moot.
+	h1.DisableKeepAlives = true
 	return &Cluster{
 		server:    s.server,
 		base:      base,
 		transport: &authTransport{base: base, cred: cred},
+		upgrades:  &authTransport{base: h1, cred: cred},
 	}
 }
 
@@ -119,6 +131,11 @@ func (c *Cluster) Server() string { return c.server.String() }
 // RoundTripper returns a transport that sends requests to the apiserver
 // with agentk's credential, replacing any Authorization they carry.
 func (c *Cluster) RoundTripper() http.RoundTripper { return c.transport }
+
+// UpgradeRoundTripper returns a transport for requests that switch
+// protocols: HTTP/1.1 only, with agentk's credential. A 101's body is the
+// switched connection (an io.ReadWriteCloser).
+func (c *Cluster) UpgradeRoundTripper() http.RoundTripper { return c.upgrades }
 
 // CloseIdleConnections closes the idle connections to the apiserver.
 func (c *Cluster) CloseIdleConnections() { c.base.CloseIdleConnections() }

@@ -72,6 +72,11 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r = r.WithContext(context.WithValue(r.Context(), identityKey{}, id))
 	}
+	if r.Header.Get(tunnel.UpgradeHeader) != "" {
+		id, _ := r.Context().Value(identityKey{}).(*tunnel.Identity)
+		p.serveUpgrade(rec, r, id)
+		return
+	}
 	p.rp.ServeHTTP(rec, r)
 }
 

@@ -89,29 +89,38 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if access.Identity != nil {
 		out.Header.Set(tunnel.IdentityHeader, access.Identity.Encode())
 	}
-	if r.ContentLength == 0 {
-		out.Body = nil // nothing to stream: lets a failed request be retried
-	}
 	// An HTTP/1.1 client's trailers are not forwarded; the Kubernetes API
 	// does not use request trailers.
 	out.Trailer = nil
+	if upgrade := upgradeRequested(r.Header); upgrade != "" {
+		p.serveUpgrade(w, r, out, upgrade, access)
+		return
+	}
+	if r.ContentLength == 0 {
+		out.Body = nil // nothing to stream: lets a failed request be retried
+	}
 
 	resp, err := p.roundTrip(out, access)
 	if err != nil {
-		if r.Context().Err() != nil {
-			return // the client went away; nobody to answer
-		}
-		var e *Error
-		if errors.As(err, &e) {
-			p.refuse(w, r, e)
-			return
-		}
-		p.log().Warn("k8s proxy request failed", zap.Int64("agent_id", access.AgentID), zap.Error(err))
-		kubestatus.Error(w, http.StatusBadGateway, fmt.Sprintf("agent %d: %v", access.AgentID, err))
+		p.roundTripFailed(w, r, err, access)
 		return
 	}
 	defer resp.Body.Close()
 	p.copyResponse(w, r, resp, access)
+}
+
+// roundTripFailed answers a request that got no response from the agent.
+func (p *Proxy) roundTripFailed(w http.ResponseWriter, r *http.Request, err error, access *Access) {
+	if r.Context().Err() != nil {
+		return // the client went away; nobody to answer
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		p.refuse(w, r, e)
+		return
+	}
+	p.log().Warn("k8s proxy request failed", zap.Int64("agent_id", access.AgentID), zap.Error(err))
+	kubestatus.Error(w, http.StatusBadGateway, fmt.Sprintf("agent %d: %v", access.AgentID, err))
 }
 
 // stripPrefix returns the request path without the proxy's prefix, as a

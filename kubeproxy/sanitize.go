@@ -23,6 +23,10 @@ var hopByHopHeaders = []string{
 	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
 }
 
+// reservedPrefix starts the headers of the tunnel protocol
+// ([tunnel.IdentityHeader], [tunnel.UpgradeHeader], ...).
+const reservedPrefix = "Kas-"
+
 // outboundHeader returns the headers to send to the agent: the client's,
 // less credentials, hop-by-hop headers, any forged identity header, and
 // impersonation headers unless keepImpersonation.
@@ -32,8 +36,13 @@ func outboundHeader(in http.Header, keepImpersonation bool) http.Header {
 	for _, k := range credentialHeaders {
 		out.Del(k)
 	}
-	// Only KAS may set the identity; a client's copy is a forgery.
-	out.Del(tunnel.IdentityHeader)
+	// Kas-* headers are the tunnel protocol's (the identity, upgrades):
+	// only KAS may set them, a client's copy is a forgery.
+	for k := range out {
+		if len(k) >= len(reservedPrefix) && strings.EqualFold(k[:len(reservedPrefix)], reservedPrefix) {
+			delete(out, k)
+		}
+	}
 	if !keepImpersonation {
 		tunnel.DeleteImpersonation(out)
 	}

@@ -1,0 +1,141 @@
+package kubeproxy
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-kas/caddy-kas/kubestatus"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+// upgradeDrainTimeout is how long the client may keep its side open after
+// the cluster ended its side of a switched connection. SPDY and WebSocket
+// end sessions inside the protocol, so a client that neither sends nor
+// closes by then is gone or stuck.
+const upgradeDrainTimeout = time.Minute
+
+// upgradeRequested returns the protocol a request asks to switch to
+// (RFC 9110 §7.8: "Connection: Upgrade" and an Upgrade header), or "".
+func upgradeRequested(h http.Header) string {
+	if !headerHasToken(h, "Connection", "upgrade") {
+		return ""
+	}
+	return h.Get("Upgrade")
+}
+
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, line := range h.Values(name) {
+		for _, t := range strings.Split(line, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// serveUpgrade proxies a request that asks to switch protocols (kubectl
+// exec, attach, port-forward) as described in package tunnel: one
+// full-duplex stream, the client's bytes in the request body, the
+// cluster's in the response body.
+func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, out *http.Request, upgrade string, access *Access) {
+	clientBytes, toAgent := io.Pipe()
+	out.Header.Set(tunnel.UpgradeHeader, upgrade)
+	out.Body = clientBytes
+	out.ContentLength = -1
+	resp, err := p.roundTrip(out, access)
+	if err != nil {
+		toAgent.Close()
+		p.roundTripFailed(w, r, err, access)
+		return
+	}
+	defer resp.Body.Close()
+	if resp.Header.Get(tunnel.UpgradeStatusHeader) != "101" {
+		// The cluster refused (an old apiserver refusing WebSockets, say):
+		// pass its answer on unchanged, so the client can fall back.
+		toAgent.Close()
+		p.copyResponse(w, r, resp, access)
+		return
+	}
+
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		toAgent.CloseWithError(err)
+		p.log().Warn("cannot switch protocols: the client connection cannot be taken over",
+			zap.Int64("agent_id", access.AgentID), zap.String("proto", r.Proto), zap.Error(err))
+		kubestatus.Error(w, http.StatusInternalServerError, "cannot switch protocols on this connection")
+		return
+	}
+	defer conn.Close()
+	if err := writeSwitchingProtocols(brw.Writer, resp.Header); err != nil {
+		toAgent.CloseWithError(err)
+		return
+	}
+
+	// Client to cluster. brw.Reader may hold bytes the client sent right
+	// after its request; they come first, then the connection itself. Not
+	// brw.Reader to the end: it reads through net/http's connection
+	// reader, which cancels the request's context (and with it the tunnel
+	// stream) when the client half-closes.
+	buffered, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	fromClient := io.MultiReader(bytes.NewReader(buffered), conn)
+	clientDone := make(chan struct{})
+	go func() {
+		defer close(clientDone)
+		_, err := io.Copy(toAgent, fromClient)
+		toAgent.CloseWithError(err) // nil: EOF, the half-close reaches the cluster
+	}()
+
+	// Cluster to client, in this goroutine; every write goes straight to
+	// the socket.
+	_, err = io.Copy(conn, resp.Body)
+	switch {
+	case err != nil:
+		if r.Context().Err() == nil {
+			p.log().Debug("switched connection ended by the agent side", zap.Int64("agent_id", access.AgentID), zap.Error(err))
+		}
+		conn.Close() // unblocks the client copy
+	case closeWrite(conn) != nil:
+		conn.Close()
+	}
+	select {
+	case <-clientDone:
+	case <-time.After(upgradeDrainTimeout):
+		conn.Close()
+		<-clientDone
+	}
+}
+
+// writeSwitchingProtocols writes the 101 response with the headers agentk
+// passed on from the cluster.
+func writeSwitchingProtocols(w *bufio.Writer, agentHeader http.Header) error {
+	h := agentHeader.Clone()
+	upgrade := h.Get(tunnel.UpgradeHeader)
+	h.Del(tunnel.UpgradeHeader)
+	h.Del(tunnel.UpgradeStatusHeader)
+	removeHopByHop(h)
+	h.Set("Connection", "Upgrade")
+	h.Set("Upgrade", upgrade)
+	w.WriteString("HTTP/1.1 101 Switching Protocols\r\n")
+	h.Write(w)
+	w.WriteString("\r\n")
+	return w.Flush()
+}
+
+// closeWrite half-closes conn (TCP FIN, or a TLS close_notify), telling the
+// client the cluster has nothing more to say while it may still send.
+func closeWrite(conn net.Conn) error {
+	cw, ok := conn.(interface{ CloseWrite() error })
+	if !ok {
+		return errors.ErrUnsupported
+	}
+	return cw.CloseWrite()
+}
