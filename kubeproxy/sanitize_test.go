@@ -22,6 +22,8 @@ func TestOutboundHeader(t *testing.T) {
 		"Transfer-Encoding":   {"chunked"},
 		"Upgrade":             {"h2c"},
 		"Kas-Impersonate":     {"forged"},
+		"Kas-Upgrade":         {"SPDY/3.1"},
+		"kas-upgrade-status":  {"101"},
 		"Impersonate-User":    {"root"},
 		"Impersonate-Group":   {"system:masters"},
 		"Impersonate-Extra-X": {"y"},
