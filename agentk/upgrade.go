@@ -5,20 +5,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
-
-// hopByHop are the headers of one connection (RFC 9110 §7.6.1); they are
-// not passed between the tunnel and the apiserver connection.
-var hopByHop = []string{
-	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
-}
 
 // serveUpgrade makes the upgrade request KAS sent (kubectl exec, attach,
 // port-forward) to the apiserver over HTTP/1.1 and, once the apiserver
@@ -34,9 +27,7 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.
 	}
 	out.URL.RawQuery = r.URL.RawQuery
 	out.Header = r.Header.Clone()
-	for _, k := range hopByHop {
-		out.Header.Del(k)
-	}
+	httpheader.RemoveHopByHop(out.Header)
 	out.Header.Del(tunnel.UpgradeHeader)
 	out.Header.Del(tunnel.IdentityHeader)
 	out.Header.Del("Authorization") // the cluster transport sets agentk's own
@@ -56,7 +47,7 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		// Refused: the client (kubectl) decides what to do, for example
 		// fall back from WebSocket to SPDY.
-		copyHeader(w.Header(), resp.Header)
+		httpheader.CopyEndToEnd(w.Header(), resp.Header)
 		w.WriteHeader(resp.StatusCode)
 		copyFlushing(w, resp.Body)
 		return
@@ -68,7 +59,7 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.
 	}
 
 	h := w.Header()
-	copyHeader(h, resp.Header)
+	httpheader.CopyEndToEnd(h, resp.Header)
 	h.Set(tunnel.UpgradeHeader, resp.Header.Get("Upgrade"))
 	h.Set(tunnel.UpgradeStatusHeader, "101")
 	w.WriteHeader(http.StatusOK)
@@ -93,33 +84,6 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.
 	if err := copyFlushing(w, upstream); err != nil && r.Context().Err() == nil {
 		p.log.Debug("switched connection to the apiserver ended", zap.String("path", r.URL.Path), zap.Error(err))
 	}
-}
-
-// copyHeader adds src's end-to-end headers to dst.
-func copyHeader(dst, src http.Header) {
-	connection := src.Values("Connection")
-	for k, vs := range src {
-		if isHopByHop(k, connection) {
-			continue
-		}
-		dst[k] = append(dst[k], vs...)
-	}
-}
-
-func isHopByHop(k string, connection []string) bool {
-	for _, h := range hopByHop {
-		if strings.EqualFold(k, h) {
-			return true
-		}
-	}
-	for _, line := range connection {
-		for _, name := range strings.Split(line, ",") {
-			if strings.EqualFold(strings.TrimSpace(name), k) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // copyFlushing copies src to w and flushes after every read, so that

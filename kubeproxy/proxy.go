@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -177,11 +178,7 @@ func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, er
 // copyResponse streams the agent's answer to the client, flushing after
 // every read so that watch events and log lines arrive at once.
 func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.Response, access *Access) {
-	h := w.Header()
-	removeHopByHop(resp.Header)
-	for k, vs := range resp.Header {
-		h[k] = vs
-	}
+	httpheader.CopyEndToEnd(w.Header(), resp.Header)
 	w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(w)
 	if resp.Body == http.NoBody {

@@ -5,6 +5,7 @@ import (
 	"net/url"
 	"strings"
 
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
@@ -16,13 +17,6 @@ var credentialHeaders = []string{"Authorization", "Cookie", "Gitlab-Agent-Id", "
 // WebSockets, which cannot set headers.
 var credentialQueryParams = []string{"gitlab-agent-id", "gitlab-csrf-token"}
 
-// hopByHopHeaders belong to one connection, not to the request
-// (RFC 9110 §7.6.1), so a proxy removes them.
-var hopByHopHeaders = []string{
-	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
-}
-
 // reservedPrefix starts the headers of the tunnel protocol
 // ([tunnel.IdentityHeader], [tunnel.UpgradeHeader], ...).
 const reservedPrefix = "Kas-"
@@ -32,7 +26,7 @@ const reservedPrefix = "Kas-"
 // impersonation headers unless keepImpersonation.
 func outboundHeader(in http.Header, keepImpersonation bool) http.Header {
 	out := in.Clone()
-	removeHopByHop(out)
+	httpheader.RemoveHopByHop(out)
 	for _, k := range credentialHeaders {
 		out.Del(k)
 	}
@@ -47,21 +41,6 @@ func outboundHeader(in http.Header, keepImpersonation bool) http.Header {
 		tunnel.DeleteImpersonation(out)
 	}
 	return out
-}
-
-// removeHopByHop deletes hop-by-hop headers from h, including those the
-// Connection header names.
-func removeHopByHop(h http.Header) {
-	for _, line := range h.Values("Connection") {
-		for _, name := range strings.Split(line, ",") {
-			if name = strings.TrimSpace(name); name != "" {
-				h.Del(name)
-			}
-		}
-	}
-	for _, k := range hopByHopHeaders {
-		h.Del(k)
-	}
 }
 
 // sanitizeQuery removes credential parameters from a raw query and keeps

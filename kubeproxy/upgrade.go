@@ -7,11 +7,11 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -25,21 +25,10 @@ const upgradeDrainTimeout = time.Minute
 // upgradeRequested returns the protocol a request asks to switch to
 // (RFC 9110 §7.8: "Connection: Upgrade" and an Upgrade header), or "".
 func upgradeRequested(h http.Header) string {
-	if !headerHasToken(h, "Connection", "upgrade") {
+	if !httpheader.HasToken(h, "Connection", "upgrade") {
 		return ""
 	}
 	return h.Get("Upgrade")
-}
-
-func headerHasToken(h http.Header, name, token string) bool {
-	for _, line := range h.Values(name) {
-		for _, t := range strings.Split(line, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // serveUpgrade proxies a request that asks to switch protocols (kubectl
@@ -121,7 +110,7 @@ func writeSwitchingProtocols(w *bufio.Writer, agentHeader http.Header) error {
 	upgrade := h.Get(tunnel.UpgradeHeader)
 	h.Del(tunnel.UpgradeHeader)
 	h.Del(tunnel.UpgradeStatusHeader)
-	removeHopByHop(h)
+	httpheader.RemoveHopByHop(h)
 	h.Set("Connection", "Upgrade")
 	h.Set("Upgrade", upgrade)
 	w.WriteString("HTTP/1.1 101 Switching Protocols\r\n")

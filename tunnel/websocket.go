@@ -5,34 +5,22 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strings"
 
 	"github.com/coder/websocket"
+
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 )
 
 // IsWebSocketUpgrade reports whether r asks to open a WebSocket
 // (RFC 6455 §4.1: "Upgrade: websocket" and "Connection: Upgrade").
 func IsWebSocketUpgrade(r *http.Request) bool {
-	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket")
+	return httpheader.HasToken(r.Header, "Connection", "upgrade") && httpheader.HasToken(r.Header, "Upgrade", "websocket")
 }
 
 // OffersSubprotocol reports whether a WebSocket handshake request lists
 // [Subprotocol] in Sec-WebSocket-Protocol.
 func OffersSubprotocol(r *http.Request) bool {
-	return headerHasToken(r.Header, "Sec-WebSocket-Protocol", Subprotocol)
-}
-
-// headerHasToken reports whether a comma-separated header (all its lines)
-// contains token, compared without case.
-func headerHasToken(h http.Header, name, token string) bool {
-	for _, line := range h.Values(name) {
-		for _, t := range strings.Split(line, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
+	return httpheader.HasToken(r.Header, "Sec-WebSocket-Protocol", Subprotocol)
 }
 
 // Accept completes the WebSocket handshake of a tunnel and returns the

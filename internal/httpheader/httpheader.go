@@ -1,0 +1,52 @@
+// Package httpheader has the header rules every hop of the proxy path
+// applies: comma-separated tokens and hop-by-hop headers.
+package httpheader
+
+import (
+	"net/http"
+	"strings"
+)
+
+// hopByHop belong to one connection, not to the request (RFC 9110
+// §7.6.1), so a proxy does not pass them on.
+var hopByHop = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// HasToken reports whether the comma-separated header name (all its lines)
+// contains token, compared without case (RFC 9110 §5.6.1).
+func HasToken(h http.Header, name, token string) bool {
+	for _, line := range h.Values(name) {
+		for _, t := range strings.Split(line, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// RemoveHopByHop deletes the hop-by-hop headers from h, including those
+// its Connection header names.
+func RemoveHopByHop(h http.Header) {
+	for _, line := range h.Values("Connection") {
+		for _, name := range strings.Split(line, ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, k := range hopByHop {
+		h.Del(k)
+	}
+}
+
+// CopyEndToEnd adds src's headers to dst, less the hop-by-hop ones.
+func CopyEndToEnd(dst, src http.Header) {
+	end := src.Clone()
+	RemoveHopByHop(end)
+	for k, vs := range end {
+		dst[k] = append(dst[k], vs...)
+	}
+}

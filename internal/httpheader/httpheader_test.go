@@ -1,0 +1,45 @@
+package httpheader
+
+import (
+	"net/http"
+	"reflect"
+	"testing"
+)
+
+func TestHasToken(t *testing.T) {
+	h := http.Header{"Connection": {"keep-alive, Upgrade", "close"}}
+	tests := []struct {
+		token string
+		want  bool
+	}{{"upgrade", true}, {"UPGRADE", true}, {"close", true}, {"keep", false}, {"", false}}
+	for _, tt := range tests {
+		if got := HasToken(h, "Connection", tt.token); got != tt.want {
+			t.Errorf("HasToken(%q) = %v, want %v", tt.token, got, tt.want)
+		}
+	}
+}
+
+func TestRemoveHopByHopAndCopy(t *testing.T) {
+	src := http.Header{
+		"Connection":           {"X-Private, keep-alive"},
+		"X-Private":            {"1"},
+		"Keep-Alive":           {"timeout=5"},
+		"Transfer-Encoding":    {"chunked"},
+		"Upgrade":              {"SPDY/3.1"},
+		"Content-Type":         {"application/json"},
+		"Sec-Websocket-Accept": {"abc"},
+	}
+	dst := http.Header{"Content-Type": {"text/plain"}}
+	CopyEndToEnd(dst, src)
+	want := http.Header{"Content-Type": {"text/plain", "application/json"}, "Sec-Websocket-Accept": {"abc"}}
+	if !reflect.DeepEqual(dst, want) {
+		t.Errorf("CopyEndToEnd: %v, want %v", dst, want)
+	}
+	if len(src) != 7 {
+		t.Error("CopyEndToEnd modified its source")
+	}
+	RemoveHopByHop(src)
+	if !reflect.DeepEqual(src, http.Header{"Content-Type": {"application/json"}, "Sec-Websocket-Accept": {"abc"}}) {
+		t.Errorf("RemoveHopByHop left %v", src)
+	}
+}
