@@ -46,6 +46,18 @@ type Endpoint struct {
 	Options tunnel.Options
 	// Logger receives connects, disconnects and refusals; never a token.
 	Logger *zap.Logger
+	// Observer, if set, is told about the same events, for metrics.
+	Observer Observer
+}
+
+// Observer is told about tunnels as they come and go.
+type Observer interface {
+	// AgentConnected and AgentDisconnected bracket the life of a tunnel.
+	AgentConnected(tunnel.AgentInfo)
+	AgentDisconnected(tunnel.AgentInfo)
+	// AgentRefused counts a refused handshake; reason is one of a few
+	// fixed strings (the "reason" of the log line).
+	AgentRefused(reason string)
 }
 
 // ServeHTTP accepts a tunnel and blocks until it ends: the connection is
@@ -58,6 +70,9 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	log = log.With(zap.String("remote_addr", r.RemoteAddr))
 	refuse := func(code int, reason, message string, fields ...zap.Field) {
 		log.Warn("agent refused", append(fields, zap.String("reason", reason), zap.Int("status", code))...)
+		if e.Observer != nil {
+			e.Observer.AgentRefused(reason)
+		}
 		http.Error(w, message, code)
 	}
 
@@ -87,6 +102,9 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	case err != nil:
 		log.Error("cannot authenticate agent now", zap.Error(err))
+		if e.Observer != nil {
+			e.Observer.AgentRefused("authentication unavailable")
+		}
 		http.Error(w, "cannot authenticate the agent now; retry later", http.StatusServiceUnavailable)
 		return
 	}
@@ -109,6 +127,10 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	unregister := e.Registry.Register(conn)
+	if e.Observer != nil {
+		e.Observer.AgentConnected(info)
+		defer e.Observer.AgentDisconnected(info)
+	}
 	log = log.With(zap.Int64("connection_id", meta.ConnectionID), zap.Int64("pod_id", meta.PodID))
 	log.Info("agent connected",
 		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -218,5 +219,34 @@ func TestKasDev(t *testing.T) {
 	}
 	if !x509.NewCertPool().AppendCertsFromPEM(pem) {
 		t.Errorf("%s holds no certificate", rootCA)
+	}
+}
+
+// TestMetricsOnCaddyAdmin: the agent server's metrics appear on Caddy's
+// admin /metrics next to Caddy's own.
+func TestMetricsOnCaddyAdmin(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
+	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, newToken("an unknown user token"))}})
+	requireStatus(t, resp, body, http.StatusUnauthorized)
+	kas.kubectl(t, "plain", 1).mustRun(t, "get", "namespaces")
+
+	metricsResp, err := http.Get(fmt.Sprintf("http://localhost:%d/metrics", kas.adminPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer metricsResp.Body.Close()
+	text, _ := io.ReadAll(metricsResp.Body)
+	for _, want := range []string{
+		"caddy_kas_agent_tunnels 1",
+		"caddy_kas_agent_connects_total 1",
+		`caddy_kas_k8s_proxy_refusals_total{code="401"} 1`,
+		`caddy_kas_k8s_proxy_routing_duration_seconds_count{result="found"}`,
+	} {
+		if !strings.Contains(string(text), want) {
+			t.Errorf("admin /metrics lacks %q", want)
+		}
 	}
 }

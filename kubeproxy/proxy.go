@@ -41,6 +41,17 @@ type Proxy struct {
 	WaitForAgent time.Duration
 	// Logger receives refusals and failures; it is never given a secret.
 	Logger *zap.Logger
+	// Observer, if set, is told how requests fared, for metrics.
+	Observer Observer
+}
+
+// Observer is told how requests fared.
+type Observer interface {
+	// Routed reports how long finding a tunnel of the request's agent
+	// took, and whether one was found.
+	Routed(wait time.Duration, found bool)
+	// Refused counts a request refused with an HTTP status code.
+	Refused(code int)
 }
 
 // copyBufferSize is the size of the buffers that move response bodies: big
@@ -154,8 +165,12 @@ func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, er
 	}
 	for attempt := 0; ; attempt++ {
 		findCtx, cancel := context.WithTimeout(out.Context(), wait)
+		start := time.Now()
 		conn, err := p.Registry.Find(findCtx, access.AgentID)
 		cancel()
+		if p.Observer != nil {
+			p.Observer.Routed(time.Since(start), err == nil)
+		}
 		if err != nil {
 			if out.Context().Err() != nil {
 				return nil, err
@@ -230,6 +245,9 @@ func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 		fields = append(fields, zap.Int64("agent_id", e.AgentID))
 	}
 	p.log().Info("k8s proxy request refused", fields...)
+	if p.Observer != nil {
+		p.Observer.Refused(e.Code)
+	}
 	if e.Code == http.StatusUnauthorized {
 		// Tells a KAS refusal from a 401 of the cluster (kas-spec §1.2).
 		w.Header().Set("Gitlab-Unauthorized", "true")

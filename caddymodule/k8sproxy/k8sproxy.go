@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
@@ -114,7 +115,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	return h.setup(app.Registry(), ctx.Logger())
+	if err := h.setup(app.Registry(), ctx.Logger()); err != nil {
+		return err
+	}
+	h.proxy.Observer = metrics.Proxy{}
+	return metrics.Register(ctx)
 }
 
 // setup is Provision once the app is found.

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/agentserver"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/tunnel"
@@ -89,7 +90,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	app.DeclareAgents(h.agents)
-	return nil
+	h.endpoint.Observer = metrics.Agents{}
+	return metrics.Register(ctx)
 }
 
 // setup is Provision once the app is found.
