@@ -23,6 +23,7 @@ type kubectl struct {
 	kubeconfig string
 	context    string // empty: the kubeconfig's current context
 	home       string // HOME of kubectl, so its discovery cache stays out of the developer's ~/.kube
+	extraEnv   []string // more NAME=value for kubectl (KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false, say)
 }
 
 // kubectlResult is what one kubectl command did.
@@ -43,7 +44,7 @@ func (k kubectl) fullArgs(args []string) []string {
 }
 
 func (k kubectl) env() []string {
-	return append(environWithout("KUBECONFIG", "HOME"), "HOME="+k.home)
+	return append(append(environWithout("KUBECONFIG", "HOME"), "HOME="+k.home), k.extraEnv...)
 }
 
 // run runs kubectl with args and waits for it, for kubectlTimeout at most.

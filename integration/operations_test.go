@@ -250,3 +250,34 @@ func TestMetricsOnCaddyAdmin(t *testing.T) {
 		}
 	}
 }
+
+// TestRefusedUpgradeReachesKubectl: an upgrade the cluster refuses comes
+// back unchanged. The real apiserver refuses exec into a pod that no node
+// runs; kubectl must show the apiserver's own message through the agent
+// server, in its default WebSocket mode (where it may first fall back to
+// SPDY) and with SPDY only.
+func TestRefusedUpgradeReachesKubectl(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
+	ops := kas.kubectl(t, "ops", 1)
+	ns := uniqueName("kas-exec")
+	ops.mustRun(t, "create", "namespace", ns)
+	ops.mustRun(t, "create", "serviceaccount", "default", "-n", ns)
+	ops.mustRun(t, "run", "nowhere", "-n", ns, "--image=busybox", "--restart=Never")
+
+	for _, mode := range []struct {
+		name string
+		env  []string
+	}{
+		{"websocket", nil},
+		{"spdy", []string{"KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false"}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			k := ops
+			k.extraEnv = mode.env
+			k.mustFail(t, "does not have a host assigned", "exec", "nowhere", "-n", ns, "--", "true")
+		})
+	}
+}
