@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"cmp"
 	"fmt"
 	"net/http"
 	"testing"
@@ -16,6 +17,7 @@ type agentkOptions struct {
 	token       string // empty: the agent's token from the Caddy config
 	tokenViaEnv bool   // pass the token in AGENTK_TOKEN instead of --token-file
 	kubeContext string // context of the cluster's kubeconfig; empty: adminUser
+	kubeconfig  string // the cluster's kubeconfig; empty: the test kube-apiserver's
 }
 
 // agentk is one running agentk connected (or trying to connect) to a Caddy.
@@ -41,7 +43,7 @@ func (c *caddyServer) startAgentk(t testing.TB, options agentkOptions) *agentk {
 	args := []string{
 		"--kas-address", c.agentURL(),
 		"--kas-ca-cert-file", c.rootCAFile(),
-		"--kubeconfig", c.suite.cluster.kubeconfig,
+		"--kubeconfig", cmp.Or(options.kubeconfig, c.suite.cluster.kubeconfig),
 		"--context", options.kubeContext,
 		"--observability-listen-address", observabilityAddress,
 	}

@@ -43,9 +43,10 @@ const (
 // kubeCluster is one etcd and one kube-apiserver on loopback, shared by all
 // tests of the package.
 type kubeCluster struct {
-	url        string // https://127.0.0.1:<port>
-	caFile     string // the apiserver's self-signed CA; its certificate is valid for 127.0.0.1, not localhost
-	kubeconfig string // contexts adminUser, aliceUser and agentTwoUser
+	url        string            // https://127.0.0.1:<port>
+	caFile     string            // the apiserver's self-signed CA; its certificate is valid for 127.0.0.1, not localhost
+	kubeconfig string            // contexts adminUser, aliceUser and agentTwoUser
+	tokens     map[string]string // the apiserver's bearer token of each user
 	etcd       *process
 	apiserver  *process
 }
@@ -169,6 +170,7 @@ func startKubeCluster(dir, testbin, kubectlBin string) (_ *kubeCluster, err erro
 			return nil, fmt.Errorf("grant group %s read access: %w", viewersGroup, r.err)
 		}
 	}
+	c.tokens = tokens
 	return c, nil
 }
 

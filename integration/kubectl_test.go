@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,8 +22,8 @@ const kubectlTimeout = 2 * time.Minute
 type kubectl struct {
 	bin        string
 	kubeconfig string
-	context    string // empty: the kubeconfig's current context
-	home       string // HOME of kubectl, so its discovery cache stays out of the developer's ~/.kube
+	context    string   // empty: the kubeconfig's current context
+	home       string   // HOME of kubectl, so its discovery cache stays out of the developer's ~/.kube
 	extraEnv   []string // more NAME=value for kubectl (KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false, say)
 }
 
@@ -48,12 +49,16 @@ func (k kubectl) env() []string {
 }
 
 // run runs kubectl with args and waits for it, for kubectlTimeout at most.
-func (k kubectl) run(args ...string) kubectlResult {
+func (k kubectl) run(args ...string) kubectlResult { return k.runInput(nil, args...) }
+
+// runInput is run with stdin as kubectl's standard input.
+func (k kubectl) runInput(stdin io.Reader, args ...string) kubectlResult {
 	ctx, cancel := context.WithTimeout(context.Background(), kubectlTimeout)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, k.bin, k.fullArgs(args)...)
 	cmd.Env = k.env()
+	cmd.Stdin = stdin
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
 	cmd.WaitDelay = 5 * time.Second

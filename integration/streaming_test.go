@@ -1,0 +1,357 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
+)
+
+// These tests run kubectl exec, attach, cp, port-forward and logs -f
+// through Caddy and agentk. No kubelet runs here, so agentk's cluster is
+// package fakecluster: the real kube-apiserver for everything but pod
+// subresources, which it serves itself with Kubernetes' own streaming code
+// (SPDY, and the WebSocket translators of the apiserver).
+
+// streamWait bounds waits for streams to start or end; it only catches
+// hangs.
+const streamWait = time.Minute
+
+// streamingSetup is Caddy and agent 1's agentk in front of a fake cluster
+// with a running pod "pod".
+type streamingSetup struct {
+	kas       *caddyServer
+	fake      *fakecluster.Cluster
+	ops       kubectl // user ops: the agent's own identity
+	dev       kubectl // user dev: impersonated as alice, who may not exec
+	namespace string
+	dir       string
+}
+
+func newStreamingSetup(t *testing.T, opts fakecluster.Options) *streamingSetup {
+	s := requireSuite(t)
+	opts.APIServerURL, opts.APIServerCAFile = s.cluster.url, s.cluster.caFile
+	fake := fakecluster.Start(t, opts)
+	dir := testDir(t, s)
+	agentKubeconfig := filepath.Join(dir, "fakecluster-kubeconfig")
+	adminToken := s.cluster.tokens[adminUser]
+	if err := fake.WriteKubeconfig(agentKubeconfig, fakecluster.KubeconfigUser{Name: adminUser, Token: adminToken}); err != nil {
+		t.Fatal(err)
+	}
+	kas := startCaddy(t, s, standardConfig())
+	kas.startAgentk(t, agentkOptions{agentID: 1, kubeconfig: agentKubeconfig}).waitReady(t)
+	st := &streamingSetup{kas: kas, fake: fake, ops: kas.kubectl(t, "ops", 1), dev: kas.kubectl(t, "dev", 1),
+		namespace: uniqueName("kas-stream"), dir: dir}
+	st.ops.mustRun(t, "create", "namespace", st.namespace)
+	st.ops.mustRun(t, "create", "serviceaccount", "default", "-n", st.namespace)
+	fake.CreateRunningPod(t, adminToken, st.namespace, "pod")
+	return st
+}
+
+// modes are kubectl's two ways of switching protocols: WebSocket (its
+// default since 1.30/1.31) and SPDY.
+type streamMode struct {
+	name    string
+	env     []string
+	upgrade string // the Upgrade header kubectl sends in this mode
+}
+
+var remoteCommandModes = []streamMode{
+	{"websocket", nil, "websocket"},
+	{"spdy", []string{"KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false"}, "SPDY/3.1"},
+}
+
+var portForwardModes = []streamMode{
+	{"websocket", []string{"KUBECTL_PORT_FORWARD_WEBSOCKETS=true"}, "websocket"},
+	{"spdy", []string{"KUBECTL_PORT_FORWARD_WEBSOCKETS=false"}, "SPDY/3.1"},
+}
+
+// lastRequest is the last request for a pod subresource the cluster got.
+func lastRequest(c *fakecluster.Cluster, kind fakecluster.Subresource) fakecluster.Request {
+	var last fakecluster.Request
+	for _, r := range c.Requests() {
+		if r.Subresource == kind {
+			last = r
+		}
+	}
+	return last
+}
+
+func (k kubectl) withEnv(env ...string) kubectl {
+	k.extraEnv = append(slices.Clone(k.extraEnv), env...)
+	return k
+}
+
+func TestExecThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{})
+	for _, m := range remoteCommandModes {
+		t.Run(m.name, func(t *testing.T) {
+			k := st.ops.withEnv(m.env...)
+			exec := []string{"exec", "-n", st.namespace, "pod", "--"}
+			if out := k.mustRun(t, append(exec, "echo", "hello", "tunnel")...); out != "hello tunnel\n" {
+				t.Errorf("echo printed %q", out)
+			}
+			if last := lastRequest(st.fake, fakecluster.Exec); !last.Upgraded || !strings.EqualFold(last.Upgrade, m.upgrade) {
+				t.Errorf("the cluster saw exec with Upgrade %q (switched: %v), want %q", last.Upgrade, last.Upgraded, m.upgrade)
+			}
+			input := "first line\nsecond line\n"
+			if r := k.runInput(strings.NewReader(input), "exec", "-i", "-n", st.namespace, "pod", "--", "cat"); r.err != nil || r.stdout != input {
+				t.Errorf("cat: %q, %v; want %q", r.stdout, r.err, input)
+			}
+			if r := k.run(append(exec, "stderr", "to", "stderr")...); r.err != nil || r.stdout != "" || !strings.Contains(r.stderr, "to stderr") {
+				t.Errorf("stderr: err %v, stdout %q, stderr %q", r.err, r.stdout, r.stderr)
+			}
+			for _, tc := range []struct {
+				command []string
+				want    int
+			}{{[]string{"sh", "-c", "exit 3"}, 3}, {[]string{"exit", "42"}, 42}} {
+				if r := k.run(append(exec, tc.command...)...); r.exitCode != tc.want {
+					t.Errorf("%q: kubectl exited with %d (%v), want %d", tc.command, r.exitCode, r.err, tc.want)
+				}
+			}
+			// The identity rules apply to upgrades as to any request: dev
+			// is alice, whom the cluster does not allow to exec.
+			st.dev.withEnv(m.env...).mustFail(t, "forbidden", append(exec, "echo", "no")...)
+			// and a client's impersonation is refused before it goes anywhere
+			st.dev.withEnv(m.env...).mustFail(t, "nested impersonation", append([]string{"--as", "bob"}, append(exec, "echo", "no")...)...)
+		})
+	}
+}
+
+func TestExecLargeStdinThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{})
+	input := filepath.Join(st.dir, "input")
+	data := make([]byte, 50<<20)
+	rand.Read(data)
+	if err := os.WriteFile(input, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	want := sha256.Sum256(data)
+	for _, m := range remoteCommandModes {
+		t.Run(m.name, func(t *testing.T) {
+			in, err := os.Open(input)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Close()
+			r := st.ops.withEnv(m.env...).runInput(in, "exec", "-i", "-n", st.namespace, "pod", "--", "cat")
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			if got := sha256.Sum256([]byte(r.stdout)); got != want {
+				t.Errorf("50 MiB through cat came back different: %d bytes, sha256 %x", len(r.stdout), got)
+			}
+		})
+	}
+}
+
+func TestAttachAndCopyThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{})
+	for _, m := range remoteCommandModes {
+		t.Run(m.name, func(t *testing.T) {
+			k := st.ops.withEnv(m.env...)
+			r := k.runInput(strings.NewReader("first\nsecond\n"), "attach", "-i", "-n", st.namespace, "pod", "-c", fakecluster.DefaultContainer)
+			want := fmt.Sprintf("attached to %s/pod/%s\n%[2]s: first\n%[2]s: second\n", st.namespace, fakecluster.DefaultContainer)
+			if r.err != nil || r.stdout != want {
+				t.Errorf("attach printed %q (%v), want %q", r.stdout, r.err, want)
+			}
+
+			// kubectl cp is exec with tar, both ways.
+			src := filepath.Join(st.dir, "cp-"+m.name)
+			files := map[string][]byte{"a.txt": []byte("alpha\n"), "sub/b.bin": make([]byte, 256<<10)}
+			rand.Read(files["sub/b.bin"])
+			for name, content := range files {
+				path := filepath.Join(src, filepath.FromSlash(name))
+				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(path, content, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			remote := fmt.Sprintf("%s/pod:/tmp/copied-%s", st.namespace, m.name)
+			k.mustRun(t, "cp", src, remote)
+			back := filepath.Join(st.dir, "back-"+m.name)
+			k.mustRun(t, "cp", remote, back)
+			for name, content := range files {
+				got, err := os.ReadFile(filepath.Join(back, filepath.FromSlash(name)))
+				if err != nil || !bytes.Equal(got, content) {
+					t.Errorf("%s after a round trip through kubectl cp: %d bytes (%v), want %d", name, len(got), err, len(content))
+				}
+			}
+		})
+	}
+}
+
+var forwardingLine = regexp.MustCompile(`Forwarding from 127\.0\.0\.1:(\d+) -> 8080`)
+
+// TestPortForwardThroughTunnel runs 100 connections at once through
+// kubectl port-forward to an echo server and checks every byte.
+func TestPortForwardThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{})
+	for _, m := range portForwardModes {
+		t.Run(m.name, func(t *testing.T) {
+			pf := st.ops.withEnv(m.env...).start(t, "kubectl-port-forward-"+m.name, st.dir,
+				"port-forward", "--address", "127.0.0.1", "-n", st.namespace, "pod/pod", ":8080")
+			var local string
+			if err := eventually(streamWait, func() error {
+				if !pf.running() {
+					return permanent(fmt.Errorf("kubectl port-forward exited: %w\n%s", pf.exitError(), pf.stderr()))
+				}
+				match := forwardingLine.FindStringSubmatch(pf.stdout())
+				if match == nil {
+					return fmt.Errorf("no forwarding line yet")
+				}
+				local = "127.0.0.1:" + match[1]
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			const connections, size = 100, 64 << 10
+			var wg sync.WaitGroup
+			errs := make(chan error, connections)
+			for range connections {
+				wg.Go(func() { errs <- echoThrough(local, size) })
+			}
+			wg.Wait()
+			close(errs)
+			failed := 0
+			for err := range errs {
+				if err != nil {
+					if failed++; failed <= 3 {
+						t.Error(err)
+					}
+				}
+			}
+			if failed > 0 {
+				t.Errorf("%d of %d forwarded connections failed", failed, connections)
+			}
+			// (the 100 echoes above prove the switch; the cluster records
+			// the protocol kubectl asked for)
+			if last := lastRequest(st.fake, fakecluster.PortForward); !strings.EqualFold(last.Upgrade, m.upgrade) {
+				t.Errorf("the cluster saw port-forward with Upgrade %q, want %q", last.Upgrade, m.upgrade)
+			}
+		})
+	}
+}
+
+// echoThrough sends size random bytes to an echo server at addr,
+// half-closes, and checks the same bytes come back.
+func echoThrough(addr string, size int) error {
+	data := make([]byte, size)
+	rand.Read(data)
+	conn, err := net.DialTimeout("tcp", addr, 30*time.Second)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(2 * time.Minute))
+	written := make(chan error, 1)
+	go func() {
+		_, err := conn.Write(data)
+		if err == nil {
+			err = conn.(*net.TCPConn).CloseWrite()
+		}
+		written <- err
+	}()
+	got, err := io.ReadAll(conn)
+	if werr := <-written; werr != nil {
+		return fmt.Errorf("write: %w", werr)
+	}
+	if err != nil {
+		return fmt.Errorf("read after %d bytes: %w", len(got), err)
+	}
+	if !bytes.Equal(got, data) {
+		return fmt.Errorf("echo differs: %d bytes back, %d sent", len(got), len(data))
+	}
+	return nil
+}
+
+var logLine = regexp.MustCompile(`^line (\d+) (\S+)$`)
+
+// TestLogsFollowThroughTunnel: lines written every 10 ms arrive as they are
+// written, none lost, and interrupting kubectl ends the stream at the
+// source.
+func TestLogsFollowThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{})
+	before := st.fake.Streams(fakecluster.Log)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*streamWait)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, st.ops.bin, st.ops.fullArgs([]string{"logs", "-f", "-n", st.namespace, "pod"})...)
+	cmd.Env = st.ops.env()
+	cmd.WaitDelay = 5 * time.Second
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+
+	// Each line carries the time it was written; the delay to kubectl's
+	// output is reported, not asserted (timing on a shared machine is no
+	// test).
+	lines := bufio.NewScanner(stdout)
+	var delays []time.Duration
+	for n := 1; n <= 200; n++ {
+		if !lines.Scan() {
+			t.Fatalf("kubectl logs -f ended after %d lines: %v", n-1, lines.Err())
+		}
+		arrived := time.Now()
+		m := logLine.FindStringSubmatch(lines.Text())
+		if m == nil || m[1] != fmt.Sprint(n) {
+			t.Fatalf("line %d is %q: lines lost or reordered", n, lines.Text())
+		}
+		if written, err := time.Parse(time.RFC3339Nano, m[2]); err == nil {
+			delays = append(delays, arrived.Sub(written))
+		}
+	}
+	slices.Sort(delays)
+	t.Logf("log line delivery (written at the source to read from kubectl's stdout) over %d lines: p50 %v, p99 %v, max %v",
+		len(delays), delays[len(delays)/2], delays[len(delays)*99/100], delays[len(delays)-1])
+
+	cmd.Process.Signal(syscall.SIGINT)
+	if counts, err := st.fake.WaitStreams(ctx, fakecluster.Log, func(c fakecluster.StreamCounts) bool {
+		return c.Ended > before.Ended && c.Active() == 0
+	}); err != nil {
+		t.Errorf("the log stream at the source did not end after kubectl was interrupted: %+v (before %+v)", counts, before)
+	}
+}
+
+// TestRefusedWebSocketFallsBackThroughTunnel: a cluster that refuses
+// WebSocket exec (400) makes kubectl fall back to SPDY, through the tunnel
+// as against the cluster itself.
+func TestRefusedWebSocketFallsBackThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{RefuseWebSocketExec: true})
+	if out := st.ops.mustRun(t, "exec", "-n", st.namespace, "pod", "--", "echo", "fell", "back"); out != "fell back\n" {
+		t.Errorf("exec printed %q", out)
+	}
+	var execs []fakecluster.Request
+	for _, r := range st.fake.Requests() {
+		if r.Subresource == fakecluster.Exec {
+			execs = append(execs, r)
+		}
+	}
+	if len(execs) != 2 ||
+		!strings.EqualFold(execs[0].Upgrade, "websocket") || execs[0].Status != 400 ||
+		!strings.EqualFold(execs[1].Upgrade, "SPDY/3.1") || !execs[1].Upgraded {
+		t.Errorf("exec requests at the cluster: %+v, want a WebSocket refused with 400, then SPDY switched", execs)
+	}
+}
