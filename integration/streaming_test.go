@@ -355,3 +355,45 @@ func TestRefusedWebSocketFallsBackThroughTunnel(t *testing.T) {
 		t.Errorf("exec requests at the cluster: %+v, want a WebSocket refused with 400, then SPDY switched", execs)
 	}
 }
+
+// TestExecInterruptedThroughTunnel: killing kubectl in the middle of an
+// exec ends the session at the source (cat there only ends with its
+// stdin), so nothing is left running behind a client that went away.
+func TestExecInterruptedThroughTunnel(t *testing.T) {
+	st := newStreamingSetup(t, fakecluster.Options{})
+	for _, m := range remoteCommandModes {
+		t.Run(m.name, func(t *testing.T) {
+			before := st.fake.Streams(fakecluster.Exec)
+			k := st.ops.withEnv(m.env...)
+			stdin, stdinWriter, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stdinWriter.Close()
+			cmd := exec.Command(k.bin, k.fullArgs([]string{"exec", "-i", "-n", st.namespace, "pod", "--", "cat"})...)
+			cmd.Env = k.env()
+			cmd.Stdin = stdin
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			stdin.Close() // kubectl has its copy
+			defer func() { cmd.Process.Kill(); cmd.Wait() }()
+			io.WriteString(stdinWriter, "ping\n")
+			if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ping\n" {
+				t.Fatalf("echo of ping: %q, %v", line, err)
+			}
+			cmd.Process.Kill()
+			ctx, cancel := context.WithTimeout(context.Background(), streamWait)
+			defer cancel()
+			if counts, err := st.fake.WaitStreams(ctx, fakecluster.Exec, func(c fakecluster.StreamCounts) bool {
+				return c.Ended > before.Ended && c.Active() == 0
+			}); err != nil {
+				t.Errorf("the exec session at the source did not end after kubectl was killed: %+v (before %+v)", counts, before)
+			}
+		})
+	}
+}
