@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // agentkReadyTimeout bounds the wait until agentk reports a tunnel.
@@ -24,7 +26,7 @@ type agentkOptions struct {
 type agentk struct {
 	caddy            *caddyServer
 	options          agentkOptions
-	proc             *process
+	proc             *kubetest.Process
 	observabilityURL string
 }
 
@@ -43,27 +45,27 @@ func (c *caddyServer) startAgentk(t testing.TB, options agentkOptions) *agentk {
 	args := []string{
 		"--kas-address", c.agentURL(),
 		"--kas-ca-cert-file", c.rootCAFile(),
-		"--kubeconfig", cmp.Or(options.kubeconfig, c.suite.cluster.kubeconfig),
+		"--kubeconfig", cmp.Or(options.kubeconfig, c.suite.cluster.Kubeconfig),
 		"--context", options.kubeContext,
 		"--observability-listen-address", observabilityAddress,
 	}
-	env := append(environWithout("KUBECONFIG", "AGENTK_TOKEN", "POD_NAMESPACE", "POD_NAME"),
+	env := append(kubetest.EnvironWithout("KUBECONFIG", "AGENTK_TOKEN", "POD_NAMESPACE", "POD_NAME"),
 		"POD_NAMESPACE=kas-it", "POD_NAME="+name)
 	if options.tokenViaEnv {
 		env = append(env, "AGENTK_TOKEN="+options.token)
 	} else {
-		tokenFile := writeSecretFile(t, c.dir, fmt.Sprintf("%s-%s.token", name, randomHex(4)), options.token)
+		tokenFile := writeSecretFile(t, c.dir, fmt.Sprintf("%s-%s.token", name, kubetest.RandomHex(4)), options.token)
 		args = append(args, "--token-file", tokenFile)
 	}
 	return &agentk{
 		caddy:   c,
 		options: options,
-		proc: startOwnedProcess(t, processSpec{
-			name:   name,
-			binary: c.suite.agentkBin,
-			args:   args,
-			env:    env,
-			logDir: c.dir,
+		proc: startOwnedProcess(t, kubetest.ProcessSpec{
+			Name:   name,
+			Binary: c.suite.agentkBin,
+			Args:   args,
+			Env:    env,
+			LogDir: c.dir,
 		}),
 		observabilityURL: "http://" + observabilityAddress,
 	}
@@ -92,9 +94,9 @@ func (a *agentk) readiness() (int, error) {
 // a tunnel to Caddy is up.
 func (a *agentk) waitReady(t testing.TB) {
 	t.Helper()
-	err := eventually(agentkReadyTimeout, func() error {
-		if !a.proc.running() {
-			return permanent(a.proc.exitError())
+	err := kubetest.Eventually(agentkReadyTimeout, func() error {
+		if !a.proc.Running() {
+			return kubetest.Permanent(a.proc.ExitError())
 		}
 		code, err := a.readiness()
 		if err != nil {
@@ -113,5 +115,5 @@ func (a *agentk) waitReady(t testing.TB) {
 // tunnelConnections lists agentk's established TCP connections to Caddy's
 // HTTPS port by their local address; a reconnect changes the list.
 func (a *agentk) tunnelConnections() ([]string, error) {
-	return establishedConnections(a.proc.pid(), a.caddy.httpsPort)
+	return establishedConnections(a.proc.Pid(), a.caddy.httpsPort)
 }

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"text/template"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 const (
@@ -89,13 +91,13 @@ func standardConfig() kasConfig {
 	return kasConfig{
 		waitForAgent: "2s",
 		agents: []kasAgent{
-			{id: 1, name: "agent-one", token: newToken("the token of agent 1")},
-			{id: 2, name: "agent-two", token: newToken("the token of agent 2"), tokenEnv: "AGENT2_TOKEN"},
+			{id: 1, name: "agent-one", token: kubetest.NewToken("the token of agent 1")},
+			{id: 2, name: "agent-two", token: kubetest.NewToken("the token of agent 2"), tokenEnv: "AGENT2_TOKEN"},
 		},
 		users: []kasUser{
-			{name: "dev", token: newToken("the token of user dev"), agents: []int{1}, impersonate: []string{aliceUser, "dev", viewersGroup}},
-			{name: "ops", token: newToken("the token of user ops"), agents: []int{1, 2}, allowImpersonation: true},
-			{name: "plain", token: newToken("the token of user plain"), agents: []int{1}},
+			{name: "dev", token: kubetest.NewToken("the token of user dev"), agents: []int{1}, impersonate: []string{aliceUser, "dev", viewersGroup}},
+			{name: "ops", token: kubetest.NewToken("the token of user ops"), agents: []int{1, 2}, allowImpersonation: true},
+			{name: "plain", token: kubetest.NewToken("the token of user plain"), agents: []int{1}},
 		},
 	}
 }
@@ -163,7 +165,7 @@ type caddyServer struct {
 	httpPort   int
 	httpsPort  int
 	config     kasConfig
-	proc       *process
+	proc       *kubetest.Process
 	env        []string // the environment of caddy run, and of caddy reload
 	caddyfiles int      // how many Caddyfiles were written, to name the next one
 }
@@ -184,7 +186,7 @@ func startCaddy(t *testing.T, s *suite, config kasConfig) *caddyServer {
 	home := filepath.Join(c.dir, "home")
 	// Caddy saves its config and looks for its data under these; keep both
 	// out of the developer's home.
-	c.env = append(environWithout("HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"),
+	c.env = append(kubetest.EnvironWithout("HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"),
 		"HOME="+home, "XDG_CONFIG_HOME="+filepath.Join(home, "config"), "XDG_DATA_HOME="+filepath.Join(home, "data"))
 	for _, a := range config.agents {
 		if a.tokenEnv != "" {
@@ -193,16 +195,16 @@ func startCaddy(t *testing.T, s *suite, config kasConfig) *caddyServer {
 	}
 
 	caddyfile := c.writeCaddyfile(t, config)
-	c.proc = startOwnedProcess(t, processSpec{
-		name:   "caddy",
-		binary: s.caddyBin,
-		args:   []string{"run", "--config", caddyfile, "--adapter", "caddyfile"},
-		env:    c.env,
-		logDir: c.dir,
+	c.proc = startOwnedProcess(t, kubetest.ProcessSpec{
+		Name:   "caddy",
+		Binary: s.caddyBin,
+		Args:   []string{"run", "--config", caddyfile, "--adapter", "caddyfile"},
+		Env:    c.env,
+		LogDir: c.dir,
 	})
-	err := eventually(caddyStartTimeout, func() error {
-		if !c.proc.running() {
-			return permanent(c.proc.exitError())
+	err := kubetest.Eventually(caddyStartTimeout, func() error {
+		if !c.proc.Running() {
+			return kubetest.Permanent(c.proc.ExitError())
 		}
 		if _, err := os.Stat(c.rootCAFile()); err != nil {
 			return fmt.Errorf("no internal root CA yet: %w", err)
@@ -230,7 +232,7 @@ func (c *caddyServer) checkServesHTTPS() error {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusNotFound || string(body) != "not kas" {
-		return permanent(fmt.Errorf("GET /not-kas answered %s %q, want 404 %q", resp.Status, body, "not kas"))
+		return kubetest.Permanent(fmt.Errorf("GET /not-kas answered %s %q, want 404 %q", resp.Status, body, "not kas"))
 	}
 	return nil
 }
@@ -253,7 +255,7 @@ func (c *caddyServer) reload(t *testing.T, config kasConfig, extraArgs ...string
 	cmd.Env = c.env
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		t.Fatalf("caddy reload: %v\n%s", err, redact(string(out)))
+		t.Fatalf("caddy reload: %v\n%s", err, kubetest.Redact(string(out)))
 	}
 	c.config = config
 }
@@ -327,7 +329,7 @@ func (c *caddyServer) rootCAFile() string {
 }
 
 func (c *caddyServer) newHTTPClient() (*http.Client, error) {
-	pool, err := certPoolFromFile(c.rootCAFile())
+	pool, err := kubetest.CertPoolFromFile(c.rootCAFile())
 	if err != nil {
 		return nil, err
 	}
@@ -361,7 +363,7 @@ func (c *caddyServer) kubectl(t testing.TB, user string, agentID int) kubectl {
 func (c *caddyServer) kubectlWithToken(t testing.TB, name, token string) kubectl {
 	t.Helper()
 	path := filepath.Join(c.dir, name+".kubeconfig")
-	if err := writeKubeconfig(path, c.proxyURL(), c.rootCAFile(), []kubeconfigUser{{name: name, token: token}}); err != nil {
+	if err := kubetest.WriteKubeconfig(path, c.proxyURL(), c.rootCAFile(), []kubetest.KubeconfigUser{{Name: name, Token: token}}); err != nil {
 		t.Fatal(err)
 	}
 	home := filepath.Join(c.dir, "kubectl-home")
@@ -413,7 +415,7 @@ type apiStatus struct {
 func requireStatus(t testing.TB, resp *http.Response, body []byte, wantCode int) apiStatus {
 	t.Helper()
 	if resp.StatusCode != wantCode {
-		t.Fatalf("got HTTP %s, want %d; body: %s", resp.Status, wantCode, redact(string(body)))
+		t.Fatalf("got HTTP %s, want %d; body: %s", resp.Status, wantCode, kubetest.Redact(string(body)))
 	}
 	// kubectl only decodes an error body that is declared to be JSON
 	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
@@ -421,7 +423,7 @@ func requireStatus(t testing.TB, resp *http.Response, body []byte, wantCode int)
 	}
 	var status apiStatus
 	if err := json.Unmarshal(body, &status); err != nil {
-		t.Fatalf("body is not a JSON Status: %v; body: %s", err, redact(string(body)))
+		t.Fatalf("body is not a JSON Status: %v; body: %s", err, kubetest.Redact(string(body)))
 	}
 	if status.Kind != "Status" || status.APIVersion != "v1" || status.Status != "Failure" || status.Code != wantCode {
 		t.Errorf("got Status kind=%q apiVersion=%q status=%q code=%d, want kind=Status apiVersion=v1 status=Failure code=%d",

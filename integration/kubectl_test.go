@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // kubectlTimeout bounds one kubectl command that is expected to end by itself.
@@ -45,7 +47,7 @@ func (k kubectl) fullArgs(args []string) []string {
 }
 
 func (k kubectl) env() []string {
-	return append(append(environWithout("KUBECONFIG", "HOME"), "HOME="+k.home), k.extraEnv...)
+	return append(append(kubetest.EnvironWithout("KUBECONFIG", "HOME"), "HOME="+k.home), k.extraEnv...)
 }
 
 // run runs kubectl with args and waits for it, for kubectlTimeout at most.
@@ -73,7 +75,7 @@ func (k kubectl) runInput(stdin io.Reader, args ...string) kubectlResult {
 		r.err = fmt.Errorf("kubectl %s did not end within %s", strings.Join(args, " "), kubectlTimeout)
 	case errors.As(runErr, &exitErr):
 		r.exitCode = exitErr.ExitCode()
-		r.err = fmt.Errorf("kubectl %s: exit status %d: %s", strings.Join(args, " "), r.exitCode, redact(strings.TrimSpace(r.stderr)))
+		r.err = fmt.Errorf("kubectl %s: exit status %d: %s", strings.Join(args, " "), r.exitCode, kubetest.Redact(strings.TrimSpace(r.stderr)))
 	default:
 		r.err = fmt.Errorf("kubectl %s: %w", strings.Join(args, " "), runErr)
 	}
@@ -98,25 +100,25 @@ func (k kubectl) mustFail(t testing.TB, wantInStderr string, args ...string) str
 	r := k.run(args...)
 	switch {
 	case r.exitCode == 0:
-		t.Fatalf("kubectl %s succeeded, want an error mentioning %q; stdout:\n%s", strings.Join(args, " "), wantInStderr, redact(r.stdout))
+		t.Fatalf("kubectl %s succeeded, want an error mentioning %q; stdout:\n%s", strings.Join(args, " "), wantInStderr, kubetest.Redact(r.stdout))
 	case r.exitCode < 0:
 		t.Fatal(r.err)
 	case !strings.Contains(strings.ToLower(r.stderr), strings.ToLower(wantInStderr)):
-		t.Fatalf("kubectl %s failed as expected, but its stderr does not mention %q:\n%s", strings.Join(args, " "), wantInStderr, redact(r.stderr))
+		t.Fatalf("kubectl %s failed as expected, but its stderr does not mention %q:\n%s", strings.Join(args, " "), wantInStderr, kubetest.Redact(r.stderr))
 	}
 	return r.stderr
 }
 
 // start starts a kubectl that runs until it ends by itself or t ends (a
 // watch, say); its output goes to files in logDir.
-func (k kubectl) start(t testing.TB, name, logDir string, args ...string) *process {
+func (k kubectl) start(t testing.TB, name, logDir string, args ...string) *kubetest.Process {
 	t.Helper()
-	return startOwnedProcess(t, processSpec{
-		name:   name,
-		binary: k.bin,
-		args:   k.fullArgs(args),
-		env:    k.env(),
-		logDir: logDir,
+	return startOwnedProcess(t, kubetest.ProcessSpec{
+		Name:   name,
+		Binary: k.bin,
+		Args:   k.fullArgs(args),
+		Env:    k.env(),
+		LogDir: logDir,
 	})
 }
 
@@ -147,51 +149,6 @@ func (k kubectl) whoami(t testing.TB, extraArgs ...string) userInfo {
 	return review.Status.UserInfo
 }
 
-// kubeconfigUser is one user (and the context of the same name) of a kubeconfig.
-type kubeconfigUser struct {
-	name  string
-	token string
-}
-
-// writeKubeconfig writes a kubeconfig with one cluster and a context per
-// user; the first user's context is the current one. It is JSON, which
-// every kubeconfig reader accepts, so no YAML quoting can go wrong.
-func writeKubeconfig(path, server, caFile string, users []kubeconfigUser) error {
-	type named struct {
-		Name    string         `json:"name"`
-		Cluster map[string]any `json:"cluster,omitempty"`
-		User    map[string]any `json:"user,omitempty"`
-		Context map[string]any `json:"context,omitempty"`
-	}
-	config := struct {
-		APIVersion     string  `json:"apiVersion"`
-		Kind           string  `json:"kind"`
-		Clusters       []named `json:"clusters"`
-		Users          []named `json:"users"`
-		Contexts       []named `json:"contexts"`
-		CurrentContext string  `json:"current-context"`
-	}{
-		APIVersion: "v1",
-		Kind:       "Config",
-		Clusters:   []named{{Name: "cluster", Cluster: map[string]any{"server": server, "certificate-authority": caFile}}},
-	}
-	for _, u := range users {
-		config.Users = append(config.Users, named{Name: u.name, User: map[string]any{"token": u.token}})
-		config.Contexts = append(config.Contexts, named{Name: u.name, Context: map[string]any{"cluster": "cluster", "user": u.name}})
-	}
-	if len(users) > 0 {
-		config.CurrentContext = users[0].name
-	}
-	b, err := json.MarshalIndent(config, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encode kubeconfig: %w", err)
-	}
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		return fmt.Errorf("write kubeconfig: %w", err)
-	}
-	return nil
-}
-
 // writeManifest writes a manifest for kubectl apply -f into dir.
 func writeManifest(t testing.TB, dir, name, manifest string) string {
 	t.Helper()
@@ -205,7 +162,7 @@ func writeManifest(t testing.TB, dir, name, manifest string) string {
 // uniqueName returns prefix with a random suffix. Namespaces in particular
 // need one: without a controller-manager their deletion never finishes.
 func uniqueName(prefix string) string {
-	return prefix + "-" + randomHex(4)
+	return prefix + "-" + kubetest.RandomHex(4)
 }
 
 // watchEventTimeout bounds the wait for one line from a running kubectl watch.
@@ -223,26 +180,26 @@ func hasLine(text, want string) bool {
 
 // waitForLine waits until the stdout of p, a running kubectl, has the line
 // want, and fails t if p ends first.
-func waitForLine(t testing.TB, p *process, want string) {
+func waitForLine(t testing.TB, p *kubetest.Process, want string) {
 	t.Helper()
-	err := eventually(watchEventTimeout, func() error {
-		if hasLine(p.stdout(), want) {
+	err := kubetest.Eventually(watchEventTimeout, func() error {
+		if hasLine(p.Stdout(), want) {
 			return nil
 		}
-		if !p.running() {
-			return permanent(fmt.Errorf("%w; stderr: %s", p.exitError(), redact(strings.TrimSpace(p.stderr()))))
+		if !p.Running() {
+			return kubetest.Permanent(fmt.Errorf("%w; stderr: %s", p.ExitError(), kubetest.Redact(strings.TrimSpace(p.Stderr()))))
 		}
 		return fmt.Errorf("no line %q yet", want)
 	})
 	if err != nil {
-		t.Fatalf("%s did not print %q: %v\nits stdout:\n%s", p.name, want, err, redact(p.stdout()))
+		t.Fatalf("%s did not print %q: %v\nits stdout:\n%s", p.Name, want, err, kubetest.Redact(p.Stdout()))
 	}
 }
 
 // startWatch starts `kubectl get configmaps --watch` in namespace and waits
 // until it printed the existing ConfigMap marker. From then on the list is
 // done, and any later change arrives as a watch event.
-func (k kubectl) startWatch(t testing.TB, logDir, namespace, marker string) *process {
+func (k kubectl) startWatch(t testing.TB, logDir, namespace, marker string) *kubetest.Process {
 	t.Helper()
 	k.mustRun(t, "create", "configmap", marker, "-n", namespace)
 	watch := k.start(t, "kubectl-watch", logDir, "get", "configmaps", "-n", namespace, "--watch", "-o", "name")

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // suite is what TestMain sets up once for every test of the package.
@@ -21,7 +23,7 @@ type suite struct {
 	caddyBin   string
 	agentkBin  string
 	kubectlBin string
-	cluster    *kubeCluster
+	cluster    *kubetest.Cluster
 }
 
 var (
@@ -35,11 +37,7 @@ var (
 // cannot run these tests.
 func requireSuite(t *testing.T) *suite {
 	t.Helper()
-	// go test caches a package's result keyed on the environment variables
-	// and files its tests consult, but only from inside tests, not from
-	// TestMain. Consulting them here keeps a skipped run's cached result
-	// from standing in for a real run.
-	_, _ = os.Getenv("KUBE_TESTBIN"), os.Getenv("CI")
+	kubetest.ConsultEnv()
 	if skipReason != "" {
 		t.Skip(skipReason)
 	}
@@ -74,17 +72,13 @@ func TestMain(m *testing.M) {
 
 func runTests(m *testing.M) int {
 	flag.Parse()
-	testbin := os.Getenv("KUBE_TESTBIN")
-	switch {
-	case testbin == "" && os.Getenv("CI") == "true":
-		fmt.Fprintln(os.Stderr, "integration: KUBE_TESTBIN is not set, but CI=true requires the integration tests to run; "+
-			"hack/test.sh builds kube-apiserver and etcd and sets it")
+	testbin, skip, err := kubetest.TestbinFromEnv("integration tests start real processes; skipped in -short mode")
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "integration: %v\n", err)
 		return 1
-	case testbin == "":
-		skipReason = "KUBE_TESTBIN is not set; hack/test.sh builds kube-apiserver and etcd and runs these tests"
-		return m.Run()
-	case testing.Short():
-		skipReason = "integration tests start real processes; skipped in -short mode"
+	}
+	if skip != "" {
+		skipReason = skip
 		return m.Run()
 	}
 
@@ -97,7 +91,7 @@ func runTests(m *testing.M) int {
 
 	s, err := setUpSuite(workDir, testbin)
 	if s != nil && s.cluster != nil {
-		defer s.cluster.stop()
+		defer s.cluster.Stop()
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "integration: %v\n", err)

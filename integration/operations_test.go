@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // TestCaddyIdleTimeoutsDoNotCutStreams runs with Caddy's body and write
@@ -124,12 +126,12 @@ func TestReloadRevokingAgentTokenDisconnectsIt(t *testing.T) {
 
 	rotated := config
 	rotated.agents = append([]kasAgent(nil), config.agents...)
-	rotated.agents[0].token = newToken("the rotated token of agent 1")
+	rotated.agents[0].token = kubetest.NewToken("the rotated token of agent 1")
 	kas.reload(t, rotated, "--force")
 
 	closing := map[string]string{"msg": "closing tunnel: its agent token is no longer configured"}
-	err := eventually(agentLossTimeout, func() error {
-		if n := countLogEntries(kas.proc.stderr(), closing); n == 0 {
+	err := kubetest.Eventually(agentLossTimeout, func() error {
+		if n := countLogEntries(kas.proc.Stderr(), closing); n == 0 {
 			return fmt.Errorf("caddy logged no %v", closing)
 		}
 		if code, err := agent.readiness(); err == nil && code == http.StatusOK {
@@ -142,8 +144,8 @@ func TestReloadRevokingAgentTokenDisconnectsIt(t *testing.T) {
 	}
 	// agentk keeps retrying with the old token and keeps being refused.
 	refusal := map[string]string{"msg": "agent refused", "reason": "unknown agent token"}
-	if err := eventually(agentRefusalTimeout, func() error {
-		if countLogEntries(kas.proc.stderr(), refusal) == 0 {
+	if err := kubetest.Eventually(agentRefusalTimeout, func() error {
+		if countLogEntries(kas.proc.Stderr(), refusal) == 0 {
 			return fmt.Errorf("caddy logged no %v", refusal)
 		}
 		return nil
@@ -163,21 +165,21 @@ func TestKasDev(t *testing.T) {
 	state := filepath.Join(dir, "state")
 	dataHome := filepath.Join(dir, "data")
 	port := mustFreeLoopbackPorts(t, 1)[0]
-	env := append(environWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"),
+	env := append(kubetest.EnvironWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"),
 		"HOME="+filepath.Join(dir, "home"), "XDG_DATA_HOME="+dataHome, "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
-	dev := startOwnedProcess(t, processSpec{
-		name:   "caddy-kas-dev",
-		binary: s.caddyBin,
-		args:   []string{"kas-dev", "--listen", fmt.Sprintf("localhost:%d", port), "--state", state},
-		env:    env,
-		logDir: dir,
+	dev := startOwnedProcess(t, kubetest.ProcessSpec{
+		Name:   "caddy-kas-dev",
+		Binary: s.caddyBin,
+		Args:   []string{"kas-dev", "--listen", fmt.Sprintf("localhost:%d", port), "--state", state},
+		Env:    env,
+		LogDir: dir,
 	})
 	kubeconfig := filepath.Join(state, "kubeconfig")
-	if err := eventually(caddyStartTimeout, func() error {
-		if !dev.running() {
-			return permanent(fmt.Errorf("kas-dev exited: %w", dev.exitError()))
+	if err := kubetest.Eventually(caddyStartTimeout, func() error {
+		if !dev.Running() {
+			return kubetest.Permanent(fmt.Errorf("kas-dev exited: %w", dev.ExitError()))
 		}
-		if !strings.Contains(dev.stdout(), "caddy-kas is running") {
+		if !strings.Contains(dev.Stdout(), "caddy-kas is running") {
 			return fmt.Errorf("kas-dev has not printed its instructions yet")
 		}
 		return nil
@@ -185,25 +187,25 @@ func TestKasDev(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"--token-file " + filepath.Join(state, "agent.token"), "kubectl --kubeconfig " + kubeconfig} {
-		if !strings.Contains(dev.stdout(), want) {
-			t.Errorf("kas-dev's instructions lack %q:\n%s", want, dev.stdout())
+		if !strings.Contains(dev.Stdout(), want) {
+			t.Errorf("kas-dev's instructions lack %q:\n%s", want, dev.Stdout())
 		}
 	}
 	rootCA := filepath.Join(dataHome, "caddy", "pki", "authorities", "local", "root.crt")
 	observability := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
 	agent := &agentk{
-		proc: startOwnedProcess(t, processSpec{
-			name:   "agentk-kas-dev",
-			binary: s.agentkBin,
-			args: []string{
+		proc: startOwnedProcess(t, kubetest.ProcessSpec{
+			Name:   "agentk-kas-dev",
+			Binary: s.agentkBin,
+			Args: []string{
 				"--kas-address", fmt.Sprintf("wss://localhost:%d/-/kubernetes-agent/", port),
 				"--token-file", filepath.Join(state, "agent.token"),
 				"--kas-ca-cert-file", rootCA,
-				"--kubeconfig", s.cluster.kubeconfig, "--context", adminUser,
+				"--kubeconfig", s.cluster.Kubeconfig, "--context", adminUser,
 				"--observability-listen-address", observability,
 			},
-			env:    append(environWithout("KUBECONFIG", "AGENTK_TOKEN"), "POD_NAMESPACE=kas-it", "POD_NAME=agentk-kas-dev"),
-			logDir: dir,
+			Env:    append(kubetest.EnvironWithout("KUBECONFIG", "AGENTK_TOKEN"), "POD_NAMESPACE=kas-it", "POD_NAME=agentk-kas-dev"),
+			LogDir: dir,
 		}),
 		observabilityURL: "http://" + observability,
 	}
@@ -229,7 +231,7 @@ func TestMetricsOnCaddyAdmin(t *testing.T) {
 	config := standardConfig()
 	kas := startCaddy(t, s, config)
 	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
-	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, newToken("an unknown user token"))}})
+	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, kubetest.NewToken("an unknown user token"))}})
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 	kas.kubectl(t, "plain", 1).mustRun(t, "get", "namespaces")
 

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 const (
@@ -21,20 +23,20 @@ const (
 func TestAgentWithWrongTokenIsRefused(t *testing.T) {
 	s := requireSuite(t)
 	kas := startCaddy(t, s, standardConfig())
-	wrongToken := newToken("the wrong agent token")
+	wrongToken := kubetest.NewToken("the wrong agent token")
 	agent := kas.startAgentk(t, agentkOptions{agentID: 1, token: wrongToken})
 
 	// Wait for two refusals: the second shows that agentk retries, and
 	// readiness is sampled all along, so "never ready" covers both attempts.
 	refusal := map[string]string{"msg": "agent refused", "reason": "unknown agent token"}
-	err := eventually(agentRefusalTimeout, func() error {
+	err := kubetest.Eventually(agentRefusalTimeout, func() error {
 		if code, err := agent.readiness(); err == nil && code == http.StatusOK {
-			return permanent(errors.New("agentk with a wrong token reports ready"))
+			return kubetest.Permanent(errors.New("agentk with a wrong token reports ready"))
 		}
-		if !agent.proc.running() {
-			return permanent(fmt.Errorf("agentk should keep retrying: %w", agent.proc.exitError()))
+		if !agent.proc.Running() {
+			return kubetest.Permanent(fmt.Errorf("agentk should keep retrying: %w", agent.proc.ExitError()))
 		}
-		if n := countLogEntries(kas.proc.stderr(), refusal); n < 2 {
+		if n := countLogEntries(kas.proc.Stderr(), refusal); n < 2 {
 			return fmt.Errorf("caddy logged %d JSON lines with %v, want 2", n, refusal)
 		}
 		return nil
@@ -43,10 +45,10 @@ func TestAgentWithWrongTokenIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	// a whole number: timestamps and ids hold the digits 401 by chance
-	if !regexp.MustCompile(`\b401\b`).MatchString(agent.proc.stderr()) {
+	if !regexp.MustCompile(`\b401\b`).MatchString(agent.proc.Stderr()) {
 		t.Errorf("agentk's stderr does not mention the 401 it got")
 	}
-	if strings.Contains(kas.proc.stdout()+kas.proc.stderr(), wrongToken) {
+	if strings.Contains(kas.proc.Stdout()+kas.proc.Stderr(), wrongToken) {
 		t.Errorf("caddy's output contains the wrong agent token")
 	}
 }
@@ -63,7 +65,7 @@ func TestProxyRefusesUnauthorizedUsers(t *testing.T) {
 		name          string
 		authorization string // empty: no Authorization header
 	}{
-		{"unknown token", "Bearer " + patToken(1, newToken("an unknown user token"))},
+		{"unknown token", "Bearer " + patToken(1, kubetest.NewToken("an unknown user token"))},
 		{"token without pat prefix", "Bearer " + devToken},
 		{"pat token without agent id", "Bearer pat:" + devToken},
 		{"agent id that is not a number", "Bearer pat:one:" + devToken},
@@ -172,17 +174,17 @@ func TestAgentLoss(t *testing.T) {
 	ops.mustRun(t, "create", "namespace", ns)
 	watch := ops.startWatch(t, kas.dir, ns, "watch-marker")
 
-	agent.proc.kill()
+	agent.proc.Kill()
 
 	select {
-	case <-watch.exited:
+	case <-watch.Exited():
 	case <-time.After(agentLossTimeout):
 		t.Fatalf("kubectl's watch still runs %s after its agentk was killed", agentLossTimeout)
 	}
-	if watch.waitErr == nil {
+	if watch.WaitErr() == nil {
 		t.Errorf("kubectl's watch ended with status 0 when its agentk was killed, want an error")
 	}
-	t.Logf("the watch ended: %v; stderr: %s", watch.waitErr, redact(strings.TrimSpace(watch.stderr())))
+	t.Logf("the watch ended: %v; stderr: %s", watch.WaitErr(), kubetest.Redact(strings.TrimSpace(watch.Stderr())))
 
 	// Caddy has forgotten the dead tunnel: requests wait for a new one
 	header := http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "ops").token)}}

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // TestReloadKeepsTunnelsAndStreams reloads Caddy with a changed config while
@@ -40,7 +42,7 @@ func TestReloadKeepsTunnelsAndStreams(t *testing.T) {
 	// the reload removes user plain and adds user newcomer
 	reloaded := config
 	reloaded.users = slices.DeleteFunc(slices.Clone(config.users), func(u kasUser) bool { return u.name == "plain" })
-	reloaded.users = append(reloaded.users, kasUser{name: "newcomer", token: newToken("the token of user newcomer"), agents: []int{1}})
+	reloaded.users = append(reloaded.users, kasUser{name: "newcomer", token: kubetest.NewToken("the token of user newcomer"), agents: []int{1}})
 	kas.reload(t, reloaded)
 
 	kas.kubectl(t, "newcomer", 1).mustRun(t, "get", "namespaces")

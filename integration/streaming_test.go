@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // These tests run kubectl exec, attach, cp, port-forward and logs -f
@@ -46,11 +47,11 @@ type streamingSetup struct {
 
 func newStreamingSetup(t *testing.T, opts fakecluster.Options) *streamingSetup {
 	s := requireSuite(t)
-	opts.APIServerURL, opts.APIServerCAFile = s.cluster.url, s.cluster.caFile
+	opts.APIServerURL, opts.APIServerCAFile = s.cluster.URL, s.cluster.CAFile
 	fake := fakecluster.Start(t, opts)
 	dir := testDir(t, s)
 	agentKubeconfig := filepath.Join(dir, "fakecluster-kubeconfig")
-	adminToken := s.cluster.tokens[adminUser]
+	adminToken := s.cluster.Tokens[adminUser]
 	if err := fake.WriteKubeconfig(agentKubeconfig, fakecluster.KubeconfigUser{Name: adminUser, Token: adminToken}); err != nil {
 		t.Fatal(err)
 	}
@@ -210,11 +211,11 @@ func TestPortForwardThroughTunnel(t *testing.T) {
 			pf := st.ops.withEnv(m.env...).start(t, "kubectl-port-forward-"+m.name, st.dir,
 				"port-forward", "--address", "127.0.0.1", "-n", st.namespace, "pod/pod", ":8080")
 			var local string
-			if err := eventually(streamWait, func() error {
-				if !pf.running() {
-					return permanent(fmt.Errorf("kubectl port-forward exited: %w\n%s", pf.exitError(), pf.stderr()))
+			if err := kubetest.Eventually(streamWait, func() error {
+				if !pf.Running() {
+					return kubetest.Permanent(fmt.Errorf("kubectl port-forward exited: %w\n%s", pf.ExitError(), pf.Stderr()))
 				}
-				match := forwardingLine.FindStringSubmatch(pf.stdout())
+				match := forwardingLine.FindStringSubmatch(pf.Stdout())
 				if match == nil {
 					return fmt.Errorf("no forwarding line yet")
 				}

@@ -13,6 +13,7 @@ import (
 	"github.com/creack/pty"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // TestExecTTYThroughTunnel runs `kubectl exec -t -i` under a
@@ -52,7 +53,7 @@ func TestExecTTYThroughTunnel(t *testing.T) {
 
 			waitScreen := func(want string) {
 				t.Helper()
-				if err := eventually(streamWait, func() error {
+				if err := kubetest.Eventually(streamWait, func() error {
 					if !strings.Contains(screen.String(), want) {
 						return io.ErrNoProgress
 					}

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 const (
@@ -34,7 +35,7 @@ const (
 // fixture is a Cluster in front of the package's apiserver with one
 // running pod in a namespace of its own, and an admin kubectl for it.
 type fixture struct {
-	api       *kubeAPIServer
+	api       *kubetest.Cluster
 	cluster   *fakecluster.Cluster
 	namespace string
 	pod       string
@@ -44,15 +45,15 @@ type fixture struct {
 func newFixture(t *testing.T, opts fakecluster.Options) *fixture {
 	t.Helper()
 	api := requireAPIServer(t)
-	opts.APIServerURL, opts.APIServerCAFile = api.url, api.caFile
+	opts.APIServerURL, opts.APIServerCAFile = api.URL, api.CAFile
 	f := &fixture{
 		api:       api,
 		cluster:   fakecluster.Start(t, opts),
 		namespace: uniqueName("fc"),
 		pod:       "pod",
 	}
-	f.cluster.CreateRunningPod(t, api.adminToken, f.namespace, f.pod)
-	f.admin = newKubectl(t, f.cluster, api.adminToken)
+	f.cluster.CreateRunningPod(t, api.Tokens[adminUser], f.namespace, f.pod)
+	f.admin = newKubectl(t, f.cluster, api.Tokens[adminUser])
 	return f
 }
 
@@ -545,7 +546,7 @@ func TestAuthorization(t *testing.T) {
 	// alice may read the pod (so kubectl gets as far as exec), nothing more
 	f.admin.mustRun(t, nil, "create", "role", "pod-reader", "-n", f.namespace, "--verb", "get,list", "--resource", "pods")
 	f.admin.mustRun(t, nil, "create", "rolebinding", "alice-reads", "-n", f.namespace, "--role", "pod-reader", "--user", "alice")
-	alice := newKubectl(t, f.cluster, f.api.aliceToken)
+	alice := newKubectl(t, f.cluster, f.api.Tokens[aliceUser])
 	for _, m := range remoteCommandModes {
 		t.Run(m.name, func(t *testing.T) {
 			r := alice.with(m.env...).run(nil, "exec", "-n", f.namespace, f.pod, "--", "echo", "no")

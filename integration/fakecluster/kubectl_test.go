@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
 // kubectlTimeout bounds one kubectl command that is expected to end by itself.
@@ -64,11 +65,11 @@ func (k kubectl) with(env ...string) kubectl {
 // command is kubectl with args; ctx kills it.
 func (k kubectl) command(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", k.kubeconfig}, args...)...)
-	cmd.Env = append(environWithout("KUBECONFIG", "HOME", "KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "KUBECTL_PORT_FORWARD_WEBSOCKETS"),
+	cmd.Env = append(kubetest.EnvironWithout("KUBECONFIG", "HOME", "KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "KUBECTL_PORT_FORWARD_WEBSOCKETS"),
 		"HOME="+k.home)
 	cmd.Env = append(cmd.Env, k.env...)
 	cmd.WaitDelay = 5 * time.Second
-	cmd.SysProcAttr = childProcAttr()
+	cmd.SysProcAttr = kubetest.ChildProcAttr()
 	return cmd
 }
 
@@ -152,7 +153,7 @@ func (k kubectl) startWithStdin(t *testing.T, stdin io.Reader, args ...string) *
 		cancel() // kills kubectl unless it ended already
 		<-b.done
 		if t.Failed() {
-			t.Logf("kubectl %s\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), lastLines(b.stdout.String(), 20), lastLines(b.stderr.String(), 20))
+			t.Logf("kubectl %s\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), kubetest.LastLines(strings.TrimSpace(b.stdout.String()), 20), kubetest.LastLines(strings.TrimSpace(b.stderr.String()), 20))
 		}
 	})
 	return b
@@ -186,9 +187,9 @@ func (b *background) waitStdout(t *testing.T, timeout time.Duration, what string
 			if out := b.stdout.String(); cond(out) {
 				return out
 			}
-			t.Fatalf("kubectl ended (%v) before %s; stdout:\n%s\nstderr:\n%s", b.err, what, lastLines(b.stdout.String(), 20), b.stderr.String())
+			t.Fatalf("kubectl ended (%v) before %s; stdout:\n%s\nstderr:\n%s", b.err, what, kubetest.LastLines(strings.TrimSpace(b.stdout.String()), 20), b.stderr.String())
 		case <-deadline:
-			t.Fatalf("no %s within %s; stdout:\n%s\nstderr:\n%s", what, timeout, lastLines(b.stdout.String(), 20), b.stderr.String())
+			t.Fatalf("no %s within %s; stdout:\n%s\nstderr:\n%s", what, timeout, kubetest.LastLines(strings.TrimSpace(b.stdout.String()), 20), b.stderr.String())
 		case <-ticker.C:
 		}
 	}

@@ -1,9 +1,9 @@
-package integration
+package kubetest
 
 import "syscall"
 
-// childProcAttr makes the kernel kill a child when the test binary dies, so
+// ChildProcAttr makes the kernel kill a child when the test binary dies, so
 // that a test run killed by its timeout leaves no etcd or Caddy behind.
-func childProcAttr() *syscall.SysProcAttr {
+func ChildProcAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 }

@@ -1,4 +1,4 @@
-package integration
+package kubetest
 
 import (
 	"crypto/rand"
@@ -15,10 +15,10 @@ var knownSecrets struct {
 	labelByValue map[string]string
 }
 
-// newToken returns a fresh random token and remembers it under label, which
+// NewToken returns a fresh random token and remembers it under label, which
 // describes it in messages instead of its value.
-func newToken(label string) string {
-	token := randomHex(24)
+func NewToken(label string) string {
+	token := RandomHex(24)
 	knownSecrets.Lock()
 	defer knownSecrets.Unlock()
 	if knownSecrets.labelByValue == nil {
@@ -28,15 +28,16 @@ func newToken(label string) string {
 	return token
 }
 
-// randomHex returns n random bytes from crypto/rand, hex encoded.
-func randomHex(n int) string {
+// RandomHex returns n random bytes from crypto/rand, hex encoded.
+func RandomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b) // crypto/rand.Read never fails on supported platforms
 	return hex.EncodeToString(b)
 }
 
-// leakedSecret reports the label of a token that text contains.
-func leakedSecret(text string) (label string, found bool) {
+// LeakedSecret reports the label of a token made by NewToken that text
+// contains.
+func LeakedSecret(text string) (label string, found bool) {
 	knownSecrets.Lock()
 	defer knownSecrets.Unlock()
 	for value, label := range knownSecrets.labelByValue {
@@ -47,8 +48,8 @@ func leakedSecret(text string) (label string, found bool) {
 	return "", false
 }
 
-// redact replaces every known token in text by its label.
-func redact(text string) string {
+// Redact replaces every token made by NewToken in text by its label.
+func Redact(text string) string {
 	knownSecrets.Lock()
 	defer knownSecrets.Unlock()
 	for value, label := range knownSecrets.labelByValue {
