@@ -81,6 +81,15 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, out *http.R
 		defer close(clientDone)
 		_, err := io.Copy(toAgent, fromClient)
 		toAgent.CloseWithError(err) // nil: EOF, the half-close reaches the cluster
+		if err != nil {
+			// The agent side is gone (or the client broke). Keep reading
+			// what the client still sends (SPDY window updates, say) until
+			// it closes: closing a socket with unread input makes the
+			// kernel reset the connection and drop what is still queued
+			// for the client, the end of the cluster's output
+			// (RFC 9293 §3.6; "lingering close").
+			io.Copy(io.Discard, fromClient)
+		}
 	}()
 
 	// Cluster to client, in this goroutine; every write goes straight to
