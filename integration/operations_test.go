@@ -4,11 +4,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -281,5 +283,50 @@ func TestRefusedUpgradeReachesKubectl(t *testing.T) {
 			k.extraEnv = mode.env
 			k.mustFail(t, "does not have a host assigned", "exec", "nowhere", "-n", ns, "--", "true")
 		})
+	}
+}
+
+// TestConnectionCloseDoesNotRetireTunnel: requests from HTTP/1.1 clients
+// that send "Connection: close" must not make the agent's shared tunnel
+// close (which would force agentk to reconnect, and stall every request of
+// the agent meanwhile).
+func TestConnectionCloseDoesNotRetireTunnel(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	kas := startCaddy(t, s, config)
+	agent := kas.startAgentk(t, agentkOptions{agentID: 1})
+	agent.waitReady(t)
+	before, err := agent.tunnelConnections()
+	if errors.Is(err, errors.ErrUnsupported) {
+		t.Skip("cannot list agentk's connections on this system")
+	}
+	if err != nil || len(before) == 0 {
+		t.Fatalf("agentk's connections to caddy: %v, %v", before, err)
+	}
+	// HTTP/1.1: over HTTP/2 Go's client never sends the header.
+	h1 := kas.httpClient(t)
+	h1.Transport.(*http.Transport).ForceAttemptHTTP2 = false
+	h1.Transport.(*http.Transport).TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	for range 3 {
+		req, _ := http.NewRequest(http.MethodGet, kas.proxyURL()+"api", nil)
+		req.Header.Set("Authorization", "Bearer "+patToken(1, config.user(t, "plain").token))
+		req.Close = true // sends "Connection: close"
+		resp, err := h1.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 1 || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET api with Connection: close: %s %s", resp.Proto, resp.Status)
+		}
+	}
+	kas.kubectl(t, "plain", 1).mustRun(t, "get", "namespaces")
+	after, err := agent.tunnelConnections()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(before, after) {
+		t.Errorf("agentk reconnected: connections before %v, after %v", before, after)
 	}
 }

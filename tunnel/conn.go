@@ -211,6 +211,17 @@ func (c *Conn) Close() error {
 // The response body streams; closing it (or cancelling the request's
 // context) resets the stream.
 func (c *Conn) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.Close || len(req.Header.Values("Connection")) > 0 {
+		// "Connection: close" (or Request.Close) asks Go's HTTP/2 client
+		// to retire the connection after this request. The tunnel is
+		// shared by every request of the agent and connection headers are
+		// hop-by-hop (RFC 9110 §7.6.1), so neither may pass.
+		r := *req
+		r.Close = false
+		r.Header = req.Header.Clone()
+		r.Header.Del("Connection")
+		req = &r
+	}
 	c.active.Add(1)
 	resp, err := c.cc.RoundTrip(req)
 	if err != nil {

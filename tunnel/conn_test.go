@@ -308,3 +308,37 @@ func TestFlushReachesKASAtOnce(t *testing.T) {
 		next <- struct{}{}
 	}
 }
+
+// TestRequestCannotCloseTunnel: a request marked Close (an HTTP/1.1 client
+// that sent "Connection: close") must not retire the tunnel, which every
+// other request of the agent shares.
+func TestRequestCannotCloseTunnel(t *testing.T) {
+	p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+	for i := range 3 {
+		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://agent/r%d", i), nil)
+		req.Close = true
+		req.Header.Set("Connection", "close")
+		resp, err := p.KAS.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err := p.KAS.Err(); err != nil {
+			t.Fatalf("tunnel unusable after request %d: %v", i, err)
+		}
+	}
+	if !req2xx(t, p) {
+		t.Error("a plain request failed after Connection: close requests")
+	}
+}
+
+func req2xx(t *testing.T, p *tunneltest.Pair) bool {
+	resp, err := p.Get(context.Background(), "/after")
+	if err != nil {
+		t.Log(err)
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode/100 == 2
+}
