@@ -3,6 +3,7 @@ package agentk
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httputil"
 
@@ -34,8 +35,41 @@ func newProxy(c *Cluster, log *zap.Logger, m *metrics) *proxy {
 		FlushInterval: -1,
 		ErrorLog:      zap.NewStdLog(log.Named("reverseproxy")),
 		ErrorHandler:  p.upstreamError,
+		// See releaseAtEOF.
+		ModifyResponse: func(resp *http.Response) error {
+			if release, ok := resp.Request.Context().Value(releaseKey{}).(context.CancelFunc); ok {
+				resp.Body = &releaseAtEOF{ReadCloser: resp.Body, release: release}
+			}
+			return nil
+		},
 	}
 	return p
+}
+
+// releaseKey carries the function that ends the upstream request once its
+// response has been read.
+type releaseKey struct{}
+
+// releaseAtEOF ends the upstream request as soon as its response body has
+// been read to the end. Without it a refused write deadlocks three hops:
+// the apiserver answers 403 before reading the body; KAS's HTTP/2 client,
+// seeing a status above 299, stops sending the rest of the body (Go's
+// heuristic, which counts on the server to reset the stream); and the
+// reverse proxy here cannot return to reset it, because closing the
+// response body waits for the upstream request to finish sending a body
+// that will never come. Ending the request's context is one of the ways
+// out of that wait.
+type releaseAtEOF struct {
+	io.ReadCloser
+	release context.CancelFunc
+}
+
+func (b *releaseAtEOF) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.release()
+	}
+	return n, err
 }
 
 // ServeHTTP checks the identity header, then forwards the request.
@@ -77,7 +111,9 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.serveUpgrade(rec, r, id)
 		return
 	}
-	p.rp.ServeHTTP(rec, r)
+	ctx, release := context.WithCancel(r.Context())
+	defer release()
+	p.rp.ServeHTTP(rec, r.WithContext(context.WithValue(ctx, releaseKey{}, release)))
 }
 
 // rewrite turns the request from KAS into one for the apiserver. The

@@ -10,12 +10,14 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
 )
 
 // recordingUpstream is an httptest "apiserver" that records the requests
@@ -327,5 +329,54 @@ func TestProxyStreamsFlushed(t *testing.T) {
 			t.Fatalf("event %d = %q, want %q", i, line, want)
 		}
 		next <- struct{}{}
+	}
+}
+
+// TestEarlyRefusalDoesNotDeadlock: the apiserver (HTTP/2, as a real one)
+// refuses a write before reading its body, and the body's sender (KAS's
+// HTTP/2 client, which stops sending on a status above 299) never finishes
+// it. The response must still end.
+func TestEarlyRefusalDoesNotDeadlock(t *testing.T) {
+	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusForbidden)
+		io.WriteString(w, `{"kind":"Status","code":403}`)
+	}))
+	upstream.EnableHTTP2 = true
+	upstream.StartTLS()
+	t.Cleanup(upstream.Close)
+	server, err := parseServerURL(upstream.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsConfig := upstream.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
+	t.Cleanup(c.CloseIdleConnections)
+	agent := tunneltest.NewPair(t, newProxy(c, zap.NewNop(), newMetrics()), tunneltest.Options{})
+
+	body, bodyWriter := io.Pipe()
+	defer bodyWriter.Close()
+	go io.WriteString(bodyWriter, `{"apiVersion":"v1","kind":"ConfigMap",`) // and never the rest
+	done := make(chan error, 1)
+	var status int
+	go func() {
+		req, _ := http.NewRequest(http.MethodPost, "http://agent/api/v1/namespaces/ns/configmaps", body)
+		resp, err := agent.KAS.RoundTrip(req)
+		if err != nil {
+			done <- err
+			return
+		}
+		status = resp.StatusCode
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil || status != http.StatusForbidden {
+			t.Errorf("response %d, %v; want the 403 in full", status, err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the refused request's response never ended: deadlock")
 	}
 }
