@@ -22,6 +22,9 @@ import (
 type Agent struct {
 	ID   int64
 	Name string
+	// ProjectID is the agent's configuration project in GitLab; zero for
+	// agents declared in the Caddyfile.
+	ProjectID int64
 }
 
 // Authenticator resolves an agent token to its agent.
@@ -120,7 +123,7 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Warn("agent handshake failed", zap.Error(err))
 		return
 	}
-	info := tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, Meta: meta, RemoteAddr: r.RemoteAddr, Credential: sha256.Sum256([]byte(token))}
+	info := tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, ProjectID: agent.ProjectID, Meta: meta, RemoteAddr: r.RemoteAddr, Credential: sha256.Sum256([]byte(token))}
 	conn, err := tunnel.NewConn(nc, info, e.Options)
 	if err != nil {
 		log.Warn("agent handshake failed", zap.Error(err))

@@ -90,6 +90,10 @@ type AgentInfo struct {
 	ID int64
 	// Name is the agent's name, for logs and the tracker.
 	Name string
+	// ProjectID is the id of the agent's configuration project in GitLab
+	// mode (from agent_info), zero in standalone mode. GitLab's agent
+	// tracker reports it with each connection.
+	ProjectID int64
 	// Meta is what agentk said about itself in the handshake.
 	Meta AgentMeta
 	// RemoteAddr is the network address the connection came from, as seen
