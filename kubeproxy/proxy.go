@@ -43,6 +43,11 @@ type Proxy struct {
 	Logger *zap.Logger
 	// Observer, if set, is told how requests fared, for metrics.
 	Observer Observer
+	// AllowedOrigin is the one browser origin that may call the proxy
+	// with credentials (GitLab's external URL, as "https://host[:port]").
+	// A request with any other Origin is refused with 403. Empty turns
+	// CORS handling off: Origin is ignored and no CORS headers are set.
+	AllowedOrigin string
 }
 
 // Observer is told how requests fared.
@@ -66,6 +71,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path, rawPath, ok := p.stripPrefix(r.URL)
 	if !ok {
 		p.refuse(w, r, &Error{Code: http.StatusBadRequest, Message: "URL does not start with expected prefix", Reason: "path outside prefix"})
+		return
+	}
+	if p.handleCORS(w, r) {
 		return
 	}
 	access, err := p.Auth.Authenticate(r)
@@ -193,6 +201,9 @@ func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, er
 // copyResponse streams the agent's answer to the client, flushing after
 // every read so that watch events and log lines arrive at once.
 func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.Response, access *Access) {
+	if p.AllowedOrigin != "" {
+		deleteCORSHeaders(resp.Header)
+	}
 	httpheader.CopyEndToEnd(w.Header(), resp.Header)
 	w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(w)
