@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"time"
@@ -51,7 +52,18 @@ type Endpoint struct {
 	Logger *zap.Logger
 	// Observer, if set, is told about the same events, for metrics.
 	Observer Observer
+	// Recheck, if positive, is how often the token of a connected agent
+	// is checked again with Auth, with 10 % jitter. A token that no longer
+	// belongs to the agent closes the tunnel; a check that cannot be made
+	// (GitLab down) leaves it up. In GitLab mode this is also what keeps
+	// the agent "connected" in GitLab's UI, which shows an agent as
+	// connected while its token was used in the last 8 minutes
+	// (kas-spec §7): each check is a use of the token.
+	Recheck time.Duration
 }
+
+// recheckTimeout bounds one re-check of a connected agent's token.
+const recheckTimeout = 30 * time.Second
 
 // Observer is told about tunnels as they come and go.
 type Observer interface {
@@ -139,9 +151,49 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),
 		zap.String("pod_name", meta.PodName), zap.String("kubernetes_version", meta.KubernetesVersion))
 
-	<-conn.Done()
+	e.watch(conn, token, log)
 	unregister()
 	log.Info("agent disconnected", zap.Duration("connected_for", time.Since(conn.ConnectedAt())), zap.NamedError("reason", conn.Err()))
+}
+
+// watch returns when conn is done, re-checking its token every e.Recheck
+// and closing conn if the token has been revoked.
+func (e *Endpoint) watch(conn *tunnel.Conn, token string, log *zap.Logger) {
+	if e.Recheck <= 0 {
+		<-conn.Done()
+		return
+	}
+	timer := time.NewTimer(jitter(e.Recheck))
+	defer timer.Stop()
+	for {
+		select {
+		case <-conn.Done():
+			return
+		case <-timer.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), recheckTimeout)
+		agent, err := e.Auth.AuthenticateAgent(ctx, token)
+		cancel()
+		switch {
+		case errors.Is(err, ErrUnknownToken), err == nil && agent.ID != conn.Agent().ID:
+			log.Warn("closing tunnel: agent token revoked")
+			if e.Observer != nil {
+				e.Observer.AgentRefused("agent token revoked")
+			}
+			conn.Close()
+			<-conn.Done()
+			return
+		case err != nil:
+			log.Warn("cannot re-check agent token now; keeping the tunnel", zap.Error(err))
+		}
+		timer.Reset(jitter(e.Recheck))
+	}
+}
+
+// jitter spreads d by ±10 %, so that agents that connected together (after
+// a restart) do not all re-check at once.
+func jitter(d time.Duration) time.Duration {
+	return d - d/10 + rand.N(d/5+1)
 }
 
 // bearerToken returns the token of the one "Authorization: Bearer" header.

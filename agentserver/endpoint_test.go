@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -239,6 +240,76 @@ func TestStaticAgentsDeclares(t *testing.T) {
 	for _, tt := range tests {
 		if got := s.Declares(tt.id, sha256.Sum256([]byte(tt.token))); got != tt.want {
 			t.Errorf("Declares(%d, %q) = %v, want %v", tt.id, tt.token, got, tt.want)
+		}
+	}
+}
+
+// switchableAuth accepts goodToken for agent 1 until revoked, and cannot
+// answer at all while down.
+type switchableAuth struct {
+	revoked, down atomic.Bool
+	checks        atomic.Int64
+}
+
+func (a *switchableAuth) AuthenticateAgent(_ context.Context, token string) (Agent, error) {
+	a.checks.Add(1)
+	switch {
+	case a.down.Load():
+		return Agent{}, errors.New("gitlab unreachable")
+	case a.revoked.Load() || token != goodToken:
+		return Agent{}, ErrUnknownToken
+	}
+	return Agent{ID: 1, Name: "one"}, nil
+}
+
+func TestEndpointRecheck(t *testing.T) {
+	auth := &switchableAuth{}
+	core, logs := observer.New(zapcore.DebugLevel)
+	registry := tunnel.NewMemoryRegistry()
+	srv := httptest.NewServer(&Endpoint{Auth: auth, Registry: registry, Logger: zap.New(core), Recheck: 20 * time.Millisecond})
+	t.Cleanup(func() {
+		registry.Close()
+		srv.Close()
+	})
+	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/-/kubernetes-agent/"
+	header := http.Header{"Authorization": {"Bearer " + goodToken}}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	nc, _, err := tunnel.Dial(ctx, url, tunnel.DialOptions{Header: header})
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- (&tunnel.Server{Handler: http.NotFoundHandler()}).ServeConn(ctx, nc) }()
+
+	// GitLab down: checks fail, the tunnel stays.
+	auth.down.Store(true)
+	for start := auth.checks.Load(); auth.checks.Load() < start+3; {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := len(registry.Conns(1)); n != 1 {
+		t.Fatalf("%d tunnels of agent 1 after failed checks, want 1", n)
+	}
+	if len(logs.FilterMessage("cannot re-check agent token now; keeping the tunnel").All()) == 0 {
+		t.Error("failed re-checks were not logged")
+	}
+
+	// Token revoked: the next check closes the tunnel.
+	auth.down.Store(false)
+	auth.revoked.Store(true)
+	select {
+	case <-served:
+	case <-time.After(10 * time.Second):
+		t.Fatal("tunnel with a revoked token stayed up")
+	}
+	if len(logs.FilterMessage("closing tunnel: agent token revoked").All()) != 1 {
+		t.Error("revocation not logged once")
+	}
+	for _, e := range logs.All() {
+		for _, f := range e.Context {
+			if strings.Contains(f.String, goodToken) {
+				t.Errorf("token logged in %q", e.Message)
+			}
 		}
 	}
 }
