@@ -1,0 +1,46 @@
+// Package fakegitlab is a test stand-in for the part of GitLab Rails that
+// KAS calls: the internal REST API under /api/v4/internal/kubernetes/ and
+// the CI job endpoint /api/v4/job/allowed_agents.
+//
+// A Server is an httptest server on 127.0.0.1, plain HTTP (Start) or HTTPS
+// with the httptest certificate (StartTLS; CAFile is then the CA to give
+// KAS as "the CA for GitLab"). It is closed when the test ends.
+//
+// It answers the way Rails does and holds KAS to the contract to the
+// letter. Where Rails would merely answer an error, a request that breaks
+// the contract also fails the test, with t.Errorf and a message that says
+// what was wrong, because our KAS must never send one:
+//
+//   - Every internal endpoint requires the KAS to GitLab JWT in header
+//     Gitlab-Kas-Api-Request: HS256 (no other algorithm), signed with the
+//     shared secret, iss "gitlab-kas", aud "gitlab", and exp, nbf and iat
+//     present, exp not passed and at most 30 s (plus a few seconds of
+//     slack) ahead, nbf and iat not in the future beyond that slack. A
+//     missing or bad JWT is answered 401 {"message":"KAS JWT authentication
+//     invalid"}, as Rails' Gitlab::Kas.verify_api_request does.
+//   - GET agent_info takes the agent token in "Authorization: Bearer
+//     <token>" or, as newer Rails also accepts, "Gitlab-Agentk-Api-Request:
+//     <token>". An unknown or revoked token is a legitimate 401; a missing
+//     token is a contract violation.
+//   - GET /api/v4/job/allowed_agents takes the CI job token in header
+//     Job-Token and must carry neither the KAS JWT nor an Authorization
+//     header (Rails would ignore both, so the answer is as usual). An
+//     unknown job token is a legitimate 401; a missing one is a contract
+//     violation.
+//   - POST authorize_proxy_user takes exactly {agent_id, access_type,
+//     access_key, csrf_token} as JSON, csrf_token being required for
+//     session cookies and empty or absent for personal access tokens. A
+//     credential the Server does not know (or a CSRF token that does not
+//     match a known cookie) is a legitimate 401.
+//   - POST usage_metrics takes {counters, unique_counters} with the counter
+//     names KAS is documented to report; the Server answers 204 and keeps
+//     each report (UsageReports).
+//   - Any other path is answered 404 and any other method 405, and both fail
+//     the test; so does a query string, which none of the endpoints takes.
+//
+// Calls counts, per endpoint, the requests that met the contract (whatever
+// the answer), and SetFailure makes an endpoint answer with an error status
+// after those checks, to test how KAS copes with a failing GitLab.
+//
+// Failure messages never show agent tokens, job tokens, access keys or JWTs.
+package fakegitlab
