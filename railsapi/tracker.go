@@ -1,0 +1,237 @@
+package railsapi
+
+import (
+	"cmp"
+	"context"
+	"regexp"
+	"slices"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttracker"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/entity"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+)
+
+// agentTracker serves gitlab.agent.agent_tracker.rpc.AgentTracker under
+// every method name a Rails release has called (gitlab-wire A.1): they all
+// answer from the same live connections, so any Rails from 16.5 on finds
+// the name it knows.
+type agentTracker struct {
+	agenttrackerrpc.UnimplementedAgentTrackerServer
+	s *Server
+}
+
+func (t *agentTracker) GetConnectedAgents(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsRequest) (*agenttrackerrpc.GetConnectedAgentsResponse, error) {
+	var (
+		agents []*agenttracker.ConnectedAgentInfo
+		err    error
+	)
+	// The 16.5 request names one project or one agent; the oneof must be
+	// set (gitlab-wire A.2).
+	switch r := req.GetRequest().(type) {
+	case *agenttrackerrpc.GetConnectedAgentsRequest_ProjectId:
+		agents, err = t.byProjects([]int64{r.ProjectId})
+	case *agenttrackerrpc.GetConnectedAgentsRequest_AgentId:
+		agents, err = t.byAgents([]int64{r.AgentId})
+	default:
+		return nil, status.Error(codes.InvalidArgument, "request must set project_id or agent_id")
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &agenttrackerrpc.GetConnectedAgentsResponse{Agents: agents}, nil
+}
+
+func (t *agentTracker) GetConnectedAgentsByProjectIds(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByProjectIdsRequest) (*agenttrackerrpc.GetConnectedAgentsByProjectIdsResponse, error) {
+	agents, err := t.byProjects(req.GetProjectIds())
+	if err != nil {
+		return nil, err
+	}
+	return &agenttrackerrpc.GetConnectedAgentsByProjectIdsResponse{Agents: agents}, nil
+}
+
+func (t *agentTracker) GetConnectedAgentsByAgentIds(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByAgentIdsRequest) (*agenttrackerrpc.GetConnectedAgentsByAgentIdsResponse, error) {
+	agents, err := t.byAgents(req.GetAgentIds())
+	if err != nil {
+		return nil, err
+	}
+	return &agenttrackerrpc.GetConnectedAgentsByAgentIdsResponse{Agents: agents}, nil
+}
+
+func (t *agentTracker) GetConnectedAgentsByProjectIDs(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByProjectIDsRequest) (*agenttrackerrpc.GetConnectedAgentsByProjectIDsResponse, error) {
+	agents, err := t.byProjects(req.GetProjectIds())
+	if err != nil {
+		return nil, err
+	}
+	return &agenttrackerrpc.GetConnectedAgentsByProjectIDsResponse{Agents: agents}, nil
+}
+
+func (t *agentTracker) GetConnectedAgentsByAgentIDs(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByAgentIDsRequest) (*agenttrackerrpc.GetConnectedAgentsByAgentIDsResponse, error) {
+	agents, err := t.byAgents(req.GetAgentIds())
+	if err != nil {
+		return nil, err
+	}
+	return &agenttrackerrpc.GetConnectedAgentsByAgentIDsResponse{Agents: agents}, nil
+}
+
+func (t *agentTracker) GetConnectedAgentksByAgentIDs(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest) (*agenttrackerrpc.GetConnectedAgentksByAgentIDsResponse, error) {
+	agents, err := t.byAgents(req.GetAgentIds())
+	if err != nil {
+		return nil, err
+	}
+	return &agenttrackerrpc.GetConnectedAgentksByAgentIDsResponse{Agents: agents}, nil
+}
+
+// CountAgentsByAgentVersions counts connected agentk pods (not tunnels) per
+// agentk version, over all agents. Rails uses it for usage statistics.
+func (t *agentTracker) CountAgentsByAgentVersions(_ context.Context, _ *agenttrackerrpc.CountAgentsByAgentVersionsRequest) (*agenttrackerrpc.CountAgentsByAgentVersionsResponse, error) {
+	counts := make(map[string]int64)
+	for _, p := range t.pods(func(tunnel.AgentInfo) bool { return true }) {
+		counts[p.meta.Version]++
+	}
+	return &agenttrackerrpc.CountAgentsByAgentVersionsResponse{AgentVersions: counts}, nil
+}
+
+// byAgents reports the pods of the given agents.
+func (t *agentTracker) byAgents(ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
+	want, err := idSet("agent", ids)
+	if err != nil {
+		return nil, err
+	}
+	t.s.logger().Debug("listing connected agents", zap.Int64s("agent_ids", ids))
+	return t.report(func(a tunnel.AgentInfo) bool { return want[a.ID] }), nil
+}
+
+// byProjects reports the pods of the agents whose configuration project is
+// one of the given projects.
+func (t *agentTracker) byProjects(ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
+	want, err := idSet("project", ids)
+	if err != nil {
+		return nil, err
+	}
+	t.s.logger().Debug("listing connected agents", zap.Int64s("project_ids", ids))
+	return t.report(func(a tunnel.AgentInfo) bool { return want[a.ProjectID] }), nil
+}
+
+// idSet validates the ids of a request: positive, and not too many of
+// them. GitLab's KAS rejects such requests the same way (gitlab-wire A.2).
+func idSet(what string, ids []int64) (map[int64]bool, error) {
+	if len(ids) > maxIDs {
+		return nil, status.Errorf(codes.InvalidArgument, "at most %d %s ids per request, got %d", maxIDs, what, len(ids))
+	}
+	set := make(map[int64]bool, len(ids))
+	for _, id := range ids {
+		if id <= 0 {
+			return nil, status.Errorf(codes.InvalidArgument, "%s id must be positive, got %d", what, id)
+		}
+		set[id] = true
+	}
+	return set, nil
+}
+
+// pod is one agentk process with its tunnel connections: what Rails calls
+// a connected agent.
+type pod struct {
+	agentID, projectID int64
+	connectionID       int64
+	connectedAt        time.Time
+	meta               tunnel.AgentMeta
+}
+
+// podKey tells pods apart: agentk picks its pod id once at start and sends
+// it on every tunnel.
+type podKey struct{ agentID, podID int64 }
+
+// pods groups the live connections of the agents match accepts into
+// agentk pods, in a stable order: by agent id, then connection time, then
+// connection id. A pod's connected_at is when its first live tunnel
+// connected, and its metadata comes from that tunnel.
+//
+// An agentk that sends no pod id gets one entry per tunnel, named by its
+// connection id, rather than all such tunnels folding into one entry.
+func (t *agentTracker) pods(match func(tunnel.AgentInfo) bool) []*pod {
+	if t.s.Connections == nil {
+		return nil
+	}
+	byKey := make(map[podKey]*pod)
+	for _, c := range t.s.Connections.All() {
+		if c.Err() != nil { // closing; the registry drops it shortly
+			continue
+		}
+		a := c.Agent()
+		if !match(a) {
+			continue
+		}
+		id := a.Meta.PodID
+		if id == 0 {
+			id = a.Meta.ConnectionID
+		}
+		k := podKey{agentID: a.ID, podID: id}
+		p, ok := byKey[k]
+		if !ok || c.ConnectedAt().Before(p.connectedAt) {
+			byKey[k] = &pod{
+				agentID:      a.ID,
+				projectID:    a.ProjectID,
+				connectionID: id,
+				connectedAt:  c.ConnectedAt(),
+				meta:         a.Meta,
+			}
+		}
+	}
+	out := make([]*pod, 0, len(byKey))
+	for _, p := range byKey {
+		out = append(out, p)
+	}
+	slices.SortFunc(out, func(a, b *pod) int {
+		return cmp.Or(
+			cmp.Compare(a.agentID, b.agentID),
+			a.connectedAt.Compare(b.connectedAt),
+			cmp.Compare(a.connectionID, b.connectionID),
+		)
+	})
+	return out
+}
+
+// report describes the pods of the agents match accepts in the shape Rails
+// reads (gitlab-wire A.2). Warnings are left empty for now.
+func (t *agentTracker) report(match func(tunnel.AgentInfo) bool) []*agenttracker.ConnectedAgentInfo {
+	pods := t.pods(match)
+	out := make([]*agenttracker.ConnectedAgentInfo, 0, len(pods))
+	for _, p := range pods {
+		out = append(out, &agenttracker.ConnectedAgentInfo{
+			AgentMeta: &entity.AgentMeta{
+				Version:           p.meta.Version,
+				CommitId:          p.meta.CommitID,
+				PodNamespace:      p.meta.PodNamespace,
+				PodName:           p.meta.PodName,
+				KubernetesVersion: kubernetesVersion(p.meta.KubernetesVersion),
+			},
+			ConnectedAt:  timestamppb.New(p.connectedAt),
+			ConnectionId: p.connectionID,
+			AgentId:      p.agentID,
+			ProjectId:    p.projectID,
+		})
+	}
+	return out
+}
+
+// semverPrefix matches the start of a Kubernetes gitVersion such as
+// "v1.32.13" or "v1.30.5-gke.1014001".
+var semverPrefix = regexp.MustCompile(`^v(\d+)\.(\d+)\.\d+`)
+
+// kubernetesVersion turns the gitVersion agentk reported into GitLab's
+// shape. Major and minor are only filled in when the version looks like
+// vX.Y.Z; the platform is not known to KAS.
+func kubernetesVersion(gitVersion string) *entity.KubernetesVersion {
+	v := &entity.KubernetesVersion{GitVersion: gitVersion}
+	if m := semverPrefix.FindStringSubmatch(gitVersion); m != nil {
+		v.Major, v.Minor = m[1], m[2]
+	}
+	return v
+}
