@@ -28,6 +28,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	k8s_proxy [<path_prefix>] {
 //	    path_prefix    <path>
 //	    wait_for_agent <duration>
+//	    allowed_origin <origin>
 //	    user <name> {
 //	        token       <token or placeholder>
 //	        token_file  <path>
@@ -62,6 +63,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("wait_for_agent: %v", err)
 			}
 			h.WaitForAgent = caddy.Duration(dur)
+		case "allowed_origin":
+			if !d.AllArgs(&h.AllowedOrigin) {
+				return d.ArgErr()
+			}
 		case "user":
 			u, err := parseUser(d)
 			if err != nil {

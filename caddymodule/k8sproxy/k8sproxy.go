@@ -52,12 +52,21 @@ type Handler struct {
 	// GitLab's KAS.
 	WaitForAgent caddy.Duration `json:"wait_for_agent,omitempty"`
 
-	// Users are the tokens that may use the proxy (standalone mode).
+	// AllowedOrigin is the one browser origin allowed to call the proxy
+	// with credentials (CORS), as "https://host[:port]"; a request with any
+	// other Origin is refused. Default: GitLab's external URL in GitLab
+	// mode; none in standalone mode, where Origin is ignored.
+	AllowedOrigin string `json:"allowed_origin,omitempty"`
+
+	// Users are the tokens that may use the proxy (standalone mode). Leave
+	// it empty in GitLab mode, where GitLab authenticates CI jobs and
+	// users.
 	// Clients send "Authorization: Bearer pat:<agent id>:<token>", the
 	// same form as GitLab personal access tokens.
 	Users []User `json:"users,omitempty"`
 
-	proxy *kubeproxy.Proxy
+	proxy      *kubeproxy.Proxy
+	gitlabMode bool
 }
 
 // User is a token allowed to use the proxy, and what it may reach.
@@ -115,20 +124,40 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := h.setup(app.Registry(), ctx.Logger()); err != nil {
+	if err := h.setup(app.Registry(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
 	h.proxy.Observer = metrics.Proxy{}
 	return metrics.Register(ctx)
 }
 
-// setup is Provision once the app is found.
-func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
+// setup is Provision once the app is found; gitlab is nil in standalone
+// mode.
+func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
 	if h.PathPrefix == "" {
 		h.PathPrefix = DefaultPathPrefix
 	}
 	if !strings.HasSuffix(h.PathPrefix, "/") {
 		h.PathPrefix += "/"
+	}
+	if gitlab != nil {
+		if len(h.Users) > 0 {
+			return errors.New("k8s_proxy: users are declared in GitLab mode; GitLab authenticates CI jobs and users: remove them, or the gitlab settings of the kas global option")
+		}
+		h.gitlabMode = true
+		origin := h.AllowedOrigin
+		if origin == "" {
+			origin = gitlab.AllowedOrigin
+		}
+		h.proxy = &kubeproxy.Proxy{
+			Prefix:        h.PathPrefix,
+			Auth:          gitlab.Proxy,
+			Registry:      registry,
+			WaitForAgent:  time.Duration(h.WaitForAgent),
+			Logger:        logger,
+			AllowedOrigin: origin,
+		}
+		return nil
 	}
 	if h.WaitForAgent == 0 {
 		h.WaitForAgent = caddy.Duration(kubeproxy.DefaultWaitForAgent)
@@ -155,11 +184,12 @@ func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
 		return fmt.Errorf("k8s_proxy: %w", err)
 	}
 	h.proxy = &kubeproxy.Proxy{
-		Prefix:       h.PathPrefix,
-		Auth:         auth,
-		Registry:     registry,
-		WaitForAgent: time.Duration(h.WaitForAgent),
-		Logger:       logger,
+		Prefix:        h.PathPrefix,
+		Auth:          auth,
+		Registry:      registry,
+		WaitForAgent:  time.Duration(h.WaitForAgent),
+		Logger:        logger,
+		AllowedOrigin: h.AllowedOrigin,
 	}
 	return nil
 }
@@ -172,8 +202,8 @@ func (h *Handler) Validate() error {
 	if h.WaitForAgent < 0 {
 		return errors.New("k8s_proxy: wait_for_agent must not be negative")
 	}
-	if len(h.Users) == 0 {
-		return errors.New("k8s_proxy: no users declared")
+	if len(h.Users) == 0 && !h.gitlabMode {
+		return errors.New("k8s_proxy: no users declared; declare users, or put the server in GitLab mode (kas global option, gitlab block)")
 	}
 	return nil
 }

@@ -83,7 +83,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 }
 
 func setup(h *Handler) error {
-	if err := h.setup(tunnel.NewMemoryRegistry(), zap.NewNop()); err != nil {
+	if err := h.setup(tunnel.NewMemoryRegistry(), nil, zap.NewNop()); err != nil {
 		return err
 	}
 	return h.Validate()

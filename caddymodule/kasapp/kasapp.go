@@ -4,6 +4,7 @@ package kasapp
 
 import (
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -21,9 +22,17 @@ func init() {
 // ctx.App("kas"); Caddy creates it even when the configuration does not
 // mention it.
 type App struct {
-	registry *tunnel.MemoryRegistry
-	poolKey  string
-	logger   *zap.Logger
+	// GitLab, if set, puts the agent server in GitLab mode: agents and
+	// clients are authenticated by GitLab instead of by tokens in the
+	// configuration. Default: standalone mode.
+	GitLab *GitLab `json:"gitlab,omitempty"`
+
+	registry   *tunnel.MemoryRegistry
+	modes      *modeTracker
+	poolKey    string
+	logger     *zap.Logger
+	gitlab     *gitlabRuntime // nil in standalone mode
+	usageTaken bool           // whether this config holds a reference to the usage counters
 
 	mu        sync.Mutex // guards agentSets
 	agentSets []AgentSet // what this config's kubernetes_agent handlers accept
@@ -47,7 +56,26 @@ var registries = caddy.NewUsagePool()
 // registry will be keyed by its address and prefix.
 const memoryRegistryKey = "memory"
 
-type pooledRegistry struct{ *tunnel.MemoryRegistry }
+type pooledRegistry struct {
+	*tunnel.MemoryRegistry
+	modes *modeTracker
+}
+
+// modeTracker remembers the authentication mode the registry's tunnels
+// were accepted under.
+type modeTracker struct {
+	mu   sync.Mutex // guards mode
+	mode string
+}
+
+// swap records mode and returns the one before ("" the first time).
+func (m *modeTracker) swap(mode string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	prev := m.mode
+	m.mode = mode
+	return prev
+}
 
 func (p pooledRegistry) Destruct() error { return p.Close() }
 
@@ -66,13 +94,26 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.logger = zap.NewNop()
 	}
 	v, _, err := registries.LoadOrNew(memoryRegistryKey, func() (caddy.Destructor, error) {
-		return pooledRegistry{tunnel.NewMemoryRegistry()}, nil
+		return pooledRegistry{tunnel.NewMemoryRegistry(), new(modeTracker)}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("tunnel registry: %w", err)
 	}
-	a.registry, a.poolKey = v.(pooledRegistry).MemoryRegistry, memoryRegistryKey
+	pooled := v.(pooledRegistry)
+	a.registry, a.modes, a.poolKey = pooled.MemoryRegistry, pooled.modes, memoryRegistryKey
+	if a.GitLab != nil {
+		return a.provisionGitLab(ctx)
+	}
 	return nil
+}
+
+// GitLabMode returns what the handlers need in GitLab mode, or nil in
+// standalone mode.
+func (a *App) GitLabMode() *GitLabMode {
+	if a.gitlab == nil {
+		return nil
+	}
+	return a.gitlab.mode
 }
 
 // Registry returns the agents' tunnel registry.
@@ -91,6 +132,23 @@ func (a *App) DeclareAgents(s AgentSet) {
 // longer has (an agent removed, a token rotated) would keep its access
 // until the agent reconnected; Start closes such tunnels at once.
 func (a *App) Start() error {
+	mode := a.modeKey()
+	if prev := a.modes.swap(mode); prev != "" && prev != mode {
+		// Tunnels accepted under another mode (standalone tokens, or
+		// another GitLab) were not authenticated by this one: agents
+		// reconnect and authenticate again.
+		for _, c := range a.registry.All() {
+			info := c.Agent()
+			a.logger.Warn("closing tunnel: the authentication mode changed",
+				zap.Int64("agent_id", info.ID), zap.Int64("connection_id", info.Meta.ConnectionID))
+			c.Close()
+		}
+	}
+	if a.gitlab != nil {
+		// Revoked tokens are found by the periodic re-check of every
+		// tunnel (kubernetes_agent's GitLab mode).
+		return a.gitlab.start(a.logger)
+	}
 	a.mu.Lock()
 	sets := a.agentSets
 	a.mu.Unlock()
@@ -117,16 +175,30 @@ func declared(sets []AgentSet, info tunnel.AgentInfo) bool {
 }
 
 // Stop implements caddy.App. Tunnels are not closed here: on a reload the
-// next config keeps using them.
-func (a *App) Stop() error { return nil }
-
-// Cleanup drops this config's reference to the registry.
-func (a *App) Cleanup() error {
-	if a.poolKey == "" {
-		return nil // provisioning failed before taking a reference
+// next config keeps using them. GitLab mode's gRPC API and usage reporter
+// of this config stop.
+func (a *App) Stop() error {
+	if a.gitlab != nil {
+		a.gitlab.stopRuntime()
 	}
-	_, err := registries.Delete(a.poolKey)
-	return err
+	return nil
+}
+
+// Cleanup drops this config's references to the registry and the usage
+// counters.
+func (a *App) Cleanup() error {
+	var errs []error
+	if a.usageTaken {
+		if _, err := usages.Delete(usageKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if a.poolKey != "" { // else provisioning failed before taking a reference
+		if _, err := registries.Delete(a.poolKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // FromContext returns the provisioned kas app of ctx's configuration.

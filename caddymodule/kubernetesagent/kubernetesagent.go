@@ -38,7 +38,8 @@ type Handler struct {
 	Path string `json:"path,omitempty"`
 
 	// Agents are the agents allowed to connect, with their tokens
-	// (standalone mode).
+	// (standalone mode). Leave it empty in GitLab mode (the kas app's
+	// gitlab settings), where GitLab knows the agents and their tokens.
 	Agents []Agent `json:"agents,omitempty"`
 
 	// KeepaliveInterval is how long a tunnel may be silent before KAS
@@ -49,8 +50,9 @@ type Handler struct {
 	// tunnel is closed and requests on it fail. Default: 5s.
 	KeepaliveTimeout caddy.Duration `json:"keepalive_timeout,omitempty"`
 
-	endpoint *agentserver.Endpoint
-	agents   *agentserver.StaticAgents
+	endpoint   *agentserver.Endpoint
+	agents     *agentserver.StaticAgents // nil in GitLab mode
+	gitlabMode bool
 }
 
 // Agent is an agent allowed to connect.
@@ -86,18 +88,39 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := h.setup(app.Registry(), ctx.Logger()); err != nil {
+	if err := h.setup(app.Registry(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
-	app.DeclareAgents(h.agents)
+	if h.agents != nil {
+		app.DeclareAgents(h.agents)
+	}
 	h.endpoint.Observer = metrics.Agents{}
 	return metrics.Register(ctx)
 }
 
-// setup is Provision once the app is found.
-func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
+// setup is Provision once the app is found; gitlab is nil in standalone
+// mode.
+func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
 	if h.Path == "" {
 		h.Path = DefaultPath
+	}
+	options := tunnel.Options{
+		KeepaliveInterval: time.Duration(h.KeepaliveInterval),
+		KeepaliveTimeout:  time.Duration(h.KeepaliveTimeout),
+	}
+	if gitlab != nil {
+		if len(h.Agents) > 0 {
+			return errors.New("kubernetes_agent: agents are declared in GitLab mode; GitLab knows the agents: remove them, or the gitlab settings of the kas global option")
+		}
+		h.gitlabMode = true
+		h.endpoint = &agentserver.Endpoint{
+			Auth:     gitlab.Agents,
+			Registry: registry,
+			Options:  options,
+			Logger:   logger,
+			Recheck:  gitlab.AgentRecheck,
+		}
+		return nil
 	}
 	agents := make([]agentserver.StaticAgent, 0, len(h.Agents))
 	var errs []error
@@ -120,11 +143,8 @@ func (h *Handler) setup(registry tunnel.Registry, logger *zap.Logger) error {
 	h.endpoint = &agentserver.Endpoint{
 		Auth:     auth,
 		Registry: registry,
-		Options: tunnel.Options{
-			KeepaliveInterval: time.Duration(h.KeepaliveInterval),
-			KeepaliveTimeout:  time.Duration(h.KeepaliveTimeout),
-		},
-		Logger: logger,
+		Options:  options,
+		Logger:   logger,
 	}
 	return nil
 }
@@ -134,8 +154,8 @@ func (h *Handler) Validate() error {
 	if !strings.HasPrefix(h.Path, "/") {
 		return fmt.Errorf("kubernetes_agent: path %q must start with /", h.Path)
 	}
-	if len(h.Agents) == 0 {
-		return errors.New("kubernetes_agent: no agents declared")
+	if len(h.Agents) == 0 && !h.gitlabMode {
+		return errors.New("kubernetes_agent: no agents declared; declare agents, or put the server in GitLab mode (kas global option, gitlab block)")
 	}
 	if h.KeepaliveInterval < 0 || h.KeepaliveTimeout < 0 {
 		return errors.New("kubernetes_agent: keepalive durations must not be negative")

@@ -1,0 +1,113 @@
+package kasapp
+
+import (
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("kas", parseGlobalOption)
+}
+
+func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
+	app := new(App)
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "kas", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from the "kas" global option.
+// Syntax:
+//
+//	kas {
+//	    gitlab {
+//	        url          <GitLab's internal URL>
+//	        secret_file  <path>
+//	        ca_file      <path>
+//	        external_url <GitLab's external URL>
+//	        api_listen   <address>
+//	        api_tls      <cert file> <key file>
+//	        agent_info_cache_ttl           <duration>
+//	        agent_info_cache_error_ttl     <duration>
+//	        allowed_agents_cache_ttl       <duration>
+//	        allowed_agents_cache_error_ttl <duration>
+//	        usage_reporting_period         <duration>
+//	    }
+//	}
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the option name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "gitlab":
+			if a.GitLab != nil {
+				return d.Err("gitlab given twice")
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.GitLab = new(GitLab)
+			if err := a.GitLab.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized kas option %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func (g *GitLab) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	durations := map[string]*caddy.Duration{
+		"agent_info_cache_ttl":           &g.AgentInfoCacheTTL,
+		"agent_info_cache_error_ttl":     &g.AgentInfoCacheErrorTTL,
+		"allowed_agents_cache_ttl":       &g.AllowedAgentsCacheTTL,
+		"allowed_agents_cache_error_ttl": &g.AllowedAgentsCacheErrorTTL,
+	}
+	texts := map[string]*string{
+		"url":          &g.URL,
+		"secret_file":  &g.SecretFile,
+		"ca_file":      &g.CAFile,
+		"external_url": &g.ExternalURL,
+		"api_listen":   &g.APIListen,
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		switch {
+		case texts[name] != nil:
+			if !d.AllArgs(texts[name]) {
+				return d.ArgErr()
+			}
+		case durations[name] != nil || name == "usage_reporting_period":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur < 0 {
+				return d.Errf("%s: %q is not a duration", name, v)
+			}
+			if name == "usage_reporting_period" {
+				p := caddy.Duration(dur)
+				g.UsageReportingPeriod = &p
+				continue
+			}
+			*durations[name] = caddy.Duration(dur)
+		case name == "api_tls":
+			if !d.AllArgs(&g.APICertFile, &g.APIKeyFile) {
+				return d.ArgErr()
+			}
+		default:
+			return d.Errf("unrecognized gitlab option %q", name)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var _ caddyfile.Unmarshaler = (*App)(nil)

@@ -1,0 +1,381 @@
+package kasapp
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/caddy-kas/caddy-kas/gitlab"
+	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
+	"github.com/caddy-kas/caddy-kas/railsapi"
+)
+
+// GitLab puts the agent server in front of a GitLab instance: agents,
+// CI jobs and users are authenticated by GitLab's internal API, exactly as
+// GitLab's own agent server does, and GitLab Rails reaches the agent
+// server's gRPC API.
+type GitLab struct {
+	// URL is GitLab's internal URL, the address the agent server calls
+	// GitLab's API at: usually GitLab Workhorse, for example
+	// "http://127.0.0.1:8181" (gitlab.address in GitLab's KAS). Required.
+	URL string `json:"url"`
+
+	// SecretFile is the path of the secret shared with GitLab Rails
+	// (gitlab_kas.secret_file in gitlab.yml): the base64 encoding of
+	// exactly 32 bytes. It signs the calls to GitLab and verifies Rails'
+	// calls to the gRPC API. Required.
+	SecretFile string `json:"secret_file"`
+
+	// CAFile is the path of a PEM file of certificate authorities to
+	// trust, in addition to the system's, when URL is https. Default:
+	// the system's only.
+	CAFile string `json:"ca_file,omitempty"`
+
+	// ExternalURL is GitLab's external URL, for example
+	// "https://gitlab.example.com". Browsers on GitLab's pages call the
+	// Kubernetes API proxy from this origin, and only from it (CORS).
+	// Default: none, and the proxy refuses every request with an Origin.
+	ExternalURL string `json:"external_url,omitempty"`
+
+	// APIListen is the network address of the gRPC API GitLab Rails
+	// calls (gitlab_kas.internal_url in gitlab.yml, without its grpc://
+	// or grpcs:// scheme), for example "127.0.0.1:8153". Default: no
+	// listener, and GitLab's agent pages cannot list connections.
+	APIListen string `json:"api_listen,omitempty"`
+
+	// APICertFile and APIKeyFile, if both set, are the PEM certificate
+	// and key with which the gRPC API serves TLS (grpcs:// in
+	// gitlab.yml). Default: plain HTTP/2 (grpc://).
+	APICertFile string `json:"api_cert_file,omitempty"`
+	APIKeyFile  string `json:"api_key_file,omitempty"`
+
+	// AgentInfoCacheTTL is how long an agent token's check by GitLab is
+	// reused, and how often a connected agent's token is checked again.
+	// Default: 5m, as GitLab's agent_info_cache_ttl.
+	AgentInfoCacheTTL caddy.Duration `json:"agent_info_cache_ttl,omitempty"`
+
+	// AgentInfoCacheErrorTTL is how long a failed agent token check is
+	// reused, so that a reconnecting agent with a bad token cannot hammer
+	// GitLab. Default: 1m, as GitLab's agent_info_cache_error_ttl.
+	AgentInfoCacheErrorTTL caddy.Duration `json:"agent_info_cache_error_ttl,omitempty"`
+
+	// AllowedAgentsCacheTTL is how long the agents a CI job token may
+	// reach are reused. Default: 1m, as GitLab's allowed_agent_cache_ttl.
+	AllowedAgentsCacheTTL caddy.Duration `json:"allowed_agents_cache_ttl,omitempty"`
+
+	// AllowedAgentsCacheErrorTTL is how long a failed CI job token check
+	// is reused. Default: 10s, as GitLab's allowed_agent_cache_error_ttl.
+	AllowedAgentsCacheErrorTTL caddy.Duration `json:"allowed_agents_cache_error_ttl,omitempty"`
+
+	// UsageReportingPeriod is how often usage counters are sent to
+	// GitLab's usage_metrics API. Zero disables reporting. Default: 1m,
+	// as GitLab's observability.usage_reporting_period.
+	UsageReportingPeriod *caddy.Duration `json:"usage_reporting_period,omitempty"`
+}
+
+// Defaults of the GitLab settings, as GitLab's own agent server has them
+// (kas-spec §2.1, §2.5, §7).
+const (
+	defaultAgentInfoCacheTTL          = 5 * time.Minute
+	defaultAgentInfoCacheErrorTTL     = time.Minute
+	defaultAllowedAgentsCacheTTL      = time.Minute
+	defaultAllowedAgentsCacheErrorTTL = 10 * time.Second
+	defaultUsageReportingPeriod       = time.Minute
+	// apiStopGrace bounds how long Stop waits for Rails' calls in flight;
+	// Rails gives each call 5 s at most.
+	apiStopGrace = 5 * time.Second
+)
+
+// GitLabMode is what a provisioned GitLab configuration gives the
+// handlers.
+type GitLabMode struct {
+	// Agents authenticates agent tokens with GitLab.
+	Agents *gitlab.AgentAuthenticator
+	// Proxy authenticates Kubernetes API proxy requests with GitLab.
+	Proxy *gitlab.ProxyAuthenticator
+	// AgentRecheck is how often a connected agent's token is checked
+	// again.
+	AgentRecheck time.Duration
+	// AllowedOrigin is GitLab's external origin, for CORS; empty if not
+	// configured.
+	AllowedOrigin string
+}
+
+// gitlabRuntime is the running part of GitLab mode for one configuration:
+// the gRPC API server and the usage reporter.
+type gitlabRuntime struct {
+	cfg      *GitLab
+	secret   []byte
+	mode     *GitLabMode
+	client   *gitlab.Client
+	usage    *gitlab.Usage
+	api      *railsapi.Server
+	apiCreds credentials.TransportCredentials // nil: plain HTTP/2
+
+	mu       sync.Mutex // guards the fields below
+	grpc     *grpc.Server
+	listener net.Listener
+	stop     context.CancelFunc // stops the usage reporter
+	wg       sync.WaitGroup     // the reporter and the gRPC server's Serve
+}
+
+// usages holds the usage counters across configuration reloads, so that
+// counts of requests served by an old configuration's handlers are sent
+// by the new one's reporter.
+var usages = caddy.NewUsagePool()
+
+const usageKey = "usage"
+
+type pooledUsage struct{ *gitlab.Usage }
+
+func (pooledUsage) Destruct() error { return nil }
+
+// provisionGitLab checks and loads the GitLab configuration.
+func (a *App) provisionGitLab(ctx caddy.Context) error {
+	cfg := a.GitLab
+	repl := caddy.NewReplacer()
+	for _, f := range []*string{&cfg.URL, &cfg.SecretFile, &cfg.CAFile, &cfg.ExternalURL, &cfg.APIListen, &cfg.APICertFile, &cfg.APIKeyFile} {
+		*f = repl.ReplaceKnown(*f, "")
+	}
+	base, err := url.Parse(cfg.URL)
+	if err != nil || (base.Scheme != "http" && base.Scheme != "https") || base.Host == "" {
+		return fmt.Errorf("gitlab: url %q must be an http:// or https:// URL", cfg.URL)
+	}
+	if cfg.SecretFile == "" {
+		return errors.New("gitlab: secret_file is required (the file of gitlab_kas.secret_file in gitlab.yml)")
+	}
+	secret, err := gitlab.LoadSecretFile(cfg.SecretFile)
+	if err != nil {
+		return fmt.Errorf("gitlab: %w", err)
+	}
+	origin, err := externalOrigin(cfg.ExternalURL)
+	if err != nil {
+		return fmt.Errorf("gitlab: %w", err)
+	}
+	httpClient, err := gitlabHTTPClient(cfg.CAFile)
+	if err != nil {
+		return fmt.Errorf("gitlab: %w", err)
+	}
+	client := &gitlab.Client{
+		BaseURL:    base,
+		HTTPClient: httpClient,
+		Secret:     secret,
+		UserAgent:  userAgent(),
+	}
+	v, _, err := usages.LoadOrNew(usageKey, func() (caddy.Destructor, error) {
+		return pooledUsage{gitlab.NewUsage()}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("gitlab: usage counters: %w", err)
+	}
+	usage := v.(pooledUsage).Usage
+	a.usageTaken = true
+
+	agentTTL := durationOr(cfg.AgentInfoCacheTTL, defaultAgentInfoCacheTTL)
+	proxyAuth := gitlab.NewProxyAuthenticator(client, usage, a.logger.Named("gitlab"))
+	proxyAuth.AllowedAgentsCache = gitlab.NewCache[*gitlab.AllowedAgents](
+		durationOr(cfg.AllowedAgentsCacheTTL, defaultAllowedAgentsCacheTTL),
+		durationOr(cfg.AllowedAgentsCacheErrorTTL, defaultAllowedAgentsCacheErrorTTL))
+	rt := &gitlabRuntime{
+		cfg:    cfg,
+		secret: secret,
+		client: client,
+		usage:  usage,
+		mode: &GitLabMode{
+			Agents:        gitlab.NewAgentAuthenticator(client, agentTTL, durationOr(cfg.AgentInfoCacheErrorTTL, defaultAgentInfoCacheErrorTTL)),
+			Proxy:         proxyAuth,
+			AgentRecheck:  agentTTL,
+			AllowedOrigin: origin,
+		},
+	}
+	if cfg.APIListen != "" {
+		rt.api = &railsapi.Server{
+			Secret:      secret,
+			Connections: a.registry,
+			Version:     buildinfo.Version(),
+			GitRef:      buildinfo.Commit(),
+			OnGitPush:   func(projectID int64, _ string) { usage.GitPushNotification(projectID) },
+			Logger:      a.logger.Named("rails_api"),
+		}
+		switch {
+		case cfg.APICertFile != "" && cfg.APIKeyFile != "":
+			cert, err := tls.LoadX509KeyPair(cfg.APICertFile, cfg.APIKeyFile)
+			if err != nil {
+				return fmt.Errorf("gitlab: api tls: %w", err)
+			}
+			rt.apiCreds = credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+		case cfg.APICertFile != "" || cfg.APIKeyFile != "":
+			return errors.New("gitlab: api_cert_file and api_key_file go together")
+		}
+	}
+	a.gitlab = rt
+	return nil
+}
+
+// modeKey names the authentication mode of this configuration, so that a
+// reload that changes it can close the tunnels authenticated under the
+// old one. The secret is part of it (by digest): a new secret may mean
+// another GitLab.
+func (a *App) modeKey() string {
+	if a.gitlab == nil {
+		return "standalone"
+	}
+	sum := sha256.Sum256(a.gitlab.secret)
+	return "gitlab " + a.gitlab.cfg.URL + " " + hex.EncodeToString(sum[:8])
+}
+
+// start starts the gRPC API and the usage reporter.
+func (rt *gitlabRuntime) start(logger *zap.Logger) error {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if rt.api != nil {
+		addr, err := caddy.ParseNetworkAddress(rt.cfg.APIListen)
+		if err != nil {
+			return fmt.Errorf("gitlab: api_listen: %w", err)
+		}
+		// Caddy's listeners are shared across reloads: the new
+		// configuration listens on the same address while the old one
+		// still serves.
+		ln, err := addr.Listen(context.Background(), 0, net.ListenConfig{})
+		if err != nil {
+			return fmt.Errorf("gitlab: api_listen %s: %w", rt.cfg.APIListen, err)
+		}
+		l, ok := ln.(net.Listener)
+		if !ok {
+			return fmt.Errorf("gitlab: api_listen %s: not a stream listener", rt.cfg.APIListen)
+		}
+		opts := rt.api.ServerOptions()
+		if rt.apiCreds != nil {
+			opts = append(opts, grpc.Creds(rt.apiCreds))
+		}
+		srv := grpc.NewServer(opts...)
+		rt.api.Register(srv)
+		rt.grpc, rt.listener = srv, l
+		rt.wg.Add(1)
+		go func() {
+			defer rt.wg.Done()
+			if err := srv.Serve(l); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+				logger.Error("gitlab api server stopped", zap.Error(err))
+			}
+		}()
+		logger.Info("serving GitLab's gRPC API", zap.String("address", l.Addr().String()), zap.Bool("tls", rt.apiCreds != nil))
+	}
+	period := defaultUsageReportingPeriod
+	if p := rt.cfg.UsageReportingPeriod; p != nil {
+		period = time.Duration(*p)
+	}
+	if period > 0 {
+		ctx, cancel := context.WithCancel(context.Background())
+		rt.stop = cancel
+		reporter := &gitlab.Reporter{Client: rt.client, Usage: rt.usage, Period: period, Logger: logger.Named("usage")}
+		rt.wg.Add(1)
+		go func() {
+			defer rt.wg.Done()
+			reporter.Run(ctx)
+		}()
+	}
+	return nil
+}
+
+// stopRuntime stops the gRPC API, letting calls in flight finish for a
+// moment, and the usage reporter, which sends what it has counted.
+func (rt *gitlabRuntime) stopRuntime() {
+	rt.mu.Lock()
+	srv, stop := rt.grpc, rt.stop
+	rt.grpc, rt.stop = nil, nil
+	rt.mu.Unlock()
+	if srv != nil {
+		done := make(chan struct{})
+		go func() {
+			srv.GracefulStop()
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(apiStopGrace):
+			srv.Stop()
+			<-done
+		}
+	}
+	if stop != nil {
+		stop()
+	}
+	rt.wg.Wait()
+}
+
+// externalOrigin returns the browser origin of GitLab's external URL.
+func externalOrigin(external string) (string, error) {
+	if external == "" {
+		return "", nil
+	}
+	u, err := url.Parse(external)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("external_url %q must be an http:// or https:// URL", external)
+	}
+	// An origin is scheme://host[:port], lowercase, without a path
+	// (RFC 6454 §6.2); browsers leave out the default port.
+	host := strings.ToLower(u.Host)
+	if (u.Scheme == "https" && strings.HasSuffix(host, ":443")) || (u.Scheme == "http" && strings.HasSuffix(host, ":80")) {
+		host = host[:strings.LastIndexByte(host, ':')]
+	}
+	return u.Scheme + "://" + host, nil
+}
+
+// gitlabHTTPClient returns the client for GitLab's API, trusting caFile's
+// authorities in addition to the system's.
+func gitlabHTTPClient(caFile string) (*http.Client, error) {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.Proxy = nil // an internal URL; do not send it to HTTP_PROXY
+	transport.MaxIdleConnsPerHost = 32
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("ca_file: %w", err)
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", caFile)
+		}
+		transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	return &http.Client{
+		Transport: transport,
+		Timeout:   30 * time.Second,
+		// Never follow a redirect: it would carry agent tokens, job tokens
+		// and the JWT to wherever GitLab (or something in front of it)
+		// points. GitLab's internal API does not redirect.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}, nil
+}
+
+// userAgent names this build in calls to GitLab, in the shape GitLab's own
+// agent server uses ("gitlab-kas/<version>/<commit>", kas-spec §2.2).
+func userAgent() string {
+	return "caddy-kas/" + buildinfo.Version() + "/" + buildinfo.Commit()
+}
+
+func durationOr(d caddy.Duration, def time.Duration) time.Duration {
+	if d > 0 {
+		return time.Duration(d)
+	}
+	return def
+}
