@@ -55,6 +55,17 @@ type kasConfig struct {
 	// serverOptions, when set, is the body of a global "servers { }"
 	// block (Caddy's server timeouts, say).
 	serverOptions string
+	// gitlab, when set, puts Caddy in GitLab mode: agents and users then
+	// come from GitLab, and agents and users above must be empty.
+	gitlab *gitlabOptions
+}
+
+// gitlabOptions is the "gitlab" block of the kas global option.
+type gitlabOptions struct {
+	url, secretFile, caFile, externalURL string
+	apiListen                            string
+	// extra lines of the block (cache TTLs, usage_reporting_period)
+	extra []string
 }
 
 func (c kasConfig) agent(t testing.TB, id int) kasAgent {
@@ -123,10 +134,36 @@ var caddyfileTemplate = template.Must(template.New("Caddyfile").Funcs(template.F
 		{{.ServerOptions}}
 	}
 {{- end}}
+{{- with .GitLab}}
+	kas {
+		gitlab {
+			url {{.URL}}
+			secret_file {{.SecretFile}}
+{{- if .CAFile}}
+			ca_file {{.CAFile}}
+{{- end}}
+{{- if .ExternalURL}}
+			external_url {{.ExternalURL}}
+{{- end}}
+{{- if .APIListen}}
+			api_listen {{.APIListen}}
+{{- end}}
+{{- range .Extra}}
+			{{.}}
+{{- end}}
+		}
+	}
+{{- end}}
 }
 
 https://localhost:{{.HTTPSPort}} {
 	tls internal
+{{- if .GitLab}}
+	kubernetes_agent
+	k8s_proxy {
+		wait_for_agent {{.WaitForAgent}}
+	}
+{{- else}}
 	kubernetes_agent {
 {{- range .Agents}}
 		agent {{.ID}} {{.Name}} {
@@ -153,6 +190,7 @@ https://localhost:{{.HTTPSPort}} {
 		}
 {{- end}}
 	}
+{{- end}}
 	respond "not kas" 404
 }
 `))
@@ -268,6 +306,10 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		ID                        int
 		Name, TokenFile, TokenEnv string
 	}
+	type gitlabData struct {
+		URL, SecretFile, CAFile, ExternalURL, APIListen string
+		Extra                                           []string
+	}
 	type userData struct {
 		Name, TokenFile, Impersonate string
 		Agents                       []int
@@ -279,9 +321,14 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		ServerOptions                  string
 		Agents                         []agentData
 		Users                          []userData
+		GitLab                         *gitlabData
 	}{
 		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort,
 		StateDir: c.dir, WaitForAgent: config.waitForAgent, ServerOptions: config.serverOptions,
+	}
+	if g := config.gitlab; g != nil {
+		data.GitLab = &gitlabData{URL: g.url, SecretFile: g.secretFile, CAFile: g.caFile,
+			ExternalURL: g.externalURL, APIListen: g.apiListen, Extra: g.extra}
 	}
 	for _, a := range config.agents {
 		d := agentData{ID: a.id, Name: a.name, TokenEnv: a.tokenEnv}

@@ -125,8 +125,10 @@ func (k kubectl) start(t testing.TB, name, logDir string, args ...string) *kubet
 // userInfo is the part of a SelfSubjectReview (kubectl auth whoami -o json)
 // the tests look at.
 type userInfo struct {
-	Username string   `json:"username"`
-	Groups   []string `json:"groups"`
+	Username string              `json:"username"`
+	UID      string              `json:"uid"`
+	Groups   []string            `json:"groups"`
+	Extra    map[string][]string `json:"extra"`
 }
 
 // whoami runs `kubectl auth whoami -o json` with extra flags (such as --as)

@@ -1,0 +1,204 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
+	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttracker"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/event"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/serverinforpc"
+)
+
+// railsClient plays GitLab Rails calling the agent server's gRPC API
+// (Gitlab::Kas::Client): a JWT signed with the shared secret, issuer the
+// GitLab host, audience gitlab-kas, sent as "authorization: bearer", and a
+// 5 s deadline per call.
+type railsClient struct {
+	conn   *grpc.ClientConn
+	secret []byte
+}
+
+func newRailsClient(t *testing.T, address string, secret []byte) *railsClient {
+	t.Helper()
+	conn, err := grpc.NewClient(address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &railsClient{conn: conn, secret: secret}
+}
+
+// ctx returns a call context with Rails' deadline and a JWT signed with
+// secret (nil: the right one).
+func (c *railsClient) ctx(t *testing.T, secret []byte, audience string) context.Context {
+	t.Helper()
+	if secret == nil {
+		secret = c.secret
+	}
+	now := time.Now()
+	token, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
+		Issuer:    "gitlab.example.com",
+		Audience:  jwt.ClaimStrings{audience},
+		IssuedAt:  jwt.NewNumericDate(now),
+		NotBefore: jwt.NewNumericDate(now),
+		ExpiresAt: jwt.NewNumericDate(now.Add(time.Minute)),
+	}).SignedString(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	t.Cleanup(cancel)
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "bearer "+token)
+}
+
+func TestGitLabRailsAPI(t *testing.T) {
+	s := requireSuite(t)
+	apiAddress := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
+	e := startGitLabEnv(t, s, apiAddress, "usage_reporting_period 1s")
+	rails := newRailsClient(t, apiAddress, e.secret)
+	tracker := agenttrackerrpc.NewAgentTrackerClient(rails.conn)
+
+	t.Run("a bad JWT is Unauthenticated", func(t *testing.T) {
+		for name, ctx := range map[string]context.Context{
+			"wrong secret":   rails.ctx(t, []byte("0123456789abcdef0123456789abcdef"), "gitlab-kas"),
+			"wrong audience": rails.ctx(t, nil, "gitlab"),
+			"no JWT": func() context.Context {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				t.Cleanup(cancel)
+				return ctx
+			}(),
+		} {
+			_, err := tracker.GetConnectedAgentksByAgentIDs(ctx, &agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest{AgentIds: []int64{glAgentID}})
+			if status.Code(err) != codes.Unauthenticated {
+				t.Errorf("%s: %v, want Unauthenticated", name, err)
+			}
+		}
+	})
+
+	t.Run("connected agents under every method name", func(t *testing.T) {
+		ids := []int64{glAgentID}
+		calls := map[string]func() ([]*agenttracker.ConnectedAgentInfo, error){
+			"GetConnectedAgentksByAgentIDs": func() ([]*agenttracker.ConnectedAgentInfo, error) {
+				r, err := tracker.GetConnectedAgentksByAgentIDs(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest{AgentIds: ids})
+				return r.GetAgents(), err
+			},
+			"GetConnectedAgentsByAgentIDs": func() ([]*agenttracker.ConnectedAgentInfo, error) {
+				r, err := tracker.GetConnectedAgentsByAgentIDs(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentsByAgentIDsRequest{AgentIds: ids})
+				return r.GetAgents(), err
+			},
+			"GetConnectedAgentsByAgentIds": func() ([]*agenttracker.ConnectedAgentInfo, error) {
+				r, err := tracker.GetConnectedAgentsByAgentIds(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentsByAgentIdsRequest{AgentIds: ids})
+				return r.GetAgents(), err
+			},
+			"GetConnectedAgentsByProjectIDs": func() ([]*agenttracker.ConnectedAgentInfo, error) {
+				r, err := tracker.GetConnectedAgentsByProjectIDs(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentsByProjectIDsRequest{ProjectIds: []int64{glProjectID}})
+				return r.GetAgents(), err
+			},
+			"GetConnectedAgents (16.5)": func() ([]*agenttracker.ConnectedAgentInfo, error) {
+				r, err := tracker.GetConnectedAgents(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentsRequest{
+					Request: &agenttrackerrpc.GetConnectedAgentsRequest_AgentId{AgentId: glAgentID}})
+				return r.GetAgents(), err
+			},
+		}
+		for name, call := range calls {
+			agents, err := call()
+			if err != nil {
+				t.Errorf("%s: %v", name, err)
+				continue
+			}
+			if len(agents) != 1 {
+				t.Errorf("%s: %d connections, want the one agentk pod", name, len(agents))
+				continue
+			}
+			a := agents[0]
+			meta := a.GetAgentMeta()
+			if a.GetAgentId() != glAgentID || a.GetProjectId() != glProjectID ||
+				meta.GetPodName() != fmt.Sprintf("agentk-%d", glAgentID) || meta.GetPodNamespace() != "kas-it" ||
+				meta.GetVersion() == "" || a.GetConnectionId() == 0 || a.GetConnectedAt().GetSeconds() == 0 {
+				t.Errorf("%s: %v", name, a)
+			}
+			if gv := meta.GetKubernetesVersion().GetGitVersion(); gv == "" {
+				t.Errorf("%s: no Kubernetes version in %v", name, meta)
+			}
+		}
+		r, err := tracker.GetConnectedAgentksByAgentIDs(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest{AgentIds: []int64{glAgentID + 1}})
+		if err != nil || len(r.GetAgents()) != 0 {
+			t.Errorf("an agent without connections: %v, %v", r, err)
+		}
+	})
+
+	t.Run("GitPushEvent answers", func(t *testing.T) {
+		notifications := notificationsrpc.NewNotificationsClient(rails.conn)
+		_, err := notifications.GitPushEvent(rails.ctx(t, nil, "gitlab-kas"), &notificationsrpc.GitPushEventRequest{
+			Event: &event.GitPushEvent{Project: &event.Project{Id: glProjectID, FullPath: glProjectPath}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("GetServerInfo answers", func(t *testing.T) {
+		info, err := serverinforpc.NewServerInfoClient(rails.conn).GetServerInfo(rails.ctx(t, nil, "gitlab-kas"), &serverinforpc.GetServerInfoRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.GetCurrentServerInfo().GetVersion() == "" {
+			t.Errorf("no version: %v", info)
+		}
+	})
+
+	t.Run("usage metrics reach GitLab", func(t *testing.T) {
+		pat := kubetest.NewToken("token for usage")
+		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
+			AccessKey: pat, User: fakegitlab.User{ID: 42, Username: "maria"}, ConfigProjectID: glProjectID})
+		for range 2 {
+			resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("%s %s", resp.Status, body)
+			}
+		}
+		err := kubetest.Eventually(30*time.Second, func() error {
+			counters := map[string]int64{}
+			unique := map[string]map[int64]bool{}
+			for _, r := range e.gitlab.UsageReports() {
+				for k, v := range r.Counters {
+					counters[k] += v
+				}
+				for k, ids := range r.UniqueCounters {
+					if unique[k] == nil {
+						unique[k] = map[int64]bool{}
+					}
+					for _, id := range ids {
+						unique[k][id] = true
+					}
+				}
+			}
+			if counters["k8s_api_proxy_requests_via_pat_access"] != 2 || counters["k8s_api_proxy_request"] < 2 ||
+				counters["flux_git_push_notifications_total"] != 1 {
+				return fmt.Errorf("counters so far: %v", counters)
+			}
+			if !unique["k8s_api_proxy_requests_unique_users_via_pat_access"][42] ||
+				!unique["k8s_api_proxy_requests_unique_agents_via_pat_access"][glAgentID] ||
+				!unique["flux_git_push_notified_unique_projects"][glProjectID] {
+				return fmt.Errorf("unique counters so far: %v", unique)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+}
