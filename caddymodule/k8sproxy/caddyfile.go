@@ -7,19 +7,21 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
 )
 
 func init() {
-	httpcaddyfile.RegisterHandlerDirective("k8s_proxy", parseCaddyfile)
+	directive.Register("k8s_proxy", parseCaddyfile)
 	// Early in the chain, so that a site's respond, reverse_proxy or
 	// encode (which would buffer watches) never see proxied requests;
 	// requests outside the prefix pass on.
 	httpcaddyfile.RegisterDirectiveOrder("k8s_proxy", httpcaddyfile.Before, "basic_auth")
 }
 
-func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+func parseCaddyfile(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error) {
 	var handler Handler
-	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	err := handler.UnmarshalCaddyfile(d)
 	return &handler, err
 }
 

@@ -7,18 +7,20 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
 )
 
 func init() {
-	httpcaddyfile.RegisterHandlerDirective("kubernetes_agent", parseCaddyfile)
+	directive.Register("kubernetes_agent", parseCaddyfile)
 	// Early in the chain, so that a site's respond, reverse_proxy or
 	// encode never see agent traffic; requests for other paths pass on.
 	httpcaddyfile.RegisterDirectiveOrder("kubernetes_agent", httpcaddyfile.Before, "basic_auth")
 }
 
-func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+func parseCaddyfile(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error) {
 	var handler Handler
-	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	err := handler.UnmarshalCaddyfile(d)
 	return &handler, err
 }
 

@@ -1,0 +1,41 @@
+// Package directive registers Caddyfile directives for handlers whose
+// first argument is a path of their own.
+package directive
+
+import (
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// Register registers a handler directive like
+// httpcaddyfile.RegisterHandlerDirective, except that a first argument
+// starting with "/" is left to unmarshal as the handler's own path rather
+// than taken as a path matcher. With Caddy's usual parsing,
+// "k8s_proxy /kas/k8s-proxy/" would match only that exact path and keep
+// the default prefix: every request below it would pass the handler by.
+// A named matcher ("@name") still works as for any directive.
+func Register(name string, unmarshal func(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error)) {
+	httpcaddyfile.RegisterDirective(name, func(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error) {
+		if !h.Next() {
+			return nil, h.ArgErr()
+		}
+		var matcherSet caddy.ModuleMap
+		if h.NextArg() && strings.HasPrefix(h.Val(), "@") {
+			h.Prev()
+			var err error
+			if matcherSet, err = h.ExtractMatcherSet(); err != nil {
+				return nil, err
+			}
+		}
+		h.Reset()
+		handler, err := unmarshal(h.Dispenser)
+		if err != nil {
+			return nil, err
+		}
+		return h.NewRoute(matcherSet, handler), nil
+	})
+}
