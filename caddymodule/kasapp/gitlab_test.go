@@ -1,0 +1,174 @@
+package kasapp
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+)
+
+func TestUnmarshalGlobalOption(t *testing.T) {
+	tests := []struct {
+		name    string
+		input   string
+		want    string // JSON of the app
+		wantErr string
+	}{
+		{
+			name: "all settings",
+			input: `kas {
+				gitlab {
+					url http://127.0.0.1:8181
+					secret_file /etc/gitlab/gitlab_kas_secret
+					ca_file /etc/gitlab/ca.pem
+					external_url https://gitlab.example.com
+					api_listen 127.0.0.1:8153
+					api_tls /etc/kas/api.crt /etc/kas/api.key
+					agent_info_cache_ttl 2m
+					agent_info_cache_error_ttl 30s
+					allowed_agents_cache_ttl 90s
+					allowed_agents_cache_error_ttl 5s
+					usage_reporting_period 0
+				}
+			}`,
+			want: `{"gitlab":{"url":"http://127.0.0.1:8181","secret_file":"/etc/gitlab/gitlab_kas_secret","ca_file":"/etc/gitlab/ca.pem",` +
+				`"external_url":"https://gitlab.example.com","api_listen":"127.0.0.1:8153","api_cert_file":"/etc/kas/api.crt","api_key_file":"/etc/kas/api.key",` +
+				`"agent_info_cache_ttl":120000000000,"agent_info_cache_error_ttl":30000000000,"allowed_agents_cache_ttl":90000000000,` +
+				`"allowed_agents_cache_error_ttl":5000000000,"usage_reporting_period":0}}`,
+		},
+		{name: "empty", input: `kas`, want: `{}`},
+		{name: "unknown option", input: "kas {\n redis localhost\n}", wantErr: `unrecognized kas option "redis"`},
+		{name: "unknown gitlab option", input: "kas {\n gitlab {\n address x\n }\n}", wantErr: `unrecognized gitlab option "address"`},
+		{name: "bad duration", input: "kas {\n gitlab {\n agent_info_cache_ttl soon\n }\n}", wantErr: "is not a duration"},
+		{name: "api_tls with one file", input: "kas {\n gitlab {\n api_tls a.crt\n }\n}", wantErr: "wrong argument count"},
+		{name: "gitlab twice", input: "kas {\n gitlab {\n }\n gitlab {\n }\n}", wantErr: "gitlab given twice"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var a App
+			err := a.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tt.input))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, _ := json.Marshal(&a)
+			if string(got) != tt.want {
+				t.Errorf("JSON:\n got %s\nwant %s", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestProvisionGitLabRefuses(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("good.secret", base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef")))
+	short := write("short.secret", base64.StdEncoding.EncodeToString([]byte("0123456789abcdef")))
+	tests := []struct {
+		name    string
+		cfg     GitLab
+		wantErr string
+	}{
+		{"no url", GitLab{SecretFile: good}, "must be an http:// or https:// URL"},
+		{"url without scheme", GitLab{URL: "gitlab:8181", SecretFile: good}, "must be an http:// or https:// URL"},
+		{"no secret", GitLab{URL: "http://gitlab"}, "secret_file is required"},
+		{"short secret", GitLab{URL: "http://gitlab", SecretFile: short}, short},
+		{"missing secret file", GitLab{URL: "http://gitlab", SecretFile: filepath.Join(dir, "nope")}, "nope"},
+		{"bad external url", GitLab{URL: "http://gitlab", SecretFile: good, ExternalURL: "gitlab.example.com"}, "external_url"},
+		{"missing ca file", GitLab{URL: "https://gitlab", SecretFile: good, CAFile: filepath.Join(dir, "ca.pem")}, "ca_file"},
+		{"ca file without PEM", GitLab{URL: "https://gitlab", SecretFile: good, CAFile: short}, "no PEM certificate"},
+		{"half of api tls", GitLab{URL: "http://gitlab", SecretFile: good, APIListen: "127.0.0.1:0", APICertFile: "a.crt"}, "go together"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := tt.cfg
+			a := App{GitLab: &cfg}
+			err := a.Provision(caddy.Context{})
+			defer a.Cleanup()
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Provision = %v, want an error containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestExternalOrigin(t *testing.T) {
+	tests := map[string]string{
+		"":                                 "",
+		"https://gitlab.example.com":       "https://gitlab.example.com",
+		"https://GitLab.Example.com/":      "https://gitlab.example.com",
+		"https://gitlab.example.com:443/x": "https://gitlab.example.com",
+		"http://gitlab.example.com:80":     "http://gitlab.example.com",
+		"https://gitlab.example.com:8443":  "https://gitlab.example.com:8443",
+	}
+	for in, want := range tests {
+		got, err := externalOrigin(in)
+		if err != nil || got != want {
+			t.Errorf("externalOrigin(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+}
+
+// TestModeChangeClosesTunnels: tunnels accepted with standalone tokens
+// were never checked by GitLab; a reload into GitLab mode closes them so
+// that their agents authenticate again.
+func TestModeChangeClosesTunnels(t *testing.T) {
+	var standalone App
+	if err := standalone.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	defer standalone.Cleanup()
+	standalone.DeclareAgents(agentSet{1: sha256.Sum256([]byte("token-one"))})
+	if err := standalone.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{
+		Agent: tunnel.AgentInfo{ID: 1, Credential: sha256.Sum256([]byte("token-one"))},
+	})
+	t.Cleanup(standalone.Registry().Register(p.KAS))
+
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte(base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef"))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	off := caddy.Duration(0)
+	gitlab := App{GitLab: &GitLab{URL: "http://127.0.0.1:1", SecretFile: secret, UsageReportingPeriod: &off}}
+	if err := gitlab.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	defer gitlab.Cleanup()
+	if gitlab.GitLabMode() == nil || standalone.GitLabMode() != nil {
+		t.Fatal("GitLabMode does not tell the modes apart")
+	}
+	if err := gitlab.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer gitlab.Stop()
+	standalone.Stop()
+	select {
+	case <-p.KAS.Done():
+	default:
+		t.Error("a standalone tunnel survived the switch to GitLab mode")
+	}
+}
