@@ -93,9 +93,9 @@ type Agent struct {
 	userAgent string
 	started   atomic.Bool
 
-	mu         sync.Mutex // guards k8sVersion and versionOK
-	k8sVersion string     // last gitVersion the apiserver reported
-	versionOK  *bool      // whether the last GET /version worked; nil before the first
+	mu         sync.Mutex        // guards k8sVersion and versionOK
+	k8sVersion KubernetesVersion // last version the apiserver reported, values KAS would refuse emptied
+	versionOK  *bool             // whether the last GET /version worked; nil before the first
 }
 
 // New checks cfg and returns an Agent.
@@ -246,7 +246,7 @@ func (a *Agent) Run(ctx context.Context) error {
 // kubernetesVersion asks the apiserver for its version, best effort: on
 // failure it returns the last version it learned, or "". A failure is
 // logged as a warning once, not on every reconnect while it lasts.
-func (a *Agent) kubernetesVersion(ctx context.Context) string {
+func (a *Agent) kubernetesVersion(ctx context.Context) KubernetesVersion {
 	v, err := a.cfg.Cluster.ServerVersion(ctx)
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -263,10 +263,10 @@ func (a *Agent) kubernetesVersion(ctx context.Context) string {
 		return a.k8sVersion
 	}
 	if a.versionOK == nil || !*a.versionOK {
-		a.log.Info("kubernetes API server reachable", zap.String("apiserver", a.cfg.Cluster.Server()), zap.String("kubernetes_version", v))
+		a.log.Info("kubernetes API server reachable", zap.String("apiserver", a.cfg.Cluster.Server()), zap.String("kubernetes_version", v.GitVersion))
 	}
 	a.versionOK = new(true)
-	a.k8sVersion = metaOrEmpty(v)
+	a.k8sVersion = KubernetesVersion{GitVersion: metaOrEmpty(v.GitVersion), Platform: metaOrEmpty(v.Platform)}
 	return a.k8sVersion
 }
 
@@ -341,13 +341,14 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 	h.Set("Authorization", "Bearer "+token)
 	h.Set("User-Agent", a.userAgent)
 	tunnel.AgentMeta{
-		Version:           a.version,
-		CommitID:          a.commit,
-		PodNamespace:      a.cfg.PodNamespace,
-		PodName:           a.cfg.PodName,
-		PodID:             a.podID,
-		ConnectionID:      r.connectionID,
-		KubernetesVersion: kubeVersion,
+		Version:            a.version,
+		CommitID:           a.commit,
+		PodNamespace:       a.cfg.PodNamespace,
+		PodName:            a.cfg.PodName,
+		PodID:              a.podID,
+		ConnectionID:       r.connectionID,
+		KubernetesVersion:  kubeVersion.GitVersion,
+		KubernetesPlatform: kubeVersion.Platform,
 	}.SetHeaders(h)
 
 	dctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
@@ -373,7 +374,7 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 	tlog.Info("tunnel connected",
 		zap.Int64("connection", r.connectionID),
 		zap.Int64("pod_id", a.podID),
-		zap.String("kubernetes_version", kubeVersion))
+		zap.String("kubernetes_version", kubeVersion.GitVersion))
 	srv := &tunnel.Server{
 		Handler:       a.handler,
 		Options:       a.cfg.TunnelOptions,

@@ -130,7 +130,7 @@ func fakeAPI(t *testing.T) *httptest.Server {
 		}
 		switch r.URL.Path {
 		case "/version":
-			io.WriteString(w, `{"major":"1","minor":"32","gitVersion":"v1.32.13"}`)
+			io.WriteString(w, `{"major":"1","minor":"32","gitVersion":"v1.32.13","platform":"linux/amd64"}`)
 		default:
 			w.Header().Set("Content-Type", "text/plain")
 			io.WriteString(w, "path="+r.URL.Path+" user="+r.Header.Get("Impersonate-User"))
@@ -263,15 +263,16 @@ func TestAgentEndToEnd(t *testing.T) {
 	// The handshake carried the token and the metadata.
 	h := kas.handshake(1)
 	for name, want := range map[string]string{
-		"Authorization":                "Bearer agent-token-1",
-		"User-Agent":                   "caddy-kas-agentk/v0.0.1-test",
-		"X-Extra":                      "extra value",
-		tunnel.HeaderAgentVersion:      "v0.0.1-test",
-		tunnel.HeaderAgentCommit:       "abc123",
-		tunnel.HeaderPodNamespace:      "agents",
-		tunnel.HeaderPodName:           "agentk-0",
-		tunnel.HeaderKubernetesVersion: "v1.32.13",
-		"Sec-Websocket-Protocol":       tunnel.Subprotocol,
+		"Authorization":                 "Bearer agent-token-1",
+		"User-Agent":                    "caddy-kas-agentk/v0.0.1-test",
+		"X-Extra":                       "extra value",
+		tunnel.HeaderAgentVersion:       "v0.0.1-test",
+		tunnel.HeaderAgentCommit:        "abc123",
+		tunnel.HeaderPodNamespace:       "agents",
+		tunnel.HeaderPodName:            "agentk-0",
+		tunnel.HeaderKubernetesVersion:  "v1.32.13",
+		tunnel.HeaderKubernetesPlatform: "linux/amd64",
+		"Sec-Websocket-Protocol":        tunnel.Subprotocol,
 	} {
 		if got := h.Get(name); got != want {
 			t.Errorf("handshake header %s = %q, want %q", name, got, want)
@@ -509,7 +510,7 @@ func TestKubernetesVersionWarnsOnce(t *testing.T) {
 			http.Error(w, "starting", http.StatusServiceUnavailable)
 			return
 		}
-		io.WriteString(w, `{"gitVersion":"v1.33.1"}`)
+		io.WriteString(w, `{"gitVersion":"v1.33.1","platform":"linux/arm64"}`)
 	}))
 	t.Cleanup(api.Close)
 	core, logs := observer.New(zapcore.DebugLevel)
@@ -541,8 +542,13 @@ func TestKubernetesVersionWarnsOnce(t *testing.T) {
 		mu.Lock()
 		up = st.up
 		mu.Unlock()
-		if got := a.kubernetesVersion(context.Background()); got != st.want {
-			t.Errorf("step %d: version %q, want %q", i, got, st.want)
+		got := a.kubernetesVersion(context.Background())
+		wantPlatform := ""
+		if st.want != "" {
+			wantPlatform = "linux/arm64"
+		}
+		if got.GitVersion != st.want || got.Platform != wantPlatform {
+			t.Errorf("step %d: version %+v, want %q on %q", i, got, st.want, wantPlatform)
 		}
 		if got := warnings(); got != st.warnings {
 			t.Errorf("step %d: %d warnings, want %d", i, got, st.warnings)

@@ -143,33 +143,38 @@ func (c *Cluster) CloseIdleConnections() { c.base.CloseIdleConnections() }
 // maxVersionBody bounds how much of the /version answer is read.
 const maxVersionBody = 1 << 20
 
-// ServerVersion asks the apiserver for its version (GET /version) and
-// returns its gitVersion, such as "v1.32.13".
-func (c *Cluster) ServerVersion(ctx context.Context) (string, error) {
+// KubernetesVersion is what the apiserver says of itself in GET /version.
+type KubernetesVersion struct {
+	// GitVersion is such as "v1.32.13" or "v1.30.5-gke.1014001".
+	GitVersion string `json:"gitVersion"`
+	// Platform is such as "linux/amd64".
+	Platform string `json:"platform"`
+}
+
+// ServerVersion asks the apiserver for its version (GET /version).
+func (c *Cluster) ServerVersion(ctx context.Context) (KubernetesVersion, error) {
 	ctx, cancel := context.WithTimeout(ctx, versionTimeout)
 	defer cancel()
 	u := c.server.JoinPath("version")
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
-		return "", fmt.Errorf("getting kubernetes version: %w", err)
+		return KubernetesVersion{}, fmt.Errorf("getting kubernetes version: %w", err)
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.transport.RoundTrip(req)
 	if err != nil {
-		return "", fmt.Errorf("getting kubernetes version: %w", err)
+		return KubernetesVersion{}, fmt.Errorf("getting kubernetes version: %w", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("getting kubernetes version from %s: status %d", u.Redacted(), resp.StatusCode)
+		return KubernetesVersion{}, fmt.Errorf("getting kubernetes version from %s: status %d", u.Redacted(), resp.StatusCode)
 	}
-	var v struct {
-		GitVersion string `json:"gitVersion"`
-	}
+	var v KubernetesVersion
 	if err := json.NewDecoder(io.LimitReader(resp.Body, maxVersionBody)).Decode(&v); err != nil {
-		return "", fmt.Errorf("decoding kubernetes version from %s: %w", u.Redacted(), err)
+		return KubernetesVersion{}, fmt.Errorf("decoding kubernetes version from %s: %w", u.Redacted(), err)
 	}
 	if v.GitVersion == "" {
-		return "", fmt.Errorf("kubernetes version from %s: no gitVersion", u.Redacted())
+		return KubernetesVersion{}, fmt.Errorf("kubernetes version from %s: no gitVersion", u.Redacted())
 	}
-	return v.GitVersion, nil
+	return v, nil
 }

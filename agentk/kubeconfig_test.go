@@ -396,7 +396,7 @@ func TestKubeconfigClientCertificateHandshake(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v != "v1.33.0" {
+	if v.GitVersion != "v1.33.0" {
 		t.Errorf("version = %q", v)
 	}
 	if gotCN != "agentk" {

@@ -131,8 +131,8 @@ func TestGitLabRailsAPI(t *testing.T) {
 				meta.GetVersion() == "" || a.GetConnectionId() == 0 || a.GetConnectedAt().GetSeconds() == 0 {
 				t.Errorf("%s: %v", name, a)
 			}
-			if gv := meta.GetKubernetesVersion().GetGitVersion(); gv == "" {
-				t.Errorf("%s: no Kubernetes version in %v", name, meta)
+			if kv := meta.GetKubernetesVersion(); kv.GetGitVersion() == "" || kv.GetMajor() != "1" || kv.GetPlatform() == "" {
+				t.Errorf("%s: Kubernetes version incomplete in %v", name, meta)
 			}
 		}
 		r, err := tracker.GetConnectedAgentksByAgentIDs(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest{AgentIds: []int64{glAgentID + 1}})

@@ -210,7 +210,7 @@ func (t *agentTracker) report(match func(tunnel.AgentInfo) bool) []*agenttracker
 				CommitId:          p.meta.CommitID,
 				PodNamespace:      p.meta.PodNamespace,
 				PodName:           p.meta.PodName,
-				KubernetesVersion: kubernetesVersion(p.meta.KubernetesVersion),
+				KubernetesVersion: kubernetesVersion(p.meta.KubernetesVersion, p.meta.KubernetesPlatform),
 			},
 			ConnectedAt:  timestamppb.New(p.connectedAt),
 			ConnectionId: p.connectionID,
@@ -225,11 +225,11 @@ func (t *agentTracker) report(match func(tunnel.AgentInfo) bool) []*agenttracker
 // "v1.32.13" or "v1.30.5-gke.1014001".
 var semverPrefix = regexp.MustCompile(`^v(\d+)\.(\d+)\.\d+`)
 
-// kubernetesVersion turns the gitVersion agentk reported into GitLab's
+// kubernetesVersion turns the version agentk reported into GitLab's
 // shape. Major and minor are only filled in when the version looks like
-// vX.Y.Z; the platform is not known to KAS.
-func kubernetesVersion(gitVersion string) *entity.KubernetesVersion {
-	v := &entity.KubernetesVersion{GitVersion: gitVersion}
+// vX.Y.Z.
+func kubernetesVersion(gitVersion, platform string) *entity.KubernetesVersion {
+	v := &entity.KubernetesVersion{GitVersion: gitVersion, Platform: platform}
 	if m := semverPrefix.FindStringSubmatch(gitVersion); m != nil {
 		v.Major, v.Minor = m[1], m[2]
 	}

@@ -278,8 +278,8 @@ func TestKubernetesVersion(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
-			v := kubernetesVersion(tt.in)
-			if v.GetMajor() != tt.major || v.GetMinor() != tt.minor || v.GetGitVersion() != tt.in || v.GetPlatform() != "" {
+			v := kubernetesVersion(tt.in, "linux/amd64")
+			if v.GetMajor() != tt.major || v.GetMinor() != tt.minor || v.GetGitVersion() != tt.in || v.GetPlatform() != "linux/amd64" {
 				t.Errorf("kubernetesVersion(%q) = %v", tt.in, v)
 			}
 		})

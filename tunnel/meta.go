@@ -19,13 +19,14 @@ const Subprotocol = "caddy-kas.tunnel.v1"
 // KAS reports them to admins (and, in GitLab mode, to GitLab's agent
 // tracker, which shows one connection per agentk pod).
 const (
-	HeaderAgentVersion      = "Kas-Agent-Version"
-	HeaderAgentCommit       = "Kas-Agent-Commit"
-	HeaderPodNamespace      = "Kas-Agent-Pod-Namespace"
-	HeaderPodName           = "Kas-Agent-Pod-Name"
-	HeaderPodID             = "Kas-Agent-Pod-Id"
-	HeaderConnectionID      = "Kas-Agent-Connection-Id"
-	HeaderKubernetesVersion = "Kas-Agent-Kubernetes-Version"
+	HeaderAgentVersion       = "Kas-Agent-Version"
+	HeaderAgentCommit        = "Kas-Agent-Commit"
+	HeaderPodNamespace       = "Kas-Agent-Pod-Namespace"
+	HeaderPodName            = "Kas-Agent-Pod-Name"
+	HeaderPodID              = "Kas-Agent-Pod-Id"
+	HeaderConnectionID       = "Kas-Agent-Connection-Id"
+	HeaderKubernetesVersion  = "Kas-Agent-Kubernetes-Version"
+	HeaderKubernetesPlatform = "Kas-Agent-Kubernetes-Platform"
 )
 
 // maxMetaValueLen bounds each metadata value, so that an agent cannot make
@@ -51,6 +52,9 @@ type AgentMeta struct {
 	// KubernetesVersion is the gitVersion the cluster reported to agentk
 	// (for example "v1.32.13"), empty if agentk could not ask.
 	KubernetesVersion string
+	// KubernetesPlatform is the platform the cluster reported (for
+	// example "linux/amd64"); GitLab's agent tracker shows it.
+	KubernetesPlatform string
 }
 
 // SetHeaders writes m into the handshake headers h.
@@ -65,6 +69,7 @@ func (m AgentMeta) SetHeaders(h http.Header) {
 	set(HeaderPodNamespace, m.PodNamespace)
 	set(HeaderPodName, m.PodName)
 	set(HeaderKubernetesVersion, m.KubernetesVersion)
+	set(HeaderKubernetesPlatform, m.KubernetesPlatform)
 	h.Set(HeaderPodID, strconv.FormatInt(m.PodID, 10))
 	h.Set(HeaderConnectionID, strconv.FormatInt(m.ConnectionID, 10))
 }
@@ -103,6 +108,7 @@ func MetaFromHeaders(h http.Header) (AgentMeta, error) {
 	m.PodNamespace = get(HeaderPodNamespace)
 	m.PodName = get(HeaderPodName)
 	m.KubernetesVersion = get(HeaderKubernetesVersion)
+	m.KubernetesPlatform = get(HeaderKubernetesPlatform)
 	m.PodID = getInt(HeaderPodID)
 	m.ConnectionID = getInt(HeaderConnectionID)
 	return m, errors.Join(errs...)

@@ -13,7 +13,7 @@ import (
 func TestAgentMetaRoundTrip(t *testing.T) {
 	in := tunnel.AgentMeta{
 		Version: "v0.1.0", CommitID: "abc123", PodNamespace: "gitlab-agent", PodName: "agentk-7d9f",
-		PodID: 8817, ConnectionID: -42, KubernetesVersion: "v1.32.13",
+		PodID: 8817, ConnectionID: -42, KubernetesVersion: "v1.32.13", KubernetesPlatform: "linux/amd64",
 	}
 	h := http.Header{}
 	in.SetHeaders(h)
