@@ -129,29 +129,31 @@ type AccessAsCI struct {
 // UnmarshalJSON decodes an access_as object and remembers keys it does
 // not know.
 func (a *AccessAsCI) UnmarshalJSON(b []byte) error {
+	*a = AccessAsCI{}
+	var err error
+	a.unknown, err = decodeAccessAs(b, map[string]any{"agent": &a.Agent, "impersonate": &a.Impersonate, "ci_job": &a.CIJob})
+	return err
+}
+
+// decodeAccessAs decodes an access_as object: the value of each key in
+// known into its target, and returns the other keys, sorted.
+func decodeAccessAs(b []byte, known map[string]any) (unknown []string, err error) {
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(b, &fields); err != nil {
-		return err
+		return nil, err
 	}
-	*a = AccessAsCI{}
 	for k, v := range fields {
-		var err error
-		switch k {
-		case "agent":
-			err = json.Unmarshal(v, &a.Agent)
-		case "impersonate":
-			err = json.Unmarshal(v, &a.Impersonate)
-		case "ci_job":
-			err = json.Unmarshal(v, &a.CIJob)
-		default:
-			a.unknown = append(a.unknown, k)
+		target, ok := known[k]
+		if !ok {
+			unknown = append(unknown, k)
+			continue
 		}
-		if err != nil {
-			return fmt.Errorf("access_as.%s: %w", k, err)
+		if err := json.Unmarshal(v, target); err != nil {
+			return nil, fmt.Errorf("access_as.%s: %w", k, err)
 		}
 	}
-	sort.Strings(a.unknown)
-	return nil
+	sort.Strings(unknown)
+	return unknown, nil
 }
 
 // ImpersonateConfig is an identity set explicitly in an agent's
@@ -223,27 +225,10 @@ type AccessAsProxyUser struct {
 // UnmarshalJSON decodes an access_as object and remembers keys it does
 // not know.
 func (a *AccessAsProxyUser) UnmarshalJSON(b []byte) error {
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(b, &fields); err != nil {
-		return err
-	}
 	*a = AccessAsProxyUser{}
-	for k, v := range fields {
-		var err error
-		switch k {
-		case "agent":
-			err = json.Unmarshal(v, &a.Agent)
-		case "user":
-			err = json.Unmarshal(v, &a.User)
-		default:
-			a.unknown = append(a.unknown, k)
-		}
-		if err != nil {
-			return fmt.Errorf("access_as.%s: %w", k, err)
-		}
-	}
-	sort.Strings(a.unknown)
-	return nil
+	var err error
+	a.unknown, err = decodeAccessAs(b, map[string]any{"agent": &a.Agent, "user": &a.User})
+	return err
 }
 
 // AccessAsUser lists the user's roles in the projects and groups that the
