@@ -68,7 +68,7 @@ func (c *railsClient) ctx(t *testing.T, secret []byte, audience string) context.
 func TestGitLabRailsAPI(t *testing.T) {
 	s := requireSuite(t)
 	apiAddress := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
-	e := startGitLabEnv(t, s, apiAddress, "usage_reporting_period 1s")
+	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, extra: []string{"usage_reporting_period 1s"}})
 	rails := newRailsClient(t, apiAddress, e.secret)
 	tracker := agenttrackerrpc.NewAgentTrackerClient(rails.conn)
 

@@ -43,13 +43,23 @@ type gitlabEnv struct {
 	secret     []byte
 }
 
-// startGitLabEnv starts it all; extra lines go into the gitlab block of
-// the Caddyfile (cache TTLs, say).
-func startGitLabEnv(t *testing.T, s *suite, apiListen string, extra ...string) *gitlabEnv {
+// gitlabEnvOptions are what tests vary of a gitlabEnv.
+type gitlabEnvOptions struct {
+	apiListen string   // the Rails gRPC API's address; empty: none
+	tls       bool     // GitLab serves HTTPS with its own CA, given to Caddy as ca_file
+	extra     []string // more lines of the Caddyfile's gitlab block (cache TTLs, say)
+}
+
+// startGitLabEnv starts it all.
+func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 	t.Helper()
 	secret, secretFile := fakegitlab.NewSecret(t)
+	start := fakegitlab.Start
+	if o.tls {
+		start = fakegitlab.StartTLS
+	}
 	e := &gitlabEnv{
-		gitlab:     fakegitlab.Start(t, fakegitlab.Options{Secret: secret}),
+		gitlab:     start(t, fakegitlab.Options{Secret: secret}),
 		agentToken: kubetest.NewToken("agent token issued by gitlab"),
 		secretFile: secretFile,
 		secret:     secret,
@@ -60,9 +70,10 @@ func startGitLabEnv(t *testing.T, s *suite, apiListen string, extra ...string) *
 		gitlab: &gitlabOptions{
 			url:         e.gitlab.URL,
 			secretFile:  secretFile,
+			caFile:      e.gitlab.CAFile(),
 			externalURL: glExternalURL,
-			apiListen:   apiListen,
-			extra:       extra,
+			apiListen:   o.apiListen,
+			extra:       o.extra,
 		},
 	})
 	e.agentk = e.caddy.startAgentk(t, agentkOptions{agentID: glAgentID, token: e.agentToken})
@@ -110,7 +121,7 @@ contexts:
 
 func TestGitLabCIAccess(t *testing.T) {
 	s := requireSuite(t)
-	e := startGitLabEnv(t, s, "")
+	e := startGitLabEnv(t, s, gitlabEnvOptions{})
 
 	job := fakegitlab.Job{
 		JobID: 4001, PipelineID: 501, ProjectID: 200, ProjectGroups: []int64{23, 25},
@@ -273,7 +284,7 @@ func TestGitLabCIAccess(t *testing.T) {
 
 func TestGitLabUserAccess(t *testing.T) {
 	s := requireSuite(t)
-	e := startGitLabEnv(t, s, "")
+	e := startGitLabEnv(t, s, gitlabEnvOptions{})
 	user := fakegitlab.User{ID: 42, Username: "maria"}
 	userAccessAs := json.RawMessage(`{"user":{"projects":[{"id":100,"roles":["developer","maintainer"]}],"groups":[{"id":23,"roles":["developer"]}]}}`)
 	wantUser := func(accessType string) userInfo {
@@ -438,7 +449,7 @@ func TestGitLabAgentTokens(t *testing.T) {
 	s := requireSuite(t)
 
 	t.Run("a reconnecting agent costs one agent_info call per TTL", func(t *testing.T) {
-		e := startGitLabEnv(t, s, "")
+		e := startGitLabEnv(t, s, gitlabEnvOptions{})
 		a := e.agentk
 		for range 3 {
 			a.proc.Kill()
@@ -452,7 +463,7 @@ func TestGitLabAgentTokens(t *testing.T) {
 
 	t.Run("a revoked token closes the tunnel", func(t *testing.T) {
 		// Short TTLs: the connected agent's token is checked every second.
-		e := startGitLabEnv(t, s, "", "agent_info_cache_ttl 1s", "agent_info_cache_error_ttl 1s")
+		e := startGitLabEnv(t, s, gitlabEnvOptions{extra: []string{"agent_info_cache_ttl 1s", "agent_info_cache_error_ttl 1s"}})
 		e.gitlab.RevokeAgentToken(e.agentToken)
 		err := kubetest.Eventually(30*time.Second, func() error {
 			code, err := e.agentk.readiness()
@@ -471,8 +482,21 @@ func TestGitLabAgentTokens(t *testing.T) {
 		}
 	})
 
+	t.Run("GitLab over HTTPS with its own CA", func(t *testing.T) {
+		e := startGitLabEnv(t, s, gitlabEnvOptions{tls: true})
+		if n := e.gitlab.Calls(fakegitlab.PathAgentInfo); n != 1 {
+			t.Errorf("%d agent_info calls over HTTPS, want 1", n)
+		}
+		pat := kubetest.NewToken("token checked over https")
+		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
+			AccessKey: pat, User: fakegitlab.User{ID: 3, Username: "tls-user"}, ConfigProjectID: glProjectID})
+		if who := e.caddy.kubectlWithToken(t, "over-tls", patToken(glAgentID, pat)).whoami(t); who.Username != adminUser {
+			t.Errorf("whoami %q, want the agent's %q", who.Username, adminUser)
+		}
+	})
+
 	t.Run("an unknown token is refused", func(t *testing.T) {
-		e := startGitLabEnv(t, s, "")
+		e := startGitLabEnv(t, s, gitlabEnvOptions{})
 		bad := e.caddy.startAgentk(t, agentkOptions{agentID: glAgentID, token: "not-an-agent-token"})
 		err := kubetest.Eventually(30*time.Second, func() error {
 			if !strings.Contains(bad.proc.Stderr(), "401") {
