@@ -66,6 +66,15 @@ type Client struct {
 	UserAgent string
 	// Now tells the time for the JWT; nil means time.Now.
 	Now func() time.Time
+	// Observer, if set, is told about every call, for metrics.
+	Observer Observer
+}
+
+// Observer is told about the calls a [Client] makes.
+type Observer interface {
+	// GitLabCall reports one call to path (a Path* constant): GitLab's
+	// HTTP status, or 0 if no answer came, and how long it took.
+	GitLabCall(path string, code int, took time.Duration)
 }
 
 // Error is a non-2xx answer of GitLab.
@@ -225,7 +234,15 @@ func (c *Client) do(ctx context.Context, method, path string, h http.Header, bod
 	if hc == nil {
 		hc = defaultHTTPClient
 	}
+	start := time.Now()
 	resp, err := hc.Do(req)
+	if c.Observer != nil {
+		code := 0
+		if err == nil {
+			code = resp.StatusCode
+		}
+		c.Observer.GitLabCall(path, code, time.Since(start))
+	}
 	if err != nil {
 		// *url.Error names the URL, which holds no credential (net/http
 		// removes a password from it).

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -262,5 +263,38 @@ func TestClientNow(t *testing.T) {
 	}
 	if verifyKASJWT(got, secret, time.Now()) == "" {
 		t.Error("token from 2023 verified now")
+	}
+}
+
+type recordedCall struct {
+	path string
+	code int
+}
+
+type callRecorder struct {
+	mu    sync.Mutex // guards calls
+	calls []recordedCall
+}
+
+func (r *callRecorder) GitLabCall(path string, code int, _ time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, recordedCall{path, code})
+}
+
+func TestClientObserver(t *testing.T) {
+	f := newFakeGitLab(t, "")
+	f.handle(PathAgentInfo, jsonAnswer(http.StatusUnauthorized, `{"message":"401 Unauthorized"}`))
+	rec := &callRecorder{}
+	c := f.client()
+	c.Observer = rec
+	c.AgentInfo(context.Background(), "agent-token")
+
+	down := &Client{BaseURL: &url.URL{Scheme: "http", Host: "127.0.0.1:1"}, Secret: c.Secret, Observer: rec}
+	down.AgentInfo(context.Background(), "agent-token")
+
+	want := []recordedCall{{PathAgentInfo, http.StatusUnauthorized}, {PathAgentInfo, 0}}
+	if !reflect.DeepEqual(rec.calls, want) {
+		t.Errorf("observed %v, want %v", rec.calls, want)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/gitlab"
 	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 	"github.com/caddy-kas/caddy-kas/railsapi"
@@ -177,6 +178,7 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 		HTTPClient: httpClient,
 		Secret:     secret,
 		UserAgent:  userAgent(),
+		Observer:   metrics.GitLab{},
 	}
 	v, _, err := usages.LoadOrNew(usageKey, func() (caddy.Destructor, error) {
 		return pooledUsage{gitlab.NewUsage()}, nil
@@ -225,7 +227,7 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 		}
 	}
 	a.gitlab = rt
-	return nil
+	return metrics.Register(ctx)
 }
 
 // modeKey names the authentication mode of this configuration, so that a

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddy-kas/caddy-kas/agentserver"
+	"github.com/caddy-kas/caddy-kas/gitlab"
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -47,7 +48,14 @@ var (
 		Help: "Kubernetes API proxy requests refused by the agent server, by HTTP status code.",
 	}, []string{"code"})
 
-	collectors = []prometheus.Collector{agentTunnels, agentConnects, agentRefusals, routingDuration, proxyRefusals}
+	gitlabCalls = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Subsystem: "gitlab", Name: "request_duration_seconds",
+		Help: "Calls to GitLab's internal API in GitLab mode, by API path and HTTP status code (0: no answer).",
+		// GitLab answers in milliseconds; the client gives up after 30 s.
+		Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+	}, []string{"path", "code"})
+
+	collectors = []prometheus.Collector{agentTunnels, agentConnects, agentRefusals, routingDuration, proxyRefusals, gitlabCalls}
 )
 
 // Register adds the collectors to the registry of ctx's configuration.
@@ -100,8 +108,18 @@ func (Proxy) Routed(wait time.Duration, found bool) {
 // Refused implements [kubeproxy.Observer].
 func (Proxy) Refused(code int) { proxyRefusals.WithLabelValues(strconv.Itoa(code)).Inc() }
 
+// GitLab records calls to GitLab's internal API; it is a
+// [gitlab.Observer].
+type GitLab struct{}
+
+// GitLabCall implements [gitlab.Observer].
+func (GitLab) GitLabCall(path string, code int, took time.Duration) {
+	gitlabCalls.WithLabelValues(path, strconv.Itoa(code)).Observe(took.Seconds())
+}
+
 // Interface guards
 var (
 	_ agentserver.Observer = Agents{}
 	_ kubeproxy.Observer   = Proxy{}
+	_ gitlab.Observer      = GitLab{}
 )

@@ -33,6 +33,9 @@ func TestMetrics(t *testing.T) {
 	p.Routed(20*time.Second, false)
 	p.Refused(401)
 	p.Refused(401)
+	var g GitLab
+	g.GitLabCall("/api/v4/internal/kubernetes/agent_info", 200, 3*time.Millisecond)
+	g.GitLabCall("/api/v4/internal/kubernetes/agent_info", 0, 30*time.Second)
 	after := gather(t, reg)
 
 	tests := []struct {
@@ -45,6 +48,8 @@ func TestMetrics(t *testing.T) {
 		{`caddy_kas_k8s_proxy_refusals_total{code="401"}`, 2},
 		{`caddy_kas_k8s_proxy_routing_duration_seconds_count{result="found"}`, 1},
 		{`caddy_kas_k8s_proxy_routing_duration_seconds_count{result="not_found"}`, 1},
+		{`caddy_kas_gitlab_request_duration_seconds_count{code="200",path="/api/v4/internal/kubernetes/agent_info"}`, 1},
+		{`caddy_kas_gitlab_request_duration_seconds_count{code="0",path="/api/v4/internal/kubernetes/agent_info"}`, 1},
 	}
 	for _, tt := range tests {
 		if got := after[tt.series] - before[tt.series]; got != tt.delta {
