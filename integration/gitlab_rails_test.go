@@ -160,6 +160,22 @@ func TestGitLabRailsAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("the API survives a reload", func(t *testing.T) {
+		e.caddy.reload(t, e.caddy.config, "--force")
+		info := serverinforpc.NewServerInfoClient(rails.conn)
+		err := kubetest.Eventually(10*time.Second, func() error {
+			_, err := info.GetServerInfo(rails.ctx(t, nil, "gitlab-kas"), &serverinforpc.GetServerInfoRequest{})
+			return err
+		})
+		if err != nil {
+			t.Fatalf("GetServerInfo after a reload: %v", err)
+		}
+		r, err := tracker.GetConnectedAgentksByAgentIDs(rails.ctx(t, nil, "gitlab-kas"), &agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest{AgentIds: []int64{glAgentID}})
+		if err != nil || len(r.GetAgents()) != 1 {
+			t.Errorf("the agent after a reload: %v, %v", r, err)
+		}
+	})
+
 	t.Run("usage metrics reach GitLab", func(t *testing.T) {
 		pat := kubetest.NewToken("token for usage")
 		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
