@@ -1,0 +1,129 @@
+// Command kasbench measures caddy-kas next to a direct connection to the
+// same upstream, in one run on 127.0.0.1, and prints the tables of
+// docs/benchmarks.md:
+//
+//	go run ./bench/cmd/kasbench                          # full run, about 6 minutes
+//	go run ./bench/cmd/kasbench -write docs/benchmarks.md
+//	go run ./bench/cmd/kasbench -quick                   # a few requests of everything
+//
+// It builds cmd/caddy and cmd/agentk like a release, starts an upstream
+// (HTTPS, HTTP/1.1 and HTTP/2), Caddy with a throwaway certificate and
+// agentk, and measures each load directly and through Caddy and agentk.
+// Every load is bounded in time and count and aimed at 127.0.0.x only.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/caddy-kas/caddy-kas/bench/kasbench"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintf(os.Stderr, "kasbench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	quick := flag.Bool("quick", false, "a tiny run: a few requests of every measurement, 10 idle agents")
+	write := flag.String("write", "", "write the results into this markdown file (the part between the kasbench markers)")
+	phase := flag.Duration("phase", 0, "measured time of one table cell (default 3s)")
+	agents := flag.String("agents", "", "comma-separated idle agent counts, increasing (default 1000,5000,10000; \"none\" skips)")
+	idle := flag.Duration("idle-window", 0, "how long idle CPU is measured at each agent count (default 20s)")
+	profiles := flag.String("pprof", "", "directory for CPU profiles of Caddy during the 1 KiB c=16 and 10 MiB GET c=8 HTTP/2 phases")
+	root := flag.String("root", ".", "module root to build from")
+	baseline := flag.String("baseline", "", "a second source tree (the code before a change) measured in the same run, rows marked (baseline)")
+	var caddyEnv stringsFlag
+	flag.Var(&caddyEnv, "caddy-env", "`KEY=VALUE` added to Caddy's environment (repeatable)")
+	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled")
+	release := flag.Bool("release", true, "build stripped binaries with -trimpath, like a release (false keeps symbols for perf)")
+	flag.Parse()
+
+	cfg := kasbench.DefaultConfig()
+	if *quick {
+		cfg = kasbench.QuickConfig()
+	}
+	cfg.Release = *release
+	cfg.Skip = map[string]bool{}
+	for _, s := range strings.Split(*skip, ",") {
+		if s != "" {
+			cfg.Skip[s] = true
+		}
+	}
+	if *phase > 0 {
+		cfg.Phase = *phase
+	}
+	if *idle > 0 {
+		cfg.IdleWindow = *idle
+	}
+	if *agents != "" {
+		cfg.ScaleAgents = nil
+		if *agents != "none" {
+			for _, s := range strings.Split(*agents, ",") {
+				var n int
+				if _, err := fmt.Sscan(s, &n); err != nil || n <= 0 {
+					return fmt.Errorf("-agents: %q is not a positive number", s)
+				}
+				cfg.ScaleAgents = append(cfg.ScaleAgents, n)
+			}
+		}
+	}
+	if *profiles != "" {
+		if err := os.MkdirAll(*profiles, 0o755); err != nil {
+			return err
+		}
+	}
+	cfg.ProfileDir = *profiles
+	cfg.Root = *root
+	cfg.BaselineRoot = *baseline
+	cfg.CaddyEnv = caddyEnv
+	cfg.Log = os.Stderr
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	rep, err := kasbench.Run(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	command := "go run ./bench/cmd/kasbench"
+	flag.Visit(func(f *flag.Flag) {
+		v := f.Value.String()
+		// Absolute paths are of this machine and say nothing to a
+		// reader of the results.
+		placeholders := map[string]string{"baseline": "<tree before the change>", "pprof": "<profile dir>", "write": "<file>", "root": "<module root>"}
+		if p, ok := placeholders[f.Name]; ok && filepath.IsAbs(v) {
+			v = p
+		}
+		command += " -" + f.Name + "=" + v
+	})
+	fmt.Println(rep.Header(command))
+	fmt.Println(rep.Targets())
+	fmt.Println(rep.Tables())
+	if *write != "" {
+		if err := rep.WriteDoc(*write, command); err != nil {
+			return err
+		}
+	}
+	return rep.Sane()
+}
+
+// stringsFlag collects a repeated flag.
+type stringsFlag []string
+
+func (f *stringsFlag) String() string { return strings.Join(*f, " ") }
+
+func (f *stringsFlag) Set(s string) error {
+	*f = append(*f, s)
+	return nil
+}
