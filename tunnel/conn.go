@@ -117,6 +117,10 @@ type Conn struct {
 	done      chan struct{} // closed once the connection is unusable
 	closeOnce sync.Once
 
+	afterMu   sync.Mutex // guards afterDone
+	afterDone []func()   // run by markDone; nil once they ran
+	afterRan  bool       // whether markDone ran them (guarded by afterMu)
+
 	// active counts requests sent and not yet finished (response body
 	// closed or request failed). Unlike cc.InFlight it also counts requests
 	// that are waiting for a free stream slot.
@@ -175,7 +179,35 @@ func NewConn(nc net.Conn, info AgentInfo, o Options) (*Conn, error) {
 	return c, nil
 }
 
-func (c *Conn) markDone() { c.closeOnce.Do(func() { close(c.done) }) }
+func (c *Conn) markDone() {
+	c.closeOnce.Do(func() {
+		close(c.done)
+		c.afterMu.Lock()
+		fs := c.afterDone
+		c.afterDone, c.afterRan = nil, true
+		c.afterMu.Unlock()
+		// Each in its own goroutine: markDone runs inside the HTTP/2
+		// client's state hook, where a callback must not block.
+		for _, f := range fs {
+			go f()
+		}
+	})
+}
+
+// AfterDone arranges for f to run in a goroutine of its own once the
+// connection is done, or at once if it is done already. It lets the owner
+// of a tunnel react to its end without a goroutine that waits for it,
+// which would cost a stack per idle agent.
+func (c *Conn) AfterDone(f func()) {
+	c.afterMu.Lock()
+	if !c.afterRan {
+		c.afterDone = append(c.afterDone, f)
+		c.afterMu.Unlock()
+		return
+	}
+	c.afterMu.Unlock()
+	go f()
+}
 
 // Agent returns what KAS knows about the agent at the other end.
 func (c *Conn) Agent() AgentInfo { return c.info }

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -341,4 +342,27 @@ func req2xx(t *testing.T, p *tunneltest.Pair) bool {
 	}
 	resp.Body.Close()
 	return resp.StatusCode/100 == 2
+}
+
+// TestAfterDone: callbacks run once the connection is done, whether they
+// were registered before or after, and each exactly once.
+func TestAfterDone(t *testing.T) {
+	p := tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{})
+	var before, after atomic.Int32
+	ran := make(chan struct{}, 2)
+	p.KAS.AfterDone(func() { before.Add(1); ran <- struct{}{} })
+	select {
+	case <-ran:
+		t.Fatal("callback ran while the connection was up")
+	case <-time.After(50 * time.Millisecond):
+	}
+	p.KAS.Close()
+	p.KAS.Close()
+	<-ran
+	p.KAS.AfterDone(func() { after.Add(1); ran <- struct{}{} })
+	<-ran
+	time.Sleep(50 * time.Millisecond) // a second run would show by now
+	if before.Load() != 1 || after.Load() != 1 {
+		t.Errorf("callbacks ran %d and %d times, want once each", before.Load(), after.Load())
+	}
 }
