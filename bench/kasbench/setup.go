@@ -3,18 +3,13 @@ package kasbench
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +19,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/internal/testca"
 )
 
 // binaries are the programs under test, built like a release.
@@ -68,67 +65,21 @@ type pki struct {
 }
 
 func newPKI(dir string) (*pki, error) {
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := testca.New("kasbench throwaway CA")
 	if err != nil {
-		return nil, fmt.Errorf("generating the CA key: %w", err)
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "kasbench throwaway CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return nil, fmt.Errorf("creating the CA certificate: %w", err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("generating the server key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		return nil, fmt.Errorf("creating the server certificate: %w", err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return nil, fmt.Errorf("encoding the server key: %w", err)
+		return nil, err
 	}
 	p := &pki{
 		caFile:   filepath.Join(dir, "ca.pem"),
 		certFile: filepath.Join(dir, "server.pem"),
 		keyFile:  filepath.Join(dir, "server-key.pem"),
-		pool:     x509.NewCertPool(),
+		pool:     ca.Pool,
+		cert:     ca.Server,
 	}
-	p.pool.AddCert(caCert)
-	files := map[string][]byte{
-		p.caFile:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
-		p.certFile: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		p.keyFile:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
-	}
-	for path, data := range files {
+	for path, data := range map[string][]byte{p.caFile: ca.CAPEM, p.certFile: ca.CertPEM, p.keyFile: ca.KeyPEM} {
 		if err := os.WriteFile(path, data, 0o600); err != nil {
 			return nil, fmt.Errorf("writing %s: %w", filepath.Base(path), err)
 		}
-	}
-	p.cert, err = tls.X509KeyPair(files[p.certFile], files[p.keyFile])
-	if err != nil {
-		return nil, fmt.Errorf("loading the server key pair: %w", err)
 	}
 	return p, nil
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	"github.com/caddy-kas/caddy-kas/internal/testca"
 )
 
 // Options configure a Cluster.
@@ -56,7 +58,7 @@ type Options struct {
 // documentation.
 type Cluster struct {
 	opts      Options
-	authority *authority
+	authority *testca.CA
 	dir       string // holds the CA file
 
 	apiURL       *url.URL
@@ -151,7 +153,7 @@ func New(opts Options) (_ *Cluster, err error) {
 	if c.dir, err = os.MkdirTemp("", "fakecluster-"); err != nil {
 		return nil, fmt.Errorf("fakecluster: %w", err)
 	}
-	if err := os.WriteFile(c.CAFile(), c.authority.caPEM, 0o600); err != nil {
+	if err := os.WriteFile(c.CAFile(), c.authority.CAPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("fakecluster: write the CA file: %w", err)
 	}
 
@@ -165,12 +167,12 @@ func New(opts Options) (_ *Cluster, err error) {
 		echoAddr:    c.echo.addr(),
 		portTargets: opts.PortTargets,
 	}
-	if c.kubelet, err = startServer("kubelet", kubeletHandler(c.runtime), c.authority.server, false); err != nil {
+	if c.kubelet, err = startServer("kubelet", kubeletHandler(c.runtime), c.authority.Server, false); err != nil {
 		return nil, err
 	}
 	c.kubeletURL = &url.URL{Scheme: "https", Host: c.kubelet.addr()}
 	c.kubeletTransport = &http.Transport{
-		TLSClientConfig:     &tls.Config{RootCAs: c.authority.pool, MinVersion: tls.VersionTLS12},
+		TLSClientConfig:     &tls.Config{RootCAs: c.authority.Pool, MinVersion: tls.VersionTLS12},
 		TLSHandshakeTimeout: 30 * time.Second,
 	}
 
@@ -187,7 +189,7 @@ func New(opts Options) (_ *Cluster, err error) {
 			}
 		},
 	}
-	if c.front, err = startServer("apiserver", http.HandlerFunc(c.serveFront), c.authority.server, true); err != nil {
+	if c.front, err = startServer("apiserver", http.HandlerFunc(c.serveFront), c.authority.Server, true); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -202,7 +204,7 @@ func (c *Cluster) URL() string { return "https://" + c.front.addr() }
 func (c *Cluster) CAFile() string { return filepath.Join(c.dir, "ca.crt") }
 
 // CAPEM is the PEM of the CA that issued the Cluster's serving certificate.
-func (c *Cluster) CAPEM() []byte { return append([]byte(nil), c.authority.caPEM...) }
+func (c *Cluster) CAPEM() []byte { return append([]byte(nil), c.authority.CAPEM...) }
 
 // EchoAddr is the address of the echo server that port-forwards reach.
 func (c *Cluster) EchoAddr() string { return c.echo.addr() }
