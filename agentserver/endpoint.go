@@ -151,13 +151,12 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if e.Observer != nil {
 		e.Observer.AgentConnected(info)
 	}
-	log = log.With(zap.Int64("connection_id", meta.ConnectionID), zap.Int64("pod_id", meta.PodID))
-	log.Info("agent connected",
+	log.Info("agent connected", zap.Int64("connection_id", meta.ConnectionID), zap.Int64("pod_id", meta.PodID),
 		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),
 		zap.String("pod_name", meta.PodName), zap.String("kubernetes_version", meta.KubernetesVersion))
 	var rc *recheck
 	if e.Recheck > 0 {
-		rc = &recheck{e: e, conn: conn, token: token, log: log}
+		rc = &recheck{e: e, conn: conn, token: token}
 		rc.schedule()
 	}
 	conn.AfterDone(func() {
@@ -168,8 +167,21 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if e.Observer != nil {
 			e.Observer.AgentDisconnected(info)
 		}
-		log.Info("agent disconnected", zap.Duration("connected_for", time.Since(conn.ConnectedAt())), zap.NamedError("reason", conn.Err()))
+		e.tunnelLog(conn).Info("agent disconnected", zap.Duration("connected_for", time.Since(conn.ConnectedAt())), zap.NamedError("reason", conn.Err()))
 	})
+}
+
+// tunnelLog returns the logger for events of a live tunnel. It is made
+// when needed rather than kept: zap encodes a logger's fields when it is
+// made, and a kept one would cost each idle agent a buffer.
+func (e *Endpoint) tunnelLog(conn *tunnel.Conn) *zap.Logger {
+	log := e.Logger
+	if log == nil {
+		return zap.NewNop()
+	}
+	info := conn.Agent()
+	return log.With(zap.String("remote_addr", info.RemoteAddr), zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name),
+		zap.Int64("connection_id", info.Meta.ConnectionID), zap.Int64("pod_id", info.Meta.PodID))
 }
 
 // recheck checks the token of a connected agent again every e.Recheck and
@@ -179,7 +191,6 @@ type recheck struct {
 	e     *Endpoint
 	conn  *tunnel.Conn
 	token string
-	log   *zap.Logger
 
 	mu      sync.Mutex  // guards timer and stopped
 	timer   *time.Timer // the next check
@@ -213,14 +224,14 @@ func (r *recheck) run() {
 	cancel()
 	switch {
 	case errors.Is(err, ErrUnknownToken), err == nil && agent.ID != r.conn.Agent().ID:
-		r.log.Warn("closing tunnel: agent token revoked")
+		r.e.tunnelLog(r.conn).Warn("closing tunnel: agent token revoked")
 		if r.e.Observer != nil {
 			r.e.Observer.AgentRefused("agent token revoked")
 		}
 		r.conn.Close()
 		return
 	case err != nil:
-		r.log.Warn("cannot re-check agent token now; keeping the tunnel", zap.Error(err))
+		r.e.tunnelLog(r.conn).Warn("cannot re-check agent token now; keeping the tunnel", zap.Error(err))
 	}
 	r.schedule()
 }
