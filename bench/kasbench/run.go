@@ -72,6 +72,10 @@ type Config struct {
 	// CaddyEnv is added to Caddy's environment (GODEBUG or GOGC
 	// experiments, say).
 	CaddyEnv []string
+	// BaselineCaddyEnv is added to the baseline Caddy's environment instead
+	// of CaddyEnv, so that a run-time setting can be measured against the
+	// same code without it (-baseline at the same tree).
+	BaselineCaddyEnv []string
 	// Log receives progress lines.
 	Log io.Writer
 }
@@ -209,7 +213,11 @@ func (s *stack) stop() {
 
 // startStack starts Caddy and agentk from bins.
 func startStack(ctx context.Context, cfg Config, bins binaries, p *pki, up *upstream, dir, variant string) (*stack, error) {
-	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, cfg.CaddyEnv)
+	env := cfg.CaddyEnv
+	if variant != "" {
+		env = cfg.BaselineCaddyEnv
+	}
+	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, env)
 	if err != nil {
 		return nil, err
 	}

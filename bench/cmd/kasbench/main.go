@@ -44,6 +44,8 @@ func run() error {
 	baseline := flag.String("baseline", "", "a second source tree (the code before a change) measured in the same run, rows marked (baseline)")
 	var caddyEnv stringsFlag
 	flag.Var(&caddyEnv, "caddy-env", "`KEY=VALUE` added to Caddy's environment (repeatable)")
+	var baselineCaddyEnv stringsFlag
+	flag.Var(&baselineCaddyEnv, "baseline-caddy-env", "`KEY=VALUE` added to the baseline Caddy's environment instead of -caddy-env (repeatable)")
 	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled")
 	release := flag.Bool("release", true, "build stripped binaries with -trimpath, like a release (false keeps symbols for perf)")
 	flag.Parse()
@@ -86,6 +88,7 @@ func run() error {
 	cfg.Root = *root
 	cfg.BaselineRoot = *baseline
 	cfg.CaddyEnv = caddyEnv
+	cfg.BaselineCaddyEnv = baselineCaddyEnv
 	cfg.Log = os.Stderr
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
