@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -170,5 +171,22 @@ func TestModeChangeClosesTunnels(t *testing.T) {
 	case <-p.KAS.Done():
 	default:
 		t.Error("a standalone tunnel survived the switch to GitLab mode")
+	}
+}
+
+// TestAgentRecheckKeepsGitLabStatus: GitLab shows an agent as connected
+// while its token was used in the last 8 minutes (kas-spec §7). A re-check
+// reaches GitLab only once the cached answer has expired, so the longest
+// gap between two calls is the cache TTL plus one re-check interval at
+// its longest (+10 % jitter); with the default TTL it must stay under 8
+// minutes.
+func TestAgentRecheckKeepsGitLabStatus(t *testing.T) {
+	ttl := defaultAgentInfoCacheTTL
+	longestGap := ttl + agentRecheck(ttl)*11/10
+	if longestGap >= 8*time.Minute {
+		t.Errorf("with the default TTL of %s a connected agent's token may go %s without reaching GitLab; GitLab's connected status needs less than 8m", ttl, longestGap)
+	}
+	if agentRecheck(ttl) <= 0 {
+		t.Error("no re-check")
 	}
 }
