@@ -53,14 +53,33 @@ const (
 
 var accessKinds = []AccessKind{AccessCI, AccessUser, AccessPAT}
 
+// kindCounters names the counters of one access kind, built once: they are
+// counted on every proxied request.
+type kindCounters struct {
+	requests, uniqueUsers, uniqueAgents string
+}
+
+var countersOf = func() map[AccessKind]kindCounters {
+	m := make(map[AccessKind]kindCounters, len(accessKinds))
+	for _, k := range accessKinds {
+		m[k] = kindCounters{
+			requests:     counterProxyRequestPrefix + k.String() + accessSuffix,
+			uniqueUsers:  uniqueUsersPrefix + k.String() + accessSuffix,
+			uniqueAgents: uniqueAgentsPrefix + k.String() + accessSuffix,
+		}
+	}
+	return m
+}()
+
 // trackedCounters and trackedUniqueCounters are every key a report
 // carries, zero or empty included.
 var trackedCounters, trackedUniqueCounters = func() ([]string, []string) {
 	counters := []string{counterProxyRequest, counterFluxPushes}
 	unique := []string{uniqueFluxProjects, uniqueAgentUsersCITunnel}
 	for _, k := range accessKinds {
-		counters = append(counters, counterProxyRequestPrefix+k.String()+accessSuffix)
-		unique = append(unique, uniqueUsersPrefix+k.String()+accessSuffix, uniqueAgentsPrefix+k.String()+accessSuffix)
+		c := countersOf[k]
+		counters = append(counters, c.requests)
+		unique = append(unique, c.uniqueUsers, c.uniqueAgents)
 	}
 	return counters, unique
 }()
@@ -82,16 +101,16 @@ func NewUsage() *Usage {
 // ProxyRequest counts one authenticated Kubernetes API proxy request of a
 // user (for CI, the user the job runs for) to an agent.
 func (u *Usage) ProxyRequest(kind AccessKind, userID, agentID int64) {
-	if u == nil || !slices.Contains(accessKinds, kind) {
+	c, ok := countersOf[kind]
+	if u == nil || !ok {
 		return
 	}
-	k := kind.String()
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.counters[counterProxyRequest]++
-	u.counters[counterProxyRequestPrefix+k+accessSuffix]++
-	u.addUnique(uniqueUsersPrefix+k+accessSuffix, userID)
-	u.addUnique(uniqueAgentsPrefix+k+accessSuffix, agentID)
+	u.counters[c.requests]++
+	u.addUnique(c.uniqueUsers, userID)
+	u.addUnique(c.uniqueAgents, agentID)
 	if kind == AccessCI {
 		u.addUnique(uniqueAgentUsersCITunnel, userID)
 	}
