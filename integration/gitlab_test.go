@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -54,6 +55,10 @@ type gitlabEnvOptions struct {
 func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 	t.Helper()
 	secret, secretFile := fakegitlab.NewSecret(t)
+	// The secret, raw and as the file holds it, must never show in a
+	// process's output either (checked when each process stops).
+	kubetest.NoteSecret(string(secret), "the shared KAS secret")
+	kubetest.NoteSecret(base64.StdEncoding.EncodeToString(secret), "the shared KAS secret file")
 	start := fakegitlab.Start
 	if o.tls {
 		start = fakegitlab.StartTLS
@@ -335,7 +340,7 @@ func TestGitLabUserAccess(t *testing.T) {
 	// The GitLab UI's session cookie, as its pages send it: Rack escapes
 	// the value, and the CSRF token and agent id come as headers, or, for
 	// browser WebSockets, as query parameters.
-	cookie := "2f9a1c%3Dsession/value+with chars"
+	cookie := "2f9a1c%3D" + kubetest.NewToken("maria's session cookie") + "/value+with chars"
 	csrf := kubetest.NewToken("csrf token")
 	e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypeSessionCookie,
 		AccessKey: mustUnescape(t, cookie), CSRFToken: csrf, User: user, ConfigProjectID: glProjectID, AccessAs: userAccessAs})

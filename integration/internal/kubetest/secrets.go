@@ -19,13 +19,20 @@ var knownSecrets struct {
 // describes it in messages instead of its value.
 func NewToken(label string) string {
 	token := RandomHex(24)
+	NoteSecret(token, label)
+	return token
+}
+
+// NoteSecret remembers a secret the tests did not make with NewToken (a
+// shared secret read from a file, say) under label, so that it is searched
+// for and redacted like the tokens.
+func NoteSecret(value, label string) {
 	knownSecrets.Lock()
 	defer knownSecrets.Unlock()
 	if knownSecrets.labelByValue == nil {
 		knownSecrets.labelByValue = make(map[string]string)
 	}
-	knownSecrets.labelByValue[token] = label
-	return token
+	knownSecrets.labelByValue[value] = label
 }
 
 // RandomHex returns n random bytes from crypto/rand, hex encoded.
