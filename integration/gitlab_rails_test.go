@@ -2,20 +2,25 @@ package integration
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
+	"github.com/caddy-kas/caddy-kas/internal/testca"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttracker"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/event"
@@ -217,4 +222,40 @@ func TestGitLabRailsAPI(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// TestGitLabRailsAPIOverTLS: with api_tls, Rails reaches the API as
+// grpcs:// and a plain-text client is turned away.
+func TestGitLabRailsAPIOverTLS(t *testing.T) {
+	s := requireSuite(t)
+	ca, err := testca.New("rails api test CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := testDir(t, s)
+	certFile, keyFile := filepath.Join(dir, "api.crt"), filepath.Join(dir, "api.key")
+	for path, data := range map[string][]byte{certFile: ca.CertPEM, keyFile: ca.KeyPEM} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	apiAddress := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
+	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, extra: []string{"api_tls " + certFile + " " + keyFile}})
+
+	conn, err := grpc.NewClient(apiAddress, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: ca.Pool})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	rails := &railsClient{conn: conn, secret: e.secret}
+	r, err := agenttrackerrpc.NewAgentTrackerClient(conn).GetConnectedAgentksByAgentIDs(rails.ctx(t, nil, "gitlab-kas"),
+		&agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest{AgentIds: []int64{glAgentID}})
+	if err != nil || len(r.GetAgents()) != 1 {
+		t.Fatalf("over TLS: %v, %v", r, err)
+	}
+
+	plain := newRailsClient(t, apiAddress, e.secret)
+	if _, err := serverinforpc.NewServerInfoClient(plain.conn).GetServerInfo(plain.ctx(t, nil, "gitlab-kas"), &serverinforpc.GetServerInfoRequest{}); err == nil {
+		t.Error("a plain-text client got an answer from the TLS API")
+	}
 }
