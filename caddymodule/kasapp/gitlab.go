@@ -382,7 +382,11 @@ func agentRecheck(ttl time.Duration) time.Duration { return ttl / 2 }
 // userAgent names this build in calls to GitLab, in the shape GitLab's own
 // agent server uses ("gitlab-kas/<version>/<commit>", kas-spec §2.2).
 func userAgent() string {
-	return "caddy-kas/" + buildinfo.Version() + "/" + buildinfo.Commit()
+	ua := "caddy-kas/" + buildinfo.Version()
+	if c := buildinfo.Commit(); c != "" {
+		ua += "/" + c
+	}
+	return ua
 }
 
 func durationOr(d caddy.Duration, def time.Duration) time.Duration {
