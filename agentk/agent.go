@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
@@ -73,7 +74,8 @@ type Config struct {
 	ObservabilityListener net.Listener
 
 	// Version and Commit identify this build to KAS; empty means
-	// BuildVersion() and BuildCommit().
+	// buildinfo.Version() and buildinfo.Commit(). A build without a
+	// recorded commit sends none.
 	Version string
 	Commit  string
 }
@@ -142,10 +144,10 @@ func New(cfg Config) (*Agent, error) {
 		commit:  cfg.Commit,
 	}
 	if a.version == "" {
-		a.version = BuildVersion()
+		a.version = buildinfo.Version()
 	}
 	if a.commit == "" {
-		a.commit = BuildCommit()
+		a.commit = buildinfo.Commit()
 	}
 	a.version, a.commit = metaOrEmpty(a.version), metaOrEmpty(a.commit)
 	a.userAgent = "caddy-kas-agentk/" + a.version

@@ -27,6 +27,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/agentk"
+	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 )
 
 func main() {
@@ -122,7 +123,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if o.printVersion {
-		fmt.Fprintf(stdout, "agentk %s (commit %s)\n", agentk.BuildVersion(), agentk.BuildCommit())
+		printVersion(stdout)
 		return 0
 	}
 
@@ -162,6 +163,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// printVersion prints the agentk version and commit, with "unknown" for
+// a build that recorded no commit.
+func printVersion(w io.Writer) {
+	commit := buildinfo.Commit()
+	if commit == "" {
+		commit = "unknown"
+	}
+	fmt.Fprintf(w, "agentk %s (commit %s)\n", buildinfo.Version(), commit)
 }
 
 // newLogger returns zap's production logger (JSON on stderr) without stack

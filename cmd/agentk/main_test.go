@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/agentk"
+	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -75,7 +76,7 @@ func TestRunExitCodes(t *testing.T) {
 	}
 	var stdout strings.Builder
 	run([]string{"--version"}, &stdout, &strings.Builder{})
-	if !strings.HasPrefix(stdout.String(), "agentk "+agentk.BuildVersion()) {
+	if !strings.HasPrefix(stdout.String(), "agentk "+buildinfo.Version()+" (commit ") {
 		t.Errorf("--version printed %q", stdout.String())
 	}
 }
