@@ -19,6 +19,8 @@ import (
 
 	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // Defaults of [Config].
@@ -68,7 +70,7 @@ type Config struct {
 	// context ends. Zero means DefaultShutdownGrace, negative none.
 	ShutdownGrace time.Duration
 	// TunnelOptions tune the HTTP/2 connections of the tunnels.
-	TunnelOptions tunnel.Options
+	TunnelOptions h2tunnel.Options
 	// ObservabilityListener, if not nil, serves /liveness, /readiness and
 	// /metrics while Run runs. Run closes it.
 	ObservabilityListener net.Listener
@@ -119,7 +121,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agentk: connections must be between 1 and %d, got %d", MaxConnections, cfg.Connections)
 	}
 	for name, v := range map[string]string{"pod namespace": cfg.PodNamespace, "pod name": cfg.PodName} {
-		if !validMeta(v) {
+		if !tunnel.ValidMetaValue(v) {
 			return nil, fmt.Errorf("agentk: %s %q is not a valid Kubernetes name", name, v)
 		}
 	}
@@ -156,20 +158,10 @@ func New(cfg Config) (*Agent, error) {
 	return a, nil
 }
 
-// maxMeta is the longest handshake metadata value KAS accepts (a
-// Kubernetes name, 253 bytes; see tunnel.MetaFromHeaders).
-const maxMeta = 253
-
-// validMeta reports whether KAS accepts v as handshake metadata: printable
-// ASCII and not too long.
-func validMeta(v string) bool {
-	return len(v) <= maxMeta && strings.IndexFunc(v, func(r rune) bool { return r < 0x20 || r > 0x7e }) < 0
-}
-
 // metaOrEmpty drops a value KAS would refuse: better a handshake without
 // it than no tunnel.
 func metaOrEmpty(v string) string {
-	if validMeta(v) {
+	if tunnel.ValidMetaValue(v) {
 		return v
 	}
 	return ""
@@ -342,7 +334,7 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 	}
 	h.Set("Authorization", "Bearer "+token)
 	h.Set("User-Agent", a.userAgent)
-	tunnel.AgentMeta{
+	h2tunnel.SetMetaHeaders(h, tunnel.AgentMeta{
 		Version:            a.version,
 		CommitID:           a.commit,
 		PodNamespace:       a.cfg.PodNamespace,
@@ -351,10 +343,10 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 		ConnectionID:       r.connectionID,
 		KubernetesVersion:  kubeVersion.GitVersion,
 		KubernetesPlatform: kubeVersion.Platform,
-	}.SetHeaders(h)
+	})
 
 	dctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
-	conn, resp, err := tunnel.Dial(dctx, a.cfg.KASAddress, tunnel.DialOptions{HTTPClient: a.cfg.KASClient, Header: h})
+	conn, resp, err := wsconn.Dial(dctx, a.cfg.KASAddress, wsconn.DialOptions{HTTPClient: a.cfg.KASClient, Header: h, Subprotocol: h2tunnel.Subprotocol})
 	cancel() // the handshake is over; the tunnel does not depend on dctx
 	if err != nil {
 		if ctx.Err() != nil {
@@ -377,7 +369,7 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 		zap.Int64("connection", r.connectionID),
 		zap.Int64("pod_id", a.podID),
 		zap.String("kubernetes_version", kubeVersion.GitVersion))
-	srv := &tunnel.Server{
+	srv := &h2tunnel.Server{
 		Handler:       a.handler,
 		Options:       a.cfg.TunnelOptions,
 		ErrorLog:      a.httpLog,

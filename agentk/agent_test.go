@@ -19,7 +19,10 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // fakeKAS is an agent endpoint: it checks the handshake like KAS does and
@@ -28,7 +31,7 @@ type fakeKAS struct {
 	t   *testing.T
 	srv *httptest.Server
 	// conns receives the KAS side of every accepted tunnel.
-	conns chan *tunnel.Conn
+	conns chan *h2tunnel.Conn
 
 	mu         sync.Mutex // guards token, refuse and handshakes
 	token      string     // the agent token KAS accepts
@@ -37,7 +40,7 @@ type fakeKAS struct {
 }
 
 func newFakeKAS(t *testing.T, token string, refuse int) *fakeKAS {
-	k := &fakeKAS{t: t, token: token, refuse: refuse, conns: make(chan *tunnel.Conn, 10)}
+	k := &fakeKAS{t: t, token: token, refuse: refuse, conns: make(chan *h2tunnel.Conn, 10)}
 	k.srv = httptest.NewServer(http.HandlerFunc(k.serveHTTP))
 	t.Cleanup(k.srv.Close)
 	return k
@@ -58,7 +61,7 @@ func (k *fakeKAS) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "wrong path "+r.URL.Path, http.StatusNotFound)
 		return
 	}
-	if !tunnel.IsWebSocketUpgrade(r) || !tunnel.OffersSubprotocol(r) {
+	if !wsconn.IsUpgrade(r) || !wsconn.Offers(r, h2tunnel.Subprotocol) {
 		http.Error(w, "not a tunnel", http.StatusBadRequest)
 		return
 	}
@@ -77,18 +80,18 @@ func (k *fakeKAS) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "unknown agent token: "+r.Header.Get("Authorization"))
 		return
 	}
-	meta, err := tunnel.MetaFromHeaders(r.Header)
+	meta, err := h2tunnel.MetaFromHeaders(r.Header)
 	if err != nil {
 		k.t.Errorf("handshake metadata: %v", err)
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	nc, err := tunnel.Accept(w, r)
+	nc, err := wsconn.Accept(w, r, h2tunnel.Subprotocol)
 	if err != nil {
 		k.t.Errorf("accept: %v", err)
 		return
 	}
-	c, err := tunnel.NewConn(nc, tunnel.AgentInfo{ID: 1, Name: "test", Meta: meta, RemoteAddr: r.RemoteAddr}, tunnel.Options{})
+	c, err := h2tunnel.NewConn(nc, tunnel.AgentInfo{ID: 1, Name: "test", Meta: meta, RemoteAddr: r.RemoteAddr}, h2tunnel.Options{})
 	if err != nil {
 		k.t.Errorf("new conn: %v", err)
 		return
@@ -109,7 +112,7 @@ func (k *fakeKAS) handshakeCount() int {
 }
 
 // next waits for the next accepted tunnel.
-func (k *fakeKAS) next(t *testing.T) *tunnel.Conn {
+func (k *fakeKAS) next(t *testing.T) *h2tunnel.Conn {
 	t.Helper()
 	select {
 	case c := <-k.conns:
@@ -208,7 +211,7 @@ func (ta *testAgent) get(t *testing.T, path string) (int, string) {
 func (ta *testAgent) count(msg string) int { return ta.logs.FilterMessage(msg).Len() }
 
 // proxyGet sends a request through the tunnel as KAS would.
-func proxyGet(t *testing.T, c *tunnel.Conn, path string, h http.Header) (int, string) {
+func proxyGet(t *testing.T, c *h2tunnel.Conn, path string, id *identity.Identity, h http.Header) (int, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -219,7 +222,7 @@ func proxyGet(t *testing.T, c *tunnel.Conn, path string, h http.Header) (int, st
 	for k, vs := range h {
 		req.Header[k] = vs
 	}
-	resp, err := c.RoundTrip(req)
+	resp, err := c.RoundTrip(&tunnel.Request{HTTP: req, Identity: id})
 	if err != nil {
 		t.Fatalf("request through the tunnel: %v", err)
 	}
@@ -263,31 +266,30 @@ func TestAgentEndToEnd(t *testing.T) {
 	// The handshake carried the token and the metadata.
 	h := kas.handshake(1)
 	for name, want := range map[string]string{
-		"Authorization":                 "Bearer agent-token-1",
-		"User-Agent":                    "caddy-kas-agentk/v0.0.1-test",
-		"X-Extra":                       "extra value",
-		tunnel.HeaderAgentVersion:       "v0.0.1-test",
-		tunnel.HeaderAgentCommit:        "abc123",
-		tunnel.HeaderPodNamespace:       "agents",
-		tunnel.HeaderPodName:            "agentk-0",
-		tunnel.HeaderKubernetesVersion:  "v1.32.13",
-		tunnel.HeaderKubernetesPlatform: "linux/amd64",
-		"Sec-Websocket-Protocol":        tunnel.Subprotocol,
+		"Authorization":                   "Bearer agent-token-1",
+		"User-Agent":                      "caddy-kas-agentk/v0.0.1-test",
+		"X-Extra":                         "extra value",
+		h2tunnel.HeaderAgentVersion:       "v0.0.1-test",
+		h2tunnel.HeaderAgentCommit:        "abc123",
+		h2tunnel.HeaderPodNamespace:       "agents",
+		h2tunnel.HeaderPodName:            "agentk-0",
+		h2tunnel.HeaderKubernetesVersion:  "v1.32.13",
+		h2tunnel.HeaderKubernetesPlatform: "linux/amd64",
+		"Sec-Websocket-Protocol":          h2tunnel.Subprotocol,
 	} {
 		if got := h.Get(name); got != want {
 			t.Errorf("handshake header %s = %q, want %q", name, got, want)
 		}
 	}
-	if h.Get(tunnel.HeaderPodID) != strconv.FormatInt(ta.podID, 10) {
-		t.Errorf("pod id %q, want %d", h.Get(tunnel.HeaderPodID), ta.podID)
+	if h.Get(h2tunnel.HeaderPodID) != strconv.FormatInt(ta.podID, 10) {
+		t.Errorf("pod id %q, want %d", h.Get(h2tunnel.HeaderPodID), ta.podID)
 	}
 
 	// A request through the tunnel reaches the apiserver as agentk,
 	// impersonating the identity KAS sent.
-	id := (&tunnel.Identity{Username: "alice", Groups: []string{"dev"}}).Encode()
-	code, body := proxyGet(t, conn, "/api/v1/namespaces", http.Header{
-		tunnel.IdentityHeader: {id},
-		"Authorization":       {"Bearer user-token"},
+	id := &identity.Identity{Username: "alice", Groups: []string{"dev"}}
+	code, body := proxyGet(t, conn, "/api/v1/namespaces", id, http.Header{
+		"Authorization": {"Bearer user-token"},
 	})
 	if code != http.StatusOK || body != "path=/api/v1/namespaces user=alice" {
 		t.Errorf("through the tunnel: %d %q", code, body)
@@ -298,17 +300,17 @@ func TestAgentEndToEnd(t *testing.T) {
 	kas.setToken("agent-token-2")
 	conn.Close()
 	conn2 := kas.next(t)
-	if code, body := proxyGet(t, conn2, "/api", nil); code != http.StatusOK || body != "path=/api user=" {
+	if code, body := proxyGet(t, conn2, "/api", nil, nil); code != http.StatusOK || body != "path=/api user=" {
 		t.Errorf("through the new tunnel: %d %q", code, body)
 	}
 	h2 := kas.handshake(kas.handshakeCount() - 1)
 	if got := h2.Get("Authorization"); got != "Bearer agent-token-2" {
 		t.Errorf("reconnect used %q, want the rotated token", got)
 	}
-	if h2.Get(tunnel.HeaderPodID) != h.Get(tunnel.HeaderPodID) {
+	if h2.Get(h2tunnel.HeaderPodID) != h.Get(h2tunnel.HeaderPodID) {
 		t.Errorf("pod id changed across connections")
 	}
-	if h2.Get(tunnel.HeaderConnectionID) == h.Get(tunnel.HeaderConnectionID) {
+	if h2.Get(h2tunnel.HeaderConnectionID) == h.Get(h2tunnel.HeaderConnectionID) {
 		t.Errorf("connection id reused across connections")
 	}
 	eventually(t, "disconnect logged", func() bool { return ta.count("tunnel disconnected") == 1 })
@@ -384,7 +386,7 @@ func agentGoroutines() string {
 	var found []string
 	for _, g := range strings.Split(string(buf), "\n\n") {
 		if strings.Contains(g, "agentk.(*Agent)") || strings.Contains(g, "agentk.(*proxy)") ||
-			strings.Contains(g, "tunnel.(*Server)") {
+			strings.Contains(g, "h2tunnel.(*Server)") {
 			found = append(found, g)
 		}
 	}

@@ -10,7 +10,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 func TestParseKASAddress(t *testing.T) {
@@ -112,7 +113,7 @@ func TestKASClient(t *testing.T) {
 			http.Redirect(w, r, "/-/kubernetes-agent/", http.StatusFound)
 			return
 		}
-		nc, err := tunnel.Accept(w, r)
+		nc, err := wsconn.Accept(w, r, h2tunnel.Subprotocol)
 		if err != nil {
 			t.Errorf("accept: %v", err)
 			return
@@ -147,7 +148,7 @@ func TestKASClient(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer client.CloseIdleConnections()
-			conn, resp, err := tunnel.Dial(context.Background(), wss+tt.path, tunnel.DialOptions{HTTPClient: client})
+			conn, resp, err := wsconn.Dial(context.Background(), wss+tt.path, wsconn.DialOptions{HTTPClient: client, Subprotocol: h2tunnel.Subprotocol})
 			if tt.wantErr {
 				if err == nil {
 					conn.Close()

@@ -9,8 +9,9 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 )
 
 // proxy answers the requests KAS sends through a tunnel by forwarding them
@@ -87,28 +88,23 @@ func (p *proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.metrics.requestDone(code)
 	}()
 
-	if vs := r.Header.Values(tunnel.IdentityHeader); len(vs) > 0 {
-		if len(vs) > 1 {
-			kubestatus.Error(rec, http.StatusBadRequest, "agentk: malformed identity from KAS: more than one "+tunnel.IdentityHeader+" header")
-			return
-		}
-		id, err := tunnel.DecodeIdentity(vs[0])
-		if err != nil {
-			kubestatus.Error(rec, http.StatusBadRequest, "agentk: "+err.Error())
-			return
-		}
+	req, err := h2tunnel.DecodeRequest(r)
+	if err != nil {
+		kubestatus.Error(rec, http.StatusBadRequest, "agentk: "+err.Error())
+		return
+	}
+	if req.Identity != nil {
 		// KAS asks agentk to impersonate, so the client's own
 		// impersonation would be nested impersonation, which Kubernetes
 		// cannot express. GitLab agentk answers 400 (gitlab#338664).
-		if tunnel.HasImpersonation(r.Header) {
+		if identity.HasImpersonation(r.Header) {
 			kubestatus.Error(rec, http.StatusBadRequest, "nested impersonation is not supported")
 			return
 		}
-		r = r.WithContext(context.WithValue(r.Context(), identityKey{}, id))
+		r = r.WithContext(context.WithValue(r.Context(), identityKey{}, req.Identity))
 	}
-	if r.Header.Get(tunnel.UpgradeHeader) != "" {
-		id, _ := r.Context().Value(identityKey{}).(*tunnel.Identity)
-		p.serveUpgrade(rec, r, id)
+	if req.Upgrade != "" {
+		p.serveUpgrade(rec, r, req.Upgrade, req.Identity)
 		return
 	}
 	ctx, release := context.WithCancel(r.Context())
@@ -124,8 +120,7 @@ func (p *proxy) rewrite(pr *httputil.ProxyRequest) {
 	// request goes out with agentk's own (set by the transport).
 	h.Del("Authorization")
 	h.Del("Cookie")
-	h.Del(tunnel.IdentityHeader)
-	if id, ok := pr.In.Context().Value(identityKey{}).(*tunnel.Identity); ok {
+	if id, ok := pr.In.Context().Value(identityKey{}).(*identity.Identity); ok {
 		id.SetImpersonation(h)
 	}
 	// Without an identity, the client's Impersonate-* headers pass

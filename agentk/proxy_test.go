@@ -15,9 +15,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
-	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 // recordingUpstream is an httptest "apiserver" that records the requests
@@ -67,12 +68,13 @@ func newTestProxy(t *testing.T, server string) (*httptest.Server, *metrics, *obs
 	return srv, m, logs
 }
 
-func identity(t *testing.T) string {
-	return (&tunnel.Identity{
+// encodedIdentity is an identity as KAS sends it through the tunnel.
+func encodedIdentity(t *testing.T) string {
+	return h2tunnel.EncodeIdentity(&identity.Identity{
 		Username: "alice",
 		Groups:   []string{"dev", "viewers"},
 		Extra:    map[string][]string{"scopes": {"a", "b"}},
-	}).Encode()
+	})
 }
 
 func TestProxyHeaders(t *testing.T) {
@@ -112,7 +114,7 @@ func TestProxyHeaders(t *testing.T) {
 		},
 		{
 			name:     "identity becomes impersonation",
-			header:   http.Header{tunnel.IdentityHeader: {identity(t)}, "Authorization": {"Bearer user-token"}},
+			header:   http.Header{h2tunnel.IdentityHeader: {encodedIdentity(t)}, "Authorization": {"Bearer user-token"}},
 			wantCode: http.StatusOK,
 			wantUpstream: func(t *testing.T, h http.Header) {
 				if got := h.Get("Impersonate-User"); got != "alice" {
@@ -124,8 +126,8 @@ func TestProxyHeaders(t *testing.T) {
 				if got := h.Values("Impersonate-Extra-Scopes"); strings.Join(got, ",") != "a,b" {
 					t.Errorf("Impersonate-Extra-Scopes = %q", got)
 				}
-				if h.Get(tunnel.IdentityHeader) != "" {
-					t.Errorf("%s reached the apiserver", tunnel.IdentityHeader)
+				if h.Get(h2tunnel.IdentityHeader) != "" {
+					t.Errorf("%s reached the apiserver", h2tunnel.IdentityHeader)
 				}
 				if h.Get("Authorization") != "Bearer agentk-token" {
 					t.Errorf("Authorization = %q", h.Get("Authorization"))
@@ -134,13 +136,13 @@ func TestProxyHeaders(t *testing.T) {
 		},
 		{
 			name:        "identity with client impersonation is nested",
-			header:      http.Header{tunnel.IdentityHeader: {identity(t)}, "Impersonate-User": {"bob"}},
+			header:      http.Header{h2tunnel.IdentityHeader: {encodedIdentity(t)}, "Impersonate-User": {"bob"}},
 			wantCode:    http.StatusBadRequest,
 			wantMessage: "nested impersonation is not supported",
 		},
 		{
 			name:        "identity with client impersonation of a group only is nested",
-			header:      http.Header{tunnel.IdentityHeader: {identity(t)}, "Impersonate-Group": {"system:masters"}},
+			header:      http.Header{h2tunnel.IdentityHeader: {encodedIdentity(t)}, "Impersonate-Group": {"system:masters"}},
 			wantCode:    http.StatusBadRequest,
 			wantMessage: "nested impersonation is not supported",
 		},
@@ -156,19 +158,19 @@ func TestProxyHeaders(t *testing.T) {
 		},
 		{
 			name:        "malformed identity",
-			header:      http.Header{tunnel.IdentityHeader: {"!!not base64!!"}},
+			header:      http.Header{h2tunnel.IdentityHeader: {"!!not base64!!"}},
 			wantCode:    http.StatusBadRequest,
 			wantMessage: "malformed identity header",
 		},
 		{
 			name:        "identity without username",
-			header:      http.Header{tunnel.IdentityHeader: {(&tunnel.Identity{Groups: []string{"g"}}).Encode()}},
+			header:      http.Header{h2tunnel.IdentityHeader: {h2tunnel.EncodeIdentity(&identity.Identity{Groups: []string{"g"}})}},
 			wantCode:    http.StatusBadRequest,
 			wantMessage: "malformed identity header",
 		},
 		{
 			name:        "two identities",
-			header:      http.Header{tunnel.IdentityHeader: {identity(t), identity(t)}},
+			header:      http.Header{h2tunnel.IdentityHeader: {encodedIdentity(t), encodedIdentity(t)}},
 			wantCode:    http.StatusBadRequest,
 			wantMessage: "more than one",
 		},
@@ -352,7 +354,7 @@ func TestEarlyRefusalDoesNotDeadlock(t *testing.T) {
 	tlsConfig := upstream.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
 	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
 	t.Cleanup(c.CloseIdleConnections)
-	agent := tunneltest.NewPair(t, newProxy(c, zap.NewNop(), newMetrics()), tunneltest.Options{})
+	agent := h2tunneltest.NewPair(t, newProxy(c, zap.NewNop(), newMetrics()), h2tunneltest.Options{})
 
 	body, bodyWriter := io.Pipe()
 	defer bodyWriter.Close()
@@ -361,7 +363,7 @@ func TestEarlyRefusalDoesNotDeadlock(t *testing.T) {
 	var status int
 	go func() {
 		req, _ := http.NewRequest(http.MethodPost, "http://agent/api/v1/namespaces/ns/configmaps", body)
-		resp, err := agent.KAS.RoundTrip(req)
+		resp, err := agent.RoundTrip(req)
 		if err != nil {
 			done <- err
 			return

@@ -8,18 +8,18 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 )
 
 // serveUpgrade makes the upgrade request KAS sent (kubectl exec, attach,
 // port-forward) to the apiserver over HTTP/1.1 and, once the apiserver
 // switched protocols, copies bytes both ways: the request body from KAS to
 // the apiserver, the apiserver's bytes into the response, flushed at once.
-// The protocol is described in package tunnel.
-func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.Identity) {
-	upgrade := r.Header.Get(tunnel.UpgradeHeader)
+// The protocol is described in package h2tunnel.
+func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upgrade string, id *identity.Identity) {
 	out, err := http.NewRequestWithContext(r.Context(), r.Method, p.cluster.server.JoinPath(r.URL.EscapedPath()).String(), nil)
 	if err != nil {
 		kubestatus.Error(w, http.StatusBadRequest, "agentk: "+err.Error())
@@ -28,8 +28,6 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.
 	out.URL.RawQuery = r.URL.RawQuery
 	out.Header = r.Header.Clone()
 	httpheader.RemoveHopByHop(out.Header)
-	out.Header.Del(tunnel.UpgradeHeader)
-	out.Header.Del(tunnel.IdentityHeader)
 	out.Header.Del("Authorization") // the cluster transport sets agentk's own
 	out.Header.Del("Cookie")
 	if id != nil {
@@ -60,8 +58,7 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, id *tunnel.
 
 	h := w.Header()
 	httpheader.CopyEndToEnd(h, resp.Header)
-	h.Set(tunnel.UpgradeHeader, resp.Header.Get("Upgrade"))
-	h.Set(tunnel.UpgradeStatusHeader, "101")
+	h2tunnel.SetSwitched(h, resp.Header.Get("Upgrade"))
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	if err := rc.Flush(); err != nil {

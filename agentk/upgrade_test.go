@@ -16,9 +16,11 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 // switchingUpstream is an "apiserver" that switches protocols the way the
@@ -93,7 +95,7 @@ func (u *switchingUpstream) lastHeader() http.Header {
 type upgradePath struct {
 	proxyAddr string
 	upstream  *switchingUpstream
-	agent     *tunneltest.Pair
+	agent     *h2tunneltest.Pair
 }
 
 func newUpgradePath(t *testing.T) *upgradePath {
@@ -105,17 +107,17 @@ func newUpgradePath(t *testing.T) *upgradePath {
 	tlsConfig := up.srv.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
 	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
 	t.Cleanup(c.CloseIdleConnections)
-	agent := tunneltest.NewPair(t, newProxy(c, zap.NewNop(), newMetrics()), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
-	registry := tunnel.NewMemoryRegistry()
-	t.Cleanup(registry.Register(agent.KAS))
+	agent := h2tunneltest.NewPair(t, newProxy(c, zap.NewNop(), newMetrics()), h2tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
+	store := tunnel.NewStore()
+	t.Cleanup(store.Add(agent.KAS))
 	auth, err := kubeproxy.NewStaticAuthenticator([]kubeproxy.User{
 		{Name: "plain", Token: "plain-token", Agents: []int64{1}},
-		{Name: "dev", Token: "dev-token", Agents: []int64{1}, Impersonate: &tunnel.Identity{Username: "alice", Groups: []string{"dev"}}},
+		{Name: "dev", Token: "dev-token", Agents: []int64{1}, Impersonate: &identity.Identity{Username: "alice", Groups: []string{"dev"}}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	proxy := httptest.NewServer(&kubeproxy.Proxy{Prefix: "/k8s/", Auth: auth, Registry: registry})
+	proxy := httptest.NewServer(&kubeproxy.Proxy{Prefix: "/k8s/", Auth: auth, Router: tunnel.NewRouter(store)})
 	t.Cleanup(proxy.Close)
 	return &upgradePath{proxyAddr: proxy.Listener.Addr().String(), upstream: up, agent: agent}
 }
@@ -147,7 +149,7 @@ func TestUpgradeThroughTunnel(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		t.Fatalf("response %s %v %s, want 101 with the upstream's headers", resp.Status, resp.Header, b)
 	}
-	for _, k := range []string{tunnel.UpgradeHeader, tunnel.UpgradeStatusHeader} {
+	for _, k := range []string{h2tunnel.UpgradeHeader, h2tunnel.UpgradeStatusHeader} {
 		if resp.Header.Get(k) != "" {
 			t.Errorf("the client got the tunnel's %s header", k)
 		}
@@ -170,7 +172,7 @@ func TestUpgradeThroughTunnel(t *testing.T) {
 		t.Errorf("upstream got Authorization %q, Impersonate-User %q, Impersonate-Group %q",
 			h.Get("Authorization"), h.Get("Impersonate-User"), h.Get("Impersonate-Group"))
 	}
-	for _, k := range []string{tunnel.UpgradeHeader, tunnel.IdentityHeader} {
+	for _, k := range []string{h2tunnel.UpgradeHeader, h2tunnel.IdentityHeader} {
 		if h.Get(k) != "" {
 			t.Errorf("the upstream got the tunnel's %s header", k)
 		}

@@ -1,12 +1,18 @@
-// Package agentserver is the agent-facing endpoint of the agent server:
-// it authenticates agentk's WebSocket handshake, turns the connection into
-// a tunnel and keeps it in the registry for as long as it lives. It imports
-// no Caddy package.
+// Package agentserver is the agent-facing endpoint of the agent server.
+//
+// What every tunnel protocol shares is here, in endpoint.go: the choice of
+// protocol by WebSocket subprotocol, checking an agent's token, adding its
+// tunnels to the store for as long as they live, re-checking the token of a
+// connected agent, logs and metrics. Each protocol's own handshake is a
+// file of its own that uses them: h2tunnel.go for ours. GitLab's agentk,
+// which offers "ws-tunnel" and sends its token with every gRPC call, is one
+// more case in [Endpoint.ServeHTTP] and one more such file.
+//
+// It imports no Caddy package.
 package agentserver
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -18,6 +24,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // Agent identifies an authenticated agent.
@@ -45,10 +53,10 @@ var ErrUnknownToken = errors.New("unknown agent token")
 type Endpoint struct {
 	// Auth authenticates agent tokens.
 	Auth Authenticator
-	// Registry receives the tunnels.
-	Registry tunnel.Registry
-	// Options tune the tunnels' HTTP/2 connections.
-	Options tunnel.Options
+	// Store receives the tunnels.
+	Store *tunnel.Store
+	// H2Tunnel tunes the HTTP/2 connections of our own tunnel protocol.
+	H2Tunnel h2tunnel.Options
 	// Logger receives connects, disconnects and refusals; never a token.
 	Logger *zap.Logger
 	// Observer, if set, is told about the same events, for metrics.
@@ -76,110 +84,119 @@ type Observer interface {
 	AgentRefused(reason string)
 }
 
-// ServeHTTP accepts a tunnel, registers it and returns. The connection is
-// hijacked: from then on the tunnel owns it, and no goroutine waits for
-// it. Its end is handled by a callback ([tunnel.Conn.AfterDone]) and
-// re-checks of its token by a timer. Returning at once lets the HTTP
-// server drop the handshake's request state and buffers, and waiting
-// without a goroutine saves its stack: together about 40 KiB of the 80 KiB
-// an idle agent cost (measured with 2,000 agents, docs/benchmarks.md).
+// ServeHTTP serves an agent's WebSocket handshake with the tunnel protocol
+// its subprotocol names.
 func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	log := e.Logger
-	if log == nil {
-		log = zap.NewNop()
-	}
-	log = log.With(zap.String("remote_addr", r.RemoteAddr))
-	refuse := func(code int, reason, message string, fields ...zap.Field) {
-		log.Warn("agent refused", append(fields, zap.String("reason", reason), zap.Int("status", code))...)
-		if e.Observer != nil {
-			e.Observer.AgentRefused(reason)
-		}
-		http.Error(w, message, code)
-	}
-
-	if !tunnel.IsWebSocketUpgrade(r) {
+	hs := &handshake{e: e, w: w, r: r, log: e.logger().With(zap.String("remote_addr", r.RemoteAddr))}
+	if !wsconn.IsUpgrade(r) {
 		// Someone opened the agent URL in a browser, or a proxy in front
 		// dropped the Upgrade header (kas-spec §9 item 1).
-		refuse(http.StatusBadRequest, "not a websocket upgrade",
+		hs.refuse(http.StatusBadRequest, "not a websocket upgrade",
 			"This is the GitLab agent endpoint: agentk connects here over WebSocket. If agentk sees this, a proxy in front dropped the Upgrade header.")
 		return
 	}
-	if !tunnel.OffersSubprotocol(r) {
-		refuse(http.StatusBadRequest, "unsupported tunnel protocol",
+	switch {
+	case wsconn.Offers(r, h2tunnel.Subprotocol):
+		e.serveH2Tunnel(hs)
+	default:
+		hs.refuse(http.StatusBadRequest, "unsupported tunnel protocol",
 			fmt.Sprintf("unsupported tunnel protocol %q: this server speaks %q; upgrade agentk",
-				r.Header.Get("Sec-WebSocket-Protocol"), tunnel.Subprotocol),
+				r.Header.Get("Sec-WebSocket-Protocol"), h2tunnel.Subprotocol),
 			zap.String("offered", r.Header.Get("Sec-WebSocket-Protocol")))
-		return
 	}
-	token, ok := bearerToken(r.Header)
-	if !ok {
-		refuse(http.StatusUnauthorized, "no agent token", "missing agent token")
-		return
+}
+
+func (e *Endpoint) logger() *zap.Logger {
+	if e.Logger == nil {
+		return nopLogger
 	}
-	agent, err := e.Auth.AuthenticateAgent(r.Context(), token)
+	return e.Logger
+}
+
+var nopLogger = zap.NewNop()
+
+// handshake is one agent's handshake request while a protocol serves it.
+type handshake struct {
+	e   *Endpoint
+	w   http.ResponseWriter
+	r   *http.Request
+	log *zap.Logger // with the remote address, and the agent once known
+}
+
+// refuse answers the handshake with code and message, and logs and counts
+// the refusal under reason, one of a few fixed strings.
+func (hs *handshake) refuse(code int, reason, message string, fields ...zap.Field) {
+	hs.log.Warn("agent refused", append(fields, zap.String("reason", reason), zap.Int("status", code))...)
+	if hs.e.Observer != nil {
+		hs.e.Observer.AgentRefused(reason)
+	}
+	http.Error(hs.w, message, code)
+}
+
+// authenticate checks an agent token with the endpoint's Authenticator.
+// If it gives no agent, the handshake is answered (401, or 503 when the
+// token cannot be checked now) and ok is false.
+func (hs *handshake) authenticate(token string) (agent Agent, ok bool) {
+	agent, err := hs.e.Auth.AuthenticateAgent(hs.r.Context(), token)
 	switch {
 	case errors.Is(err, ErrUnknownToken):
-		refuse(http.StatusUnauthorized, "unknown agent token", "unauthenticated")
-		return
+		hs.refuse(http.StatusUnauthorized, "unknown agent token", "unauthenticated")
+		return Agent{}, false
 	case err != nil:
-		log.Error("cannot authenticate agent now", zap.Error(err))
-		if e.Observer != nil {
-			e.Observer.AgentRefused("authentication unavailable")
+		hs.log.Error("cannot authenticate agent now", zap.Error(err))
+		if hs.e.Observer != nil {
+			hs.e.Observer.AgentRefused("authentication unavailable")
 		}
-		http.Error(w, "cannot authenticate the agent now; retry later", http.StatusServiceUnavailable)
-		return
+		http.Error(hs.w, "cannot authenticate the agent now; retry later", http.StatusServiceUnavailable)
+		return Agent{}, false
 	}
-	log = log.With(zap.Int64("agent_id", agent.ID), zap.String("agent_name", agent.Name))
-	meta, err := tunnel.MetaFromHeaders(r.Header)
-	if err != nil {
-		refuse(http.StatusBadRequest, "malformed agent metadata", "malformed agent metadata", zap.Error(err))
-		return
-	}
+	hs.log = hs.log.With(zap.Int64("agent_id", agent.ID), zap.String("agent_name", agent.Name))
+	return agent, true
+}
 
-	nc, err := tunnel.Accept(w, r)
-	if err != nil {
-		log.Warn("agent handshake failed", zap.Error(err))
-		return
-	}
-	info := tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, ProjectID: agent.ProjectID, Meta: meta, RemoteAddr: r.RemoteAddr, Credential: sha256.Sum256([]byte(token))}
-	conn, err := tunnel.NewConn(nc, info, e.Options)
-	if err != nil {
-		log.Warn("agent handshake failed", zap.Error(err))
-		return
-	}
-	unregister := e.Registry.Register(conn)
+// admit adds a tunnel of an authenticated agent to the store and keeps it
+// there until it ends, re-checking token every e.Recheck meanwhile. No
+// goroutine waits for the tunnel: its end is handled by a callback
+// ([tunnel.Tunnel.AfterDone]) and re-checks by a timer, which together
+// with the handshake handler returning at once saves about 40 KiB of the
+// 80 KiB an idle agent cost (measured with 2,000 agents,
+// docs/benchmarks.md).
+func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
+	info := t.Agent()
+	remove := e.Store.Add(t)
 	if e.Observer != nil {
 		e.Observer.AgentConnected(info)
 	}
+	meta := info.Meta
 	log.Info("agent connected", zap.Int64("connection_id", meta.ConnectionID), zap.Int64("pod_id", meta.PodID),
 		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),
 		zap.String("pod_name", meta.PodName), zap.String("kubernetes_version", meta.KubernetesVersion))
 	var rc *recheck
 	if e.Recheck > 0 {
-		rc = &recheck{e: e, conn: conn, token: token}
+		rc = &recheck{e: e, tunnel: t, token: token}
 		rc.schedule()
 	}
-	conn.AfterDone(func() {
+	t.AfterDone(func() {
 		if rc != nil {
 			rc.stop()
 		}
-		unregister()
+		remove()
 		if e.Observer != nil {
 			e.Observer.AgentDisconnected(info)
 		}
-		e.tunnelLog(conn).Info("agent disconnected", zap.Duration("connected_for", time.Since(conn.ConnectedAt())), zap.NamedError("reason", conn.Err()))
+		e.tunnelLog(t).Info("agent disconnected", zap.Duration("connected_for", time.Since(t.ConnectedAt())), zap.NamedError("reason", t.Err()))
 	})
 }
 
 // tunnelLog returns the logger for events of a live tunnel. It is made
 // when needed rather than kept: zap encodes a logger's fields when it is
 // made, and a kept one would cost each idle agent a buffer.
-func (e *Endpoint) tunnelLog(conn *tunnel.Conn) *zap.Logger {
+func (e *Endpoint) tunnelLog(t tunnel.Tunnel) *zap.Logger {
 	log := e.Logger
 	if log == nil {
-		return zap.NewNop()
+		return nopLogger
 	}
-	info := conn.Agent()
+	info := t.Agent()
 	return log.With(zap.String("remote_addr", info.RemoteAddr), zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name),
 		zap.Int64("connection_id", info.Meta.ConnectionID), zap.Int64("pod_id", info.Meta.PodID))
 }
@@ -188,9 +205,9 @@ func (e *Endpoint) tunnelLog(conn *tunnel.Conn) *zap.Logger {
 // closes the tunnel if the token has been revoked. It runs on a timer, not
 // in a goroutine of its own, and is stopped when the tunnel ends.
 type recheck struct {
-	e     *Endpoint
-	conn  *tunnel.Conn
-	token string
+	e      *Endpoint
+	tunnel tunnel.Tunnel
+	token  string
 
 	mu      sync.Mutex  // guards timer and stopped
 	timer   *time.Timer // the next check
@@ -223,15 +240,15 @@ func (r *recheck) run() {
 	agent, err := r.e.Auth.AuthenticateAgent(ctx, r.token)
 	cancel()
 	switch {
-	case errors.Is(err, ErrUnknownToken), err == nil && agent.ID != r.conn.Agent().ID:
-		r.e.tunnelLog(r.conn).Warn("closing tunnel: agent token revoked")
+	case errors.Is(err, ErrUnknownToken), err == nil && agent.ID != r.tunnel.Agent().ID:
+		r.e.tunnelLog(r.tunnel).Warn("closing tunnel: agent token revoked")
 		if r.e.Observer != nil {
 			r.e.Observer.AgentRefused("agent token revoked")
 		}
-		r.conn.Close()
+		r.tunnel.Close()
 		return
 	case err != nil:
-		r.e.tunnelLog(r.conn).Warn("cannot re-check agent token now; keeping the tunnel", zap.Error(err))
+		r.e.tunnelLog(r.tunnel).Warn("cannot re-check agent token now; keeping the tunnel", zap.Error(err))
 	}
 	r.schedule()
 }

@@ -18,6 +18,8 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 const (
@@ -27,7 +29,8 @@ const (
 
 type env struct {
 	url      string
-	registry *tunnel.MemoryRegistry
+	store    *tunnel.Store
+	router   *tunnel.Router
 	logs     *observer.ObservedLogs
 }
 
@@ -41,10 +44,11 @@ func newEnv(t *testing.T, auth Authenticator) *env {
 		}
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
-	e := &env{registry: tunnel.NewMemoryRegistry(), logs: logs}
-	srv := httptest.NewServer(&Endpoint{Auth: auth, Registry: e.registry, Logger: zap.New(core)})
+	e := &env{store: tunnel.NewStore(), logs: logs}
+	e.router = tunnel.NewRouter(e.store)
+	srv := httptest.NewServer(&Endpoint{Auth: auth, Store: e.store, Logger: zap.New(core)})
 	t.Cleanup(func() {
-		e.registry.Close() // ends the handlers blocked on live tunnels
+		e.store.Close() // ends the handlers blocked on live tunnels
 		srv.Close()
 	})
 	e.url = "ws" + strings.TrimPrefix(srv.URL, "http") + "/-/kubernetes-agent/"
@@ -57,12 +61,12 @@ func (e *env) dial(ctx context.Context, token string, meta tunnel.AgentMeta, h h
 	if token != "" {
 		header.Set("Authorization", "Bearer "+token)
 	}
-	meta.SetHeaders(header)
-	nc, resp, err := tunnel.Dial(ctx, e.url, tunnel.DialOptions{Header: header})
+	h2tunnel.SetMetaHeaders(header, meta)
+	nc, resp, err := wsconn.Dial(ctx, e.url, wsconn.DialOptions{Header: header, Subprotocol: h2tunnel.Subprotocol})
 	if err != nil {
 		return resp, err
 	}
-	go (&tunnel.Server{Handler: h}).ServeConn(ctx, nc)
+	go (&h2tunnel.Server{Handler: h}).ServeConn(ctx, nc)
 	return resp, nil
 }
 
@@ -81,7 +85,7 @@ func TestEndpointConnectsAgent(t *testing.T) {
 	}
 	findCtx, findCancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer findCancel()
-	conn, err := e.registry.Find(findCtx, 1)
+	conn, err := e.router.Find(findCtx, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +96,7 @@ func TestEndpointConnectsAgent(t *testing.T) {
 		t.Errorf("agent info %+v, want name one and meta %+v", got, meta)
 	}
 	req, _ := http.NewRequest(http.MethodGet, "http://agent/version", nil)
-	resp, err := conn.RoundTrip(req)
+	resp, err := conn.RoundTrip(&tunnel.Request{HTTP: req})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,8 +117,8 @@ func TestEndpointConnectsAgent(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if got := e.registry.Conns(1); len(got) != 0 {
-		t.Errorf("registry still has %d connections of the agent", len(got))
+	if got := e.store.Tunnels(1, nil); len(got) != 0 {
+		t.Errorf("store still has %d tunnels of the agent", len(got))
 	}
 }
 
@@ -127,9 +131,9 @@ func TestEndpointRefuses(t *testing.T) {
 	}{
 		{"plain GET", http.Header{}, http.StatusBadRequest, "not a websocket upgrade"},
 		{"other subprotocol", wsHeader("ws-tunnel", goodToken), http.StatusBadRequest, "unsupported tunnel protocol"},
-		{"no token", wsHeader(tunnel.Subprotocol, ""), http.StatusUnauthorized, "no agent token"},
-		{"wrong token", wsHeader(tunnel.Subprotocol, wrongToken), http.StatusUnauthorized, "unknown agent token"},
-		{"bad metadata", withHeader(wsHeader(tunnel.Subprotocol, goodToken), tunnel.HeaderPodID, "x"), http.StatusBadRequest, "malformed agent metadata"},
+		{"no token", wsHeader(h2tunnel.Subprotocol, ""), http.StatusUnauthorized, "no agent token"},
+		{"wrong token", wsHeader(h2tunnel.Subprotocol, wrongToken), http.StatusUnauthorized, "unknown agent token"},
+		{"bad metadata", withHeader(wsHeader(h2tunnel.Subprotocol, goodToken), h2tunnel.HeaderPodID, "x"), http.StatusBadRequest, "malformed agent metadata"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -265,29 +269,29 @@ func (a *switchableAuth) AuthenticateAgent(_ context.Context, token string) (Age
 func TestEndpointRecheck(t *testing.T) {
 	auth := &switchableAuth{}
 	core, logs := observer.New(zapcore.DebugLevel)
-	registry := tunnel.NewMemoryRegistry()
-	srv := httptest.NewServer(&Endpoint{Auth: auth, Registry: registry, Logger: zap.New(core), Recheck: 20 * time.Millisecond})
+	store := tunnel.NewStore()
+	srv := httptest.NewServer(&Endpoint{Auth: auth, Store: store, Logger: zap.New(core), Recheck: 20 * time.Millisecond})
 	t.Cleanup(func() {
-		registry.Close()
+		store.Close()
 		srv.Close()
 	})
 	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/-/kubernetes-agent/"
 	header := http.Header{"Authorization": {"Bearer " + goodToken}}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	nc, _, err := tunnel.Dial(ctx, url, tunnel.DialOptions{Header: header})
+	nc, _, err := wsconn.Dial(ctx, url, wsconn.DialOptions{Header: header, Subprotocol: h2tunnel.Subprotocol})
 	if err != nil {
 		t.Fatal(err)
 	}
 	served := make(chan error, 1)
-	go func() { served <- (&tunnel.Server{Handler: http.NotFoundHandler()}).ServeConn(ctx, nc) }()
+	go func() { served <- (&h2tunnel.Server{Handler: http.NotFoundHandler()}).ServeConn(ctx, nc) }()
 
 	// GitLab down: checks fail, the tunnel stays.
 	auth.down.Store(true)
 	for start := auth.checks.Load(); auth.checks.Load() < start+3; {
 		time.Sleep(5 * time.Millisecond)
 	}
-	if n := len(registry.Conns(1)); n != 1 {
+	if n := len(store.Tunnels(1, nil)); n != 1 {
 		t.Fatalf("%d tunnels of agent 1 after failed checks, want 1", n)
 	}
 	if len(logs.FilterMessage("cannot re-check agent token now; keeping the tunnel").All()) == 0 {

@@ -6,7 +6,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/identity"
 )
 
 // Extra keys of the identities GitLab's agent server gives CI jobs and
@@ -45,7 +45,7 @@ var ErrUnsupportedAccessAs = errors.New("unsupported access_as")
 //     and the agent.gitlab.com/ extra fields.
 //
 // The client's own impersonation is allowed only in the first case.
-func CIAccessIdentity(aa *AllowedAgents, agent *AllowedAgent) (id *tunnel.Identity, allowClientImpersonation bool, err error) {
+func CIAccessIdentity(aa *AllowedAgents, agent *AllowedAgent) (id *identity.Identity, allowClientImpersonation bool, err error) {
 	as := agent.Configuration.AccessAs
 	if as == nil {
 		return nil, true, nil
@@ -75,13 +75,13 @@ func CIAccessIdentity(aa *AllowedAgents, agent *AllowedAgent) (id *tunnel.Identi
 
 // impersonateIdentity is the identity an "impersonate" access_as
 // configures.
-func impersonateIdentity(c *ImpersonateConfig) (*tunnel.Identity, error) {
+func impersonateIdentity(c *ImpersonateConfig) (*identity.Identity, error) {
 	if c.Username == "" {
 		// Kubernetes cannot impersonate without a username, and GitLab's
 		// configuration schema requires one.
 		return nil, fmt.Errorf("%w: impersonate without a username", ErrUnsupportedAccessAs)
 	}
-	id := &tunnel.Identity{Username: c.Username, UID: c.UID}
+	id := &identity.Identity{Username: c.Username, UID: c.UID}
 	if len(c.Groups) > 0 {
 		id.Groups = append([]string(nil), c.Groups...)
 	}
@@ -96,7 +96,7 @@ func impersonateIdentity(c *ImpersonateConfig) (*tunnel.Identity, error) {
 }
 
 // ciJobIdentity is the identity of a "ci_job" access_as (kas-spec §2.5).
-func ciJobIdentity(aa *AllowedAgents, agent *AllowedAgent) *tunnel.Identity {
+func ciJobIdentity(aa *AllowedAgents, agent *AllowedAgent) *identity.Identity {
 	env := aa.Environment
 	pid := itoa(aa.Project.ID)
 	groups := []string{"gitlab:ci_job"}
@@ -125,7 +125,7 @@ func ciJobIdentity(aa *AllowedAgents, agent *AllowedAgent) *tunnel.Identity {
 		extra[ExtraEnvironmentSlug] = []string{env.Slug}
 		extra[ExtraEnvironmentTier] = []string{env.Tier}
 	}
-	return &tunnel.Identity{
+	return &identity.Identity{
 		Username: "gitlab:ci_job:" + itoa(aa.Job.ID),
 		Groups:   groups,
 		Extra:    extra,
@@ -143,7 +143,7 @@ func ciJobIdentity(aa *AllowedAgents, agent *AllowedAgent) *tunnel.Identity {
 //     gitlab:project_role:<id>:<role> for each role in each project, then
 //     gitlab:group_role:<id>:<role> for each role in each group, in
 //     GitLab's order, and the agent.gitlab.com/ extra fields.
-func UserAccessIdentity(resp *AuthorizeProxyUserResponse, accessType string) (id *tunnel.Identity, allowClientImpersonation bool, err error) {
+func UserAccessIdentity(resp *AuthorizeProxyUserResponse, accessType string) (id *identity.Identity, allowClientImpersonation bool, err error) {
 	as := resp.AccessAs
 	if as == nil {
 		return nil, true, nil
@@ -171,7 +171,7 @@ func UserAccessIdentity(resp *AuthorizeProxyUserResponse, accessType string) (id
 			groups = append(groups, "gitlab:group_role:"+itoa(g.ID)+":"+role)
 		}
 	}
-	return &tunnel.Identity{
+	return &identity.Identity{
 		Username: "gitlab:user:" + resp.User.Username,
 		Groups:   groups,
 		Extra: map[string][]string{

@@ -6,7 +6,7 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/identity"
 )
 
 // allowedAgentsFrom decodes an allowed_agents answer as the client does.
@@ -34,7 +34,7 @@ func TestCIAccessIdentity(t *testing.T) {
 	tests := []struct {
 		name      string
 		body      string
-		want      *tunnel.Identity
+		want      *identity.Identity
 		wantAllow bool
 		wantErr   bool
 	}{
@@ -45,18 +45,18 @@ func TestCIAccessIdentity(t *testing.T) {
 			name: "impersonate",
 			body: `{` + agent(`{"impersonate": {"username": "deployer", "uid": "u-1", "groups": ["ops", "system:masters"],
 			        "extra": [{"key": "team", "val": ["a", "b"]}, {"key": "scopes.example.com/x", "val": ["y"]}]}}`) + `, ` + job + env + `}`,
-			want: &tunnel.Identity{Username: "deployer", UID: "u-1", Groups: []string{"ops", "system:masters"},
+			want: &identity.Identity{Username: "deployer", UID: "u-1", Groups: []string{"ops", "system:masters"},
 				Extra: map[string][]string{"team": {"a", "b"}, "scopes.example.com/x": {"y"}}},
 		},
 		{
 			name: "impersonate username only",
 			body: `{` + agent(`{"impersonate": {"username": "deployer"}}`) + `, ` + job + `}`,
-			want: &tunnel.Identity{Username: "deployer"},
+			want: &identity.Identity{Username: "deployer"},
 		},
 		{
 			name: "ci_job without environment",
 			body: `{` + agent(`{"ci_job": {}}`) + `, ` + job + `}`,
-			want: &tunnel.Identity{
+			want: &identity.Identity{
 				Username: "gitlab:ci_job:3",
 				Groups:   []string{"gitlab:ci_job", "gitlab:group:23", "gitlab:group:25", "gitlab:project:150"},
 				Extra: map[string][]string{
@@ -72,7 +72,7 @@ func TestCIAccessIdentity(t *testing.T) {
 		{
 			name: "ci_job with environment",
 			body: `{` + agent(`{"ci_job": {}}`) + `, ` + job + env + `}`,
-			want: &tunnel.Identity{
+			want: &identity.Identity{
 				Username: "gitlab:ci_job:3",
 				Groups: []string{
 					"gitlab:ci_job",
@@ -98,7 +98,7 @@ func TestCIAccessIdentity(t *testing.T) {
 			name: "ci_job, project in no group",
 			body: `{` + agent(`{"ci_job": {}}`) + `, "job": {"id": 9}, "pipeline": {"id": 8}, "project": {"id": 7, "groups": []},
 			        "user": {"id": 2, "username": "alice"}}`,
-			want: &tunnel.Identity{
+			want: &identity.Identity{
 				Username: "gitlab:ci_job:9",
 				Groups:   []string{"gitlab:ci_job", "gitlab:project:7"},
 				Extra: map[string][]string{
@@ -143,8 +143,8 @@ func TestUserAccessIdentity(t *testing.T) {
 	const head = `"agent": {"id": 9999, "config_project": {"id": 1234}}, "user": {"id": 77, "username": "the-user"}`
 	userAs := `"access_as": {"user": {"projects": [{"id": 1, "roles": ["reporter", "developer"]}, {"id": 3, "roles": ["maintainer"]}],
 	                                "groups": [{"id": 2, "roles": ["developer"]}, {"id": 4, "roles": ["owner", "guest"]}]}}`
-	wantUser := func(accessType string) *tunnel.Identity {
-		return &tunnel.Identity{
+	wantUser := func(accessType string) *identity.Identity {
+		return &identity.Identity{
 			Username: "gitlab:user:the-user",
 			Groups: []string{
 				"gitlab:user",
@@ -165,7 +165,7 @@ func TestUserAccessIdentity(t *testing.T) {
 		name       string
 		body       string
 		accessType string
-		want       *tunnel.Identity
+		want       *identity.Identity
 		wantAllow  bool
 		wantErr    bool
 	}{
@@ -177,7 +177,7 @@ func TestUserAccessIdentity(t *testing.T) {
 			want: wantUser("session_cookie")},
 		{name: "user without shared projects", body: `{` + head + `, "access_as": {"user": {"projects": [], "groups": []}}}`,
 			accessType: AccessTypeSessionCookie,
-			want: &tunnel.Identity{Username: "gitlab:user:the-user", Groups: []string{"gitlab:user"}, Extra: map[string][]string{
+			want: &identity.Identity{Username: "gitlab:user:the-user", Groups: []string{"gitlab:user"}, Extra: map[string][]string{
 				"agent.gitlab.com/id": {"9999"}, "agent.gitlab.com/username": {"the-user"},
 				"agent.gitlab.com/access_type": {"session_cookie"}, "agent.gitlab.com/config_project_id": {"1234"},
 			}}},

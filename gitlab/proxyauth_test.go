@@ -15,7 +15,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/identity"
 )
 
 const allowedAgentsJSON = `{ "allowed_agents": [
@@ -92,7 +92,7 @@ func TestProxyAuthenticatorCI(t *testing.T) {
 	}{
 		{
 			name: "ci_job", status: 200, body: allowedAgentsJSON, auth: "Bearer ci:5:job-token-secret",
-			want: &kubeproxy.Access{AgentID: 5, Principal: "ci job 31 (user 7)", Identity: &tunnel.Identity{
+			want: &kubeproxy.Access{AgentID: 5, Principal: "ci job 31 (user 7)", Identity: &identity.Identity{
 				Username: "gitlab:ci_job:31",
 				Groups:   []string{"gitlab:ci_job", "gitlab:group:23", "gitlab:project:150"},
 				Extra: map[string][]string{
@@ -204,7 +204,7 @@ func TestProxyAuthenticatorPAT(t *testing.T) {
 				return proxyUserAnswer(t, `{"user": {"projects": [{"id": 1, "roles": ["developer"]}], "groups": []}}`)
 			},
 			auth: "Bearer pat:9999:glpat-secret",
-			want: &kubeproxy.Access{AgentID: 9999, Principal: "user 7 (pat)", Identity: &tunnel.Identity{
+			want: &kubeproxy.Access{AgentID: 9999, Principal: "user 7 (pat)", Identity: &identity.Identity{
 				Username: "gitlab:user:the-user",
 				Groups:   []string{"gitlab:user", "gitlab:project_role:1:developer"},
 				Extra: map[string][]string{

@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/identity"
 )
 
 // Access is what an authenticated request may do.
@@ -16,7 +16,7 @@ type Access struct {
 	AgentID int64
 	// Identity is who the request acts as on the cluster; nil means the
 	// agent's own identity (GitLab's "access_as: agent").
-	Identity *tunnel.Identity
+	Identity *identity.Identity
 	// AllowClientImpersonation lets the client's own Impersonate-* headers
 	// through to the cluster. Only meaningful without Identity: the two
 	// together would be nested impersonation.

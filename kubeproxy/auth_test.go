@@ -2,11 +2,10 @@ package kubeproxy
 
 import (
 	"errors"
+	"github.com/caddy-kas/caddy-kas/identity"
 	"net/http"
 	"strings"
 	"testing"
-
-	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
 func TestParseCredential(t *testing.T) {
@@ -57,7 +56,7 @@ func TestParseCredential(t *testing.T) {
 }
 
 func TestStaticAuthenticator(t *testing.T) {
-	alice := &tunnel.Identity{Username: "alice", Groups: []string{"dev"}}
+	alice := &identity.Identity{Username: "alice", Groups: []string{"dev"}}
 	a, err := NewStaticAuthenticator([]User{
 		{Name: "dev", Token: "dev-token", Agents: []int64{1}, Impersonate: alice},
 		{Name: "ops", Token: "ops-token", Agents: []int64{1, 2}, AllowImpersonation: true},
@@ -114,7 +113,7 @@ func TestStaticAuthenticator(t *testing.T) {
 }
 
 func TestNewStaticAuthenticatorRejects(t *testing.T) {
-	id := &tunnel.Identity{Username: "alice"}
+	id := &identity.Identity{Username: "alice"}
 	tests := []struct {
 		name  string
 		users []User
@@ -126,7 +125,7 @@ func TestNewStaticAuthenticatorRejects(t *testing.T) {
 		{"duplicate name", []User{{Name: "a", Token: "t", Agents: []int64{1}}, {Name: "a", Token: "u", Agents: []int64{1}}}, `user "a": declared twice`},
 		{"shared token", []User{{Name: "a", Token: "t", Agents: []int64{1}}, {Name: "b", Token: "t", Agents: []int64{1}}}, `user "b": same token as another user`},
 		{"nested", []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: id, AllowImpersonation: true}}, "nested impersonation"},
-		{"no username", []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &tunnel.Identity{}}}, "impersonation without a username"},
+		{"no username", []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{}}}, "impersonation without a username"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -8,25 +8,25 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 const gitlabOrigin = "https://gitlab.example.com"
 
 func TestCORS(t *testing.T) {
-	registry := tunnel.NewMemoryRegistry()
-	agent := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	store := tunnel.NewStore()
+	agent := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// A cluster with its own, wider CORS policy: it must not show.
 		w.Header().Set("Access-Control-Allow-Origin", "*")
 		w.Header().Set("Access-Control-Expose-Headers", "X-Secret")
 		io.WriteString(w, "ok")
-	}), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
-	t.Cleanup(registry.Register(agent.KAS))
+	}), h2tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
+	t.Cleanup(store.Add(agent.KAS))
 	auth, err := NewStaticAuthenticator([]User{{Name: "plain", Token: "plain-token", Agents: []int64{1}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Registry: registry, WaitForAgent: 200 * time.Millisecond, AllowedOrigin: gitlabOrigin})
+	srv := httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Router: tunnel.NewRouter(store), WaitForAgent: 200 * time.Millisecond, AllowedOrigin: gitlabOrigin})
 	t.Cleanup(srv.Close)
 
 	tests := []struct {

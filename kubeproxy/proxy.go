@@ -1,7 +1,8 @@
 // Package kubeproxy is the user-facing Kubernetes API proxy of the agent
-// server: it authenticates a request, picks a tunnel connection of the
-// agent the request names and streams the request to it and the answer
-// back. It imports no Caddy package.
+// server: it authenticates a request, turns it into the internal form of a
+// proxied request ([tunnel.Request]), has the [tunnel.Router] find a tunnel
+// of the agent the request names, and streams the request to it and the
+// answer back. It knows no tunnel protocol. It imports no Caddy package.
 package kubeproxy
 
 import (
@@ -17,6 +18,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
@@ -34,8 +36,8 @@ type Proxy struct {
 	Prefix string
 	// Auth authenticates requests.
 	Auth Authenticator
-	// Registry holds the agents' tunnel connections.
-	Registry tunnel.Registry
+	// Router finds a tunnel of the request's agent.
+	Router *tunnel.Router
 	// WaitForAgent is how long a request waits for its agent to connect;
 	// zero means [DefaultWaitForAgent].
 	WaitForAgent time.Duration
@@ -87,7 +89,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.refuse(w, r, e)
 		return
 	}
-	if tunnel.HasImpersonation(r.Header) {
+	if identity.HasImpersonation(r.Header) {
 		switch {
 		case access.Identity != nil:
 			// GitLab's agentk refuses this combination (gitlab#338664).
@@ -106,21 +108,20 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	out.Host = ""
 	out.RequestURI = ""
 	out.Header = outboundHeader(r.Header, access.AllowClientImpersonation)
-	if access.Identity != nil {
-		out.Header.Set(tunnel.IdentityHeader, access.Identity.Encode())
-	}
 	// An HTTP/1.1 client's trailers are not forwarded; the Kubernetes API
 	// does not use request trailers.
 	out.Trailer = nil
+	req := &tunnel.Request{HTTP: out, Identity: access.Identity}
 	if upgrade := upgradeRequested(r.Header); upgrade != "" {
-		p.serveUpgrade(w, r, out, upgrade, access)
+		req.Upgrade = upgrade
+		p.serveUpgrade(w, r, req, access)
 		return
 	}
 	if r.ContentLength == 0 {
 		out.Body = nil // nothing to stream: lets a failed request be retried
 	}
 
-	resp, err := p.roundTrip(out, access)
+	resp, err := p.roundTrip(req, access)
 	if err != nil {
 		p.roundTripFailed(w, r, err, access)
 		return
@@ -162,11 +163,12 @@ func (p *Proxy) stripPrefix(u *url.URL) (path, rawPath string, ok bool) {
 	return path, rawPath, true
 }
 
-// roundTrip finds a connection of the agent and sends the request on it. A
-// request without a body that failed because its connection died before
-// it was sent is tried once more on another connection; one with a body
-// cannot be replayed.
-func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, error) {
+// roundTrip finds a tunnel of the agent and sends the request on it. A
+// request without a body that failed because its tunnel died before it
+// was sent is tried once more on another tunnel; one with a body cannot be
+// replayed.
+func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, error) {
+	out := req.HTTP
 	wait := p.WaitForAgent
 	if wait <= 0 {
 		wait = DefaultWaitForAgent
@@ -174,7 +176,7 @@ func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, er
 	for attempt := 0; ; attempt++ {
 		findCtx, cancel := context.WithTimeout(out.Context(), wait)
 		start := time.Now()
-		conn, err := p.Registry.Find(findCtx, access.AgentID)
+		t, err := p.Router.Find(findCtx, access.AgentID)
 		cancel()
 		if p.Observer != nil {
 			p.Observer.Routed(time.Since(start), err == nil)
@@ -187,14 +189,14 @@ func (p *Proxy) roundTrip(out *http.Request, access *Access) (*http.Response, er
 				Message: fmt.Sprintf("agent %d is not connected (waited %s). Is the agent up and connected?", access.AgentID, wait),
 				Reason:  err.Error(), AgentID: access.AgentID}
 		}
-		resp, err := conn.RoundTrip(out)
+		resp, err := t.RoundTrip(req)
 		if err == nil {
 			return resp, nil
 		}
-		if attempt > 0 || out.Body != nil || conn.Err() == nil || out.Context().Err() != nil {
+		if attempt > 0 || out.Body != nil || t.Err() == nil || out.Context().Err() != nil {
 			return nil, err
 		}
-		p.log().Debug("retrying request on another connection", zap.Int64("agent_id", access.AgentID), zap.Error(err))
+		p.log().Debug("retrying request on another tunnel", zap.Int64("agent_id", access.AgentID), zap.Error(err))
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"github.com/caddy-kas/caddy-kas/identity"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -13,7 +14,8 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 const prefix = "/-/kubernetes-agent/k8s-proxy/"
@@ -47,10 +49,10 @@ func (s *seen) count() int {
 }
 
 type env struct {
-	proxy    *httptest.Server
-	registry *tunnel.MemoryRegistry
-	agent    *tunneltest.Pair
-	seen     *seen
+	proxy *httptest.Server
+	store *tunnel.Store
+	agent *h2tunneltest.Pair
+	seen  *seen
 }
 
 // newEnv starts the proxy with users dev (agent 1, impersonates alice),
@@ -58,7 +60,7 @@ type env struct {
 // serving agentHandler (nil: record and answer 200 "ok").
 func newEnv(t *testing.T, agentHandler http.Handler) *env {
 	t.Helper()
-	e := &env{registry: tunnel.NewMemoryRegistry(), seen: &seen{}}
+	e := &env{store: tunnel.NewStore(), seen: &seen{}}
 	if agentHandler == nil {
 		agentHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			io.ReadAll(r.Body)
@@ -66,17 +68,17 @@ func newEnv(t *testing.T, agentHandler http.Handler) *env {
 			io.WriteString(w, "ok")
 		})
 	}
-	e.agent = tunneltest.NewPair(t, agentHandler, tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
-	t.Cleanup(e.registry.Register(e.agent.KAS))
+	e.agent = h2tunneltest.NewPair(t, agentHandler, h2tunneltest.Options{Agent: tunnel.AgentInfo{ID: 1}})
+	t.Cleanup(e.store.Add(e.agent.KAS))
 	auth, err := NewStaticAuthenticator([]User{
-		{Name: "dev", Token: "dev-token", Agents: []int64{1}, Impersonate: &tunnel.Identity{Username: "alice", Groups: []string{"dev"}}},
+		{Name: "dev", Token: "dev-token", Agents: []int64{1}, Impersonate: &identity.Identity{Username: "alice", Groups: []string{"dev"}}},
 		{Name: "ops", Token: "ops-token", Agents: []int64{1, 2}, AllowImpersonation: true},
 		{Name: "plain", Token: "plain-token", Agents: []int64{1}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.proxy = httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Registry: e.registry, WaitForAgent: 200 * time.Millisecond})
+	e.proxy = httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Router: tunnel.NewRouter(e.store), WaitForAgent: 200 * time.Millisecond})
 	t.Cleanup(e.proxy.Close)
 	return e
 }
@@ -118,7 +120,7 @@ func TestProxyForwards(t *testing.T) {
 	header := http.Header{
 		"Cookie":          {"_gitlab_kas=secret"},
 		"X-Csrf-Token":    {"secret"},
-		"Kas-Impersonate": {(&tunnel.Identity{Username: "system:admin"}).Encode()},
+		"Kas-Impersonate": {h2tunnel.EncodeIdentity(&identity.Identity{Username: "system:admin"})},
 		"Content-Type":    {"application/apply-patch+yaml"},
 		"Connection":      {"X-Private"},
 		"X-Private":       {"hop"},
@@ -154,7 +156,7 @@ func TestProxyIdentity(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
-	id, err := tunnel.DecodeIdentity(e.seen.last(t).Header.Get(tunnel.IdentityHeader))
+	id, err := h2tunnel.DecodeIdentity(e.seen.last(t).Header.Get(h2tunnel.IdentityHeader))
 	if err != nil {
 		t.Fatalf("identity header: %v", err)
 	}
@@ -214,7 +216,7 @@ func TestProxyClientImpersonationAllowed(t *testing.T) {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
 	got := e.seen.last(t).Header
-	if got.Get("Impersonate-User") != "bob" || len(got.Values("Impersonate-Group")) != 2 || got.Get(tunnel.IdentityHeader) != "" {
+	if got.Get("Impersonate-User") != "bob" || len(got.Values("Impersonate-Group")) != 2 || got.Get(h2tunnel.IdentityHeader) != "" {
 		t.Errorf("agent saw %v", got)
 	}
 }
@@ -248,8 +250,8 @@ func TestProxyAgentArrivesWhileWaiting(t *testing.T) {
 		done <- resp.StatusCode
 	}()
 	time.Sleep(50 * time.Millisecond) // let the request start waiting; not required for correctness
-	agent2 := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), tunneltest.Options{Agent: tunnel.AgentInfo{ID: 2}})
-	defer e.registry.Register(agent2.KAS)()
+	agent2 := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), h2tunneltest.Options{Agent: tunnel.AgentInfo{ID: 2}})
+	defer e.store.Add(agent2.KAS)()
 	select {
 	case code := <-done:
 		if code != http.StatusOK {
@@ -272,7 +274,7 @@ func TestProxyClientLeavesWhileWaiting(t *testing.T) {
 	go func() { defer close(served); p.ServeHTTP(rec, req) }()
 	time.Sleep(20 * time.Millisecond)
 	cancel()
-	tunneltest.WaitDone(t, served, "handler after the client left")
+	h2tunneltest.WaitDone(t, served, "handler after the client left")
 }
 
 // TestProxyStreamsAndAborts checks that a watch's events arrive one by one

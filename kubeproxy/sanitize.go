@@ -5,8 +5,8 @@ import (
 	"net/url"
 	"strings"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
-	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
 // credentialHeaders carry the client's credentials for KAS; they must never
@@ -17,28 +17,18 @@ var credentialHeaders = []string{"Authorization", "Cookie", "Gitlab-Agent-Id", "
 // WebSockets, which cannot set headers.
 var credentialQueryParams = []string{"gitlab-agent-id", "gitlab-csrf-token"}
 
-// reservedPrefix starts the headers of the tunnel protocol
-// ([tunnel.IdentityHeader], [tunnel.UpgradeHeader], ...).
-const reservedPrefix = "Kas-"
-
 // outboundHeader returns the headers to send to the agent: the client's,
-// less credentials, hop-by-hop headers, any forged identity header, and
-// impersonation headers unless keepImpersonation.
+// less credentials, hop-by-hop headers, and impersonation headers unless
+// keepImpersonation. A client's copy of a tunnel protocol's own headers is
+// removed by that protocol ([tunnel.Request]).
 func outboundHeader(in http.Header, keepImpersonation bool) http.Header {
 	out := in.Clone()
 	httpheader.RemoveHopByHop(out)
 	for _, k := range credentialHeaders {
 		out.Del(k)
 	}
-	// Kas-* headers are the tunnel protocol's (the identity, upgrades):
-	// only KAS may set them, a client's copy is a forgery.
-	for k := range out {
-		if len(k) >= len(reservedPrefix) && strings.EqualFold(k[:len(reservedPrefix)], reservedPrefix) {
-			delete(out, k)
-		}
-	}
 	if !keepImpersonation {
-		tunnel.DeleteImpersonation(out)
+		identity.DeleteImpersonation(out)
 	}
 	return out
 }

@@ -6,8 +6,8 @@ import (
 	"net/http"
 	"slices"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/internal/tokenmatch"
-	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
 // User is a token declared by the admin in standalone mode, and what it
@@ -22,7 +22,7 @@ type User struct {
 	Agents []int64
 	// Impersonate, if set, is the identity every request of this user has
 	// on the cluster.
-	Impersonate *tunnel.Identity
+	Impersonate *identity.Identity
 	// AllowImpersonation lets the client's own Impersonate-* headers
 	// (kubectl --as) through. It cannot be combined with Impersonate.
 	AllowImpersonation bool

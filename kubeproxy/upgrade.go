@@ -32,22 +32,20 @@ func upgradeRequested(h http.Header) string {
 }
 
 // serveUpgrade proxies a request that asks to switch protocols (kubectl
-// exec, attach, port-forward) as described in package tunnel: one
-// full-duplex stream, the client's bytes in the request body, the
-// cluster's in the response body.
-func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, out *http.Request, upgrade string, access *Access) {
+// exec, attach, port-forward) as [tunnel.Request.Upgrade] describes: the
+// client's bytes in the request body, the cluster's in the response body.
+func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel.Request, access *Access) {
 	clientBytes, toAgent := io.Pipe()
-	out.Header.Set(tunnel.UpgradeHeader, upgrade)
-	out.Body = clientBytes
-	out.ContentLength = -1
-	resp, err := p.roundTrip(out, access)
+	req.HTTP.Body = clientBytes
+	req.HTTP.ContentLength = -1
+	resp, err := p.roundTrip(req, access)
 	if err != nil {
 		toAgent.Close()
 		p.roundTripFailed(w, r, err, access)
 		return
 	}
 	defer resp.Body.Close()
-	if resp.Header.Get(tunnel.UpgradeStatusHeader) != "101" {
+	if resp.StatusCode != http.StatusSwitchingProtocols {
 		// The cluster refused (an old apiserver refusing WebSockets, say):
 		// pass its answer on unchanged, so the client can fall back.
 		toAgent.Close()
@@ -112,13 +110,11 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, out *http.R
 	}
 }
 
-// writeSwitchingProtocols writes the 101 response with the headers agentk
-// passed on from the cluster.
-func writeSwitchingProtocols(w *bufio.Writer, agentHeader http.Header) error {
-	h := agentHeader.Clone()
-	upgrade := h.Get(tunnel.UpgradeHeader)
-	h.Del(tunnel.UpgradeHeader)
-	h.Del(tunnel.UpgradeStatusHeader)
+// writeSwitchingProtocols writes the 101 response with the headers the
+// cluster's 101 had.
+func writeSwitchingProtocols(w *bufio.Writer, clusterHeader http.Header) error {
+	h := clusterHeader.Clone()
+	upgrade := h.Get("Upgrade")
 	httpheader.RemoveHopByHop(h)
 	h.Set("Connection", "Upgrade")
 	h.Set("Upgrade", upgrade)

@@ -26,14 +26,15 @@ import (
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
-// Connections is the set of live tunnel connections the agent tracker
-// reports. [*tunnel.MemoryRegistry] satisfies it.
+// Connections is the set of live tunnels the agent tracker reports.
+// [*tunnel.Store] satisfies it with this node's tunnels, of every
+// protocol.
 type Connections interface {
-	// All returns every live connection, of every agent.
-	All() []*tunnel.Conn
+	// All returns every live tunnel, of every agent.
+	All() []tunnel.Tunnel
 }
 
-var _ Connections = (*tunnel.MemoryRegistry)(nil)
+var _ Connections = (*tunnel.Store)(nil)
 
 // Limits of the server, see [Server.ServerOptions].
 const (

@@ -28,9 +28,9 @@ import (
 var testSecret = []byte("0123456789abcdef0123456789abcdef")
 
 // fakeConns is a fixed set of connections.
-type fakeConns []*tunnel.Conn
+type fakeConns []tunnel.Tunnel
 
-func (f fakeConns) All() []*tunnel.Conn { return f }
+func (f fakeConns) All() []tunnel.Tunnel { return f }
 
 // clients are the stubs Rails uses, connected to a test server.
 type clients struct {

@@ -13,13 +13,13 @@ import (
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttracker"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 // conn starts a real tunnel of the agent described by info.
-func conn(t *testing.T, info tunnel.AgentInfo) *tunnel.Conn {
+func conn(t *testing.T, info tunnel.AgentInfo) tunnel.Tunnel {
 	t.Helper()
-	return tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{Agent: info}).KAS
+	return h2tunneltest.NewPair(t, http.NotFoundHandler(), h2tunneltest.Options{Agent: info}).KAS
 }
 
 func agentInfo(agentID, projectID, podID int64, podName, version, k8s string) tunnel.AgentInfo {
@@ -44,12 +44,12 @@ func agentInfo(agentID, projectID, podID int64, podName, version, k8s string) tu
 type fleet struct {
 	conns fakeConns
 	// first is the first tunnel of each pod, by pod name.
-	first map[string]*tunnel.Conn
+	first map[string]tunnel.Tunnel
 }
 
 func newFleet(t *testing.T) *fleet {
-	f := &fleet{first: make(map[string]*tunnel.Conn)}
-	add := func(info tunnel.AgentInfo) *tunnel.Conn {
+	f := &fleet{first: make(map[string]tunnel.Tunnel)}
+	add := func(info tunnel.AgentInfo) tunnel.Tunnel {
 		c := conn(t, info)
 		f.conns = append(f.conns, c)
 		if _, ok := f.first[info.Meta.PodName]; !ok {
@@ -250,7 +250,7 @@ func TestCountAgentsByAgentVersions(t *testing.T) {
 		// Pods, not tunnels: agentk-a counts once.
 		{"fleet", f.conns, map[string]int64{"v17.0.0": 2, "v17.1.0": 2, "v16.5.0": 2}},
 		{"nothing connected", fakeConns(nil), map[string]int64{}},
-		{"no registry", nil, map[string]int64{}},
+		{"no store", nil, map[string]int64{}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,33 +1,28 @@
-// Package tunnel is the transport between the agent server (KAS, inside
-// Caddy) and agentk, the agent that runs next to a Kubernetes cluster.
+// Package tunnel is the contract between the parts of the agent server
+// that reach agents and the ways agents are reached, whatever the protocol
+// and whichever node the agent is connected to.
 //
-// agentk dials out to KAS, so clusters behind NAT or a firewall can be
-// reached. Once the byte stream is up, the roles flip: KAS is the HTTP/2
-// client and agentk the HTTP/2 server (RFC 9113, prior knowledge, no TLS
-// inside the stream because the stream itself already runs over TLS). Every
-// request KAS proxies to the cluster is one HTTP/2 stream, so each request
-// has its own flow control, request and response bodies stream both ways,
-// and a stalled reader only stalls its own stream.
+//   - A [Tunnel] is one way to send requests to one agent. Every tunnel
+//     protocol is one implementation: our own HTTP/2 over WebSocket
+//     (package h2tunnel) today; GitLab's gRPC ReverseTunnel, whose agentk
+//     opens one gRPC stream per request (gitlab-wire §B), is the next,
+//     behind the same interface.
+//   - A [Request] is the one internal form of a proxied request: the HTTP
+//     request for the cluster, the identity to act as, and the protocol to
+//     switch to. The Kubernetes API proxy builds it; each protocol encodes
+//     it its own way and its agent decodes it back, so the proxy writes no
+//     protocol's headers.
+//   - The [Store] keeps this node's tunnels by agent: the agent endpoint
+//     adds them, the agent tracker lists them. A store shared by several
+//     nodes (Redis) keeps which node holds which agent next to it.
+//   - The [Router] finds a tunnel for a request: least loaded first,
+//     waiting while the agent has none. A tunnel of another node will be
+//     a Tunnel too (a forwarder to that node's private API), found by the
+//     same router.
 //
-// Version 1 of the protocol carries the HTTP/2 connection in binary
-// WebSocket messages (RFC 6455) negotiated with the subprotocol
-// [Subprotocol]. The framing is done here rather than by a WebSocket
-// library, so that an HTTP/2 write costs one frame, one TLS record and one
-// system call, and an idle tunnel holds no buffer but 512 bytes; the tests
-// hold it to github.com/coder/websocket. The handshake request carries the agent token as
-// "Authorization: Bearer <token>" and the agent's metadata ([AgentMeta]).
-// Any other byte-stream transport that yields a [net.Conn] (a plain HTTP/2
-// stream, say) plugs into the same [Conn] and [Registry].
-//
-// On the KAS side a connection is a [*Conn], which is an [http.RoundTripper];
-// connections are kept in a [Registry] by agent id. On the agent side,
-// [Serve] runs an [http.Handler] (a reverse proxy to the kube-apiserver) on
-// the connection.
-//
-// The identity a request must act as travels from KAS to agentk in the
-// [IdentityHeader] request header. KAS always removes any client-supplied
-// copy before setting its own, so agentk can trust it: nothing but KAS can
-// write to the tunnel.
+// The identity a request acts as is package identity's; the agent's
+// description of itself is [AgentMeta], validated the same way on both
+// sides.
 //
 // This package imports no Caddy package.
 package tunnel

@@ -3,38 +3,12 @@ package tunnel
 import (
 	"errors"
 	"fmt"
-	"net/http"
-	"strconv"
 	"strings"
 )
 
-// Subprotocol is the WebSocket subprotocol (RFC 6455 §1.9) that names
-// version 1 of the tunnel protocol: one HTTP/2 connection with prior
-// knowledge, carried in binary messages, KAS being the HTTP/2 client.
-// A future incompatible version gets a new name, so that KAS can serve old
-// and new agents side by side and refuse unknown ones with a clear error.
-const Subprotocol = "caddy-kas.tunnel.v1"
-
-// Handshake headers in which agentk describes itself when it connects.
-// KAS reports them to admins (and, in GitLab mode, to GitLab's agent
-// tracker, which shows one connection per agentk pod).
-const (
-	HeaderAgentVersion       = "Kas-Agent-Version"
-	HeaderAgentCommit        = "Kas-Agent-Commit"
-	HeaderPodNamespace       = "Kas-Agent-Pod-Namespace"
-	HeaderPodName            = "Kas-Agent-Pod-Name"
-	HeaderPodID              = "Kas-Agent-Pod-Id"
-	HeaderConnectionID       = "Kas-Agent-Connection-Id"
-	HeaderKubernetesVersion  = "Kas-Agent-Kubernetes-Version"
-	HeaderKubernetesPlatform = "Kas-Agent-Kubernetes-Platform"
-)
-
-// maxMetaValueLen bounds each metadata value, so that an agent cannot make
-// KAS keep arbitrary amounts of memory per connection. Kubernetes names are
-// at most 253 bytes.
-const maxMetaValueLen = 253
-
-// AgentMeta is what agentk tells KAS about itself in the handshake.
+// AgentMeta is what an agent tells KAS about itself when it connects. Our
+// agentk sends it in its handshake; GitLab's agentk sends the same facts in
+// AgentRegistrar/Register.
 type AgentMeta struct {
 	// Version and CommitID identify the agentk build.
 	Version  string
@@ -57,61 +31,39 @@ type AgentMeta struct {
 	KubernetesPlatform string
 }
 
-// SetHeaders writes m into the handshake headers h.
-func (m AgentMeta) SetHeaders(h http.Header) {
-	set := func(k, v string) {
-		if v != "" {
-			h.Set(k, v)
-		}
-	}
-	set(HeaderAgentVersion, m.Version)
-	set(HeaderAgentCommit, m.CommitID)
-	set(HeaderPodNamespace, m.PodNamespace)
-	set(HeaderPodName, m.PodName)
-	set(HeaderKubernetesVersion, m.KubernetesVersion)
-	set(HeaderKubernetesPlatform, m.KubernetesPlatform)
-	h.Set(HeaderPodID, strconv.FormatInt(m.PodID, 10))
-	h.Set(HeaderConnectionID, strconv.FormatInt(m.ConnectionID, 10))
-}
+// MaxMetaValueLen bounds each text value of [AgentMeta], so that an agent
+// cannot make KAS keep arbitrary amounts of memory per connection.
+// Kubernetes names are at most 253 bytes.
+const MaxMetaValueLen = 253
 
-// ErrBadMeta is wrapped by errors about malformed handshake metadata.
+// ErrBadMeta is wrapped by errors about malformed agent metadata.
 var ErrBadMeta = errors.New("malformed agent metadata")
 
-// MetaFromHeaders reads the metadata agentk sent in its handshake. Missing
-// values stay empty or zero; values that are too long or not printable
-// ASCII are an error wrapping [ErrBadMeta], because they can only come from
-// a broken or hostile agent.
-func MetaFromHeaders(h http.Header) (AgentMeta, error) {
-	var m AgentMeta
-	var errs []error
-	get := func(k string) string {
-		v := h.Get(k)
-		if len(v) > maxMetaValueLen || strings.IndexFunc(v, notPrintableASCII) >= 0 {
-			errs = append(errs, fmt.Errorf("%w: header %s", ErrBadMeta, k))
-			return ""
-		}
-		return v
-	}
-	getInt := func(k string) int64 {
-		v := get(k)
-		if v == "" {
-			return 0
-		}
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%w: header %s is not an integer", ErrBadMeta, k))
-		}
-		return n
-	}
-	m.Version = get(HeaderAgentVersion)
-	m.CommitID = get(HeaderAgentCommit)
-	m.PodNamespace = get(HeaderPodNamespace)
-	m.PodName = get(HeaderPodName)
-	m.KubernetesVersion = get(HeaderKubernetesVersion)
-	m.KubernetesPlatform = get(HeaderKubernetesPlatform)
-	m.PodID = getInt(HeaderPodID)
-	m.ConnectionID = getInt(HeaderConnectionID)
-	return m, errors.Join(errs...)
+// ValidMetaValue reports whether KAS accepts v as a text value of
+// [AgentMeta]: printable ASCII, at most [MaxMetaValueLen] bytes. An agent
+// leaves out a value that is not, rather than be refused.
+func ValidMetaValue(v string) bool {
+	return len(v) <= MaxMetaValueLen && strings.IndexFunc(v, notPrintableASCII) < 0
 }
 
 func notPrintableASCII(r rune) bool { return r < 0x20 || r > 0x7e }
+
+// Validate returns an error wrapping [ErrBadMeta] that names every text
+// value that is not [ValidMetaValue]. Such values can only come from a
+// broken or hostile agent.
+func (m AgentMeta) Validate() error {
+	var errs []error
+	for _, f := range []struct{ name, value string }{
+		{"agent version", m.Version},
+		{"agent commit", m.CommitID},
+		{"pod namespace", m.PodNamespace},
+		{"pod name", m.PodName},
+		{"kubernetes version", m.KubernetesVersion},
+		{"kubernetes platform", m.KubernetesPlatform},
+	} {
+		if !ValidMetaValue(f.value) {
+			errs = append(errs, fmt.Errorf("%w: %s is not printable ASCII of at most %d bytes", ErrBadMeta, f.name, MaxMetaValueLen))
+		}
+	}
+	return errors.Join(errs...)
+}

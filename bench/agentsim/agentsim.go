@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // Config describes the agents to simulate.
@@ -78,7 +80,7 @@ func Start(ctx context.Context, cfg Config) (*Sim, error) {
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	s := &Sim{cancel: cancel}
-	srv := &tunnel.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	srv := &h2tunnel.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})}
 
@@ -119,10 +121,10 @@ func dial(ctx context.Context, client *http.Client, url, token string, id int) (
 	h := make(http.Header)
 	h.Set("Authorization", "Bearer "+token)
 	h.Set("User-Agent", "kasbench-agentsim")
-	tunnel.AgentMeta{Version: "agentsim", PodNamespace: "bench", PodName: "agentsim-" + strconv.Itoa(id), PodID: int64(id), ConnectionID: int64(id)}.SetHeaders(h)
+	h2tunnel.SetMetaHeaders(h, tunnel.AgentMeta{Version: "agentsim", PodNamespace: "bench", PodName: "agentsim-" + strconv.Itoa(id), PodID: int64(id), ConnectionID: int64(id)})
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	nc, resp, err := tunnel.Dial(dctx, url, tunnel.DialOptions{HTTPClient: client, Header: h})
+	nc, resp, err := wsconn.Dial(dctx, url, wsconn.DialOptions{HTTPClient: client, Header: h, Subprotocol: h2tunnel.Subprotocol})
 	if err != nil {
 		if resp != nil {
 			return nil, fmt.Errorf("agent %d: handshake answered %s: %w", id, resp.Status, err)

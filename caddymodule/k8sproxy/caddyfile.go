@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
+	"github.com/caddy-kas/caddy-kas/identity"
 )
 
 func init() {
@@ -87,9 +88,9 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 	if !d.AllArgs(&u.Name) {
 		return u, d.Err("user needs a name: user <name> { token ... }")
 	}
-	identity := func() *Identity {
+	impersonate := func() *identity.Identity {
 		if u.Impersonate == nil {
-			u.Impersonate = &Identity{}
+			u.Impersonate = &identity.Identity{}
 		}
 		return u.Impersonate
 	}
@@ -120,10 +121,10 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 			if len(args) == 0 {
 				return u, d.Err("impersonate needs a username, then optional groups")
 			}
-			id := identity()
+			id := impersonate()
 			id.Username, id.Groups = args[0], append(id.Groups, args[1:]...)
 		case "impersonate_uid":
-			if !d.AllArgs(&identity().UID) {
+			if !d.AllArgs(&impersonate().UID) {
 				return u, d.ArgErr()
 			}
 		case "impersonate_extra":
@@ -131,7 +132,7 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 			if len(args) < 2 {
 				return u, d.Err("impersonate_extra needs a key and at least one value")
 			}
-			id := identity()
+			id := impersonate()
 			if id.Extra == nil {
 				id.Extra = map[string][]string{}
 			}

@@ -17,6 +17,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
@@ -89,25 +90,13 @@ type User struct {
 	// Impersonate, if set, is the Kubernetes identity every request of
 	// this user has on the cluster. Without it, requests have the agent's
 	// own identity (its service account).
-	Impersonate *Identity `json:"impersonate,omitempty"`
+	Impersonate *identity.Identity `json:"impersonate,omitempty"`
 
 	// AllowImpersonation lets the client's own Impersonate-* headers
 	// (kubectl --as, --as-group) reach the cluster, where RBAC decides.
 	// Without it such requests are refused with 403. It cannot be combined
 	// with Impersonate (that would be nested impersonation). Default: false.
 	AllowImpersonation bool `json:"allow_impersonation,omitempty"`
-}
-
-// Identity is a Kubernetes user to impersonate.
-type Identity struct {
-	// Username is the user name; required.
-	Username string `json:"username"`
-	// UID is the user's uid; optional.
-	UID string `json:"uid,omitempty"`
-	// Groups are the user's groups, in order.
-	Groups []string `json:"groups,omitempty"`
-	// Extra is extra user information (Impersonate-Extra-<key>).
-	Extra map[string][]string `json:"extra,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -118,13 +107,13 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision loads the users' tokens and connects to the registry.
+// Provision loads the users' tokens and connects to the tunnel router.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	app, err := kasapp.FromContext(ctx)
 	if err != nil {
 		return err
 	}
-	if err := h.setup(app.Registry(), app.GitLabMode(), ctx.Logger()); err != nil {
+	if err := h.setup(app.Router(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
 	h.proxy.Observer = metrics.Proxy{}
@@ -133,7 +122,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // setup is Provision once the app is found; gitlab is nil in standalone
 // mode.
-func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
+func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
 	if h.PathPrefix == "" {
 		h.PathPrefix = DefaultPathPrefix
 	}
@@ -152,7 +141,7 @@ func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, log
 		h.proxy = &kubeproxy.Proxy{
 			Prefix:        h.PathPrefix,
 			Auth:          gitlab.Proxy,
-			Registry:      registry,
+			Router:        router,
 			WaitForAgent:  time.Duration(h.WaitForAgent),
 			Logger:        logger,
 			AllowedOrigin: origin,
@@ -171,9 +160,7 @@ func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, log
 			continue
 		}
 		ku := kubeproxy.User{Name: u.Name, Token: token, Agents: u.Agents, AllowImpersonation: u.AllowImpersonation}
-		if id := u.Impersonate; id != nil {
-			ku.Impersonate = &tunnel.Identity{Username: id.Username, UID: id.UID, Groups: id.Groups, Extra: id.Extra}
-		}
+		ku.Impersonate = u.Impersonate
 		users = append(users, ku)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -186,7 +173,7 @@ func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, log
 	h.proxy = &kubeproxy.Proxy{
 		Prefix:        h.PathPrefix,
 		Auth:          auth,
-		Registry:      registry,
+		Router:        router,
 		WaitForAgent:  time.Duration(h.WaitForAgent),
 		Logger:        logger,
 		AllowedOrigin: h.AllowedOrigin,

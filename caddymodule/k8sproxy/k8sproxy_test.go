@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
@@ -44,7 +45,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				PathPrefix:   "/k8s/",
 				WaitForAgent: caddy.Duration(5 * time.Second),
 				Users: []User{
-					{Name: "dev", TokenFile: "/etc/kas/dev.token", Agents: []int64{1, 2}, Impersonate: &Identity{
+					{Name: "dev", TokenFile: "/etc/kas/dev.token", Agents: []int64{1, 2}, Impersonate: &identity.Identity{
 						Username: "alice", UID: "1001", Groups: []string{"dev", "viewers"},
 						Extra: map[string][]string{"team": {"platform", "sre"}},
 					}},
@@ -83,7 +84,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 }
 
 func setup(h *Handler) error {
-	if err := h.setup(tunnel.NewMemoryRegistry(), nil, zap.NewNop()); err != nil {
+	if err := h.setup(tunnel.NewRouter(tunnel.NewStore()), nil, zap.NewNop()); err != nil {
 		return err
 	}
 	return h.Validate()
@@ -98,8 +99,8 @@ func TestSetup(t *testing.T) {
 		{"ok", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, ""},
 		{"no users", Handler{}, "no users declared"},
 		{"no token", Handler{Users: []User{{Name: "a", Agents: []int64{1}}}}, `user "a": no token configured`},
-		{"nested", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &Identity{Username: "x"}, AllowImpersonation: true}}}, "nested impersonation"},
-		{"uid without username", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &Identity{UID: "1"}}}}, "impersonation without a username"},
+		{"nested", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{Username: "x"}, AllowImpersonation: true}}}, "nested impersonation"},
+		{"uid without username", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{UID: "1"}}}}, "impersonation without a username"},
 		{"negative wait", Handler{WaitForAgent: -1, Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, "must not be negative"},
 	}
 	for _, tt := range tests {

@@ -209,7 +209,7 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 	if cfg.APIListen != "" {
 		rt.api = &railsapi.Server{
 			Secret:      secret,
-			Connections: a.registry,
+			Connections: a.tunnels.store,
 			Version:     buildinfo.Version(),
 			GitRef:      buildinfo.Commit(),
 			OnGitPush:   func(projectID int64, _ string) { usage.GitPushNotification(projectID) },

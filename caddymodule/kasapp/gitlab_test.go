@@ -15,7 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 func TestUnmarshalGlobalOption(t *testing.T) {
@@ -144,10 +144,10 @@ func TestModeChangeClosesTunnels(t *testing.T) {
 	if err := standalone.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{
+	p := h2tunneltest.NewPair(t, http.NotFoundHandler(), h2tunneltest.Options{
 		Agent: tunnel.AgentInfo{ID: 1, Credential: sha256.Sum256([]byte("token-one"))},
 	})
-	t.Cleanup(standalone.Registry().Register(p.KAS))
+	t.Cleanup(standalone.Store().Add(p.KAS))
 
 	secret := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secret, []byte(base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef"))), 0o600); err != nil {

@@ -1,5 +1,6 @@
-// Package kasapp is the "kas" Caddy app: it owns the registry of agent
-// tunnels that the kubernetes_agent and k8s_proxy handlers share.
+// Package kasapp is the "kas" Caddy app: it owns the store of agent tunnels
+// and the router over it that the kubernetes_agent and k8s_proxy handlers
+// share, across configuration reloads.
 package kasapp
 
 import (
@@ -27,7 +28,7 @@ type App struct {
 	// configuration. Default: standalone mode.
 	GitLab *GitLab `json:"gitlab,omitempty"`
 
-	registry   *tunnel.MemoryRegistry
+	tunnels    *pooledTunnels
 	modes      *modeTracker
 	poolKey    string
 	logger     *zap.Logger
@@ -45,23 +46,26 @@ type AgentSet interface {
 	Declares(agentID int64, credential [sha256.Size]byte) bool
 }
 
-// registries holds the tunnel registries across configuration reloads.
-// Caddy provisions a new config (and a new App) before it cleans up the
-// old one, so the reference count never drops to zero on a reload and
-// connected agents stay connected; on process exit it does, and
-// Destruct closes every tunnel.
-var registries = caddy.NewUsagePool()
+// tunnelPools holds the tunnel store across configuration reloads. Caddy
+// provisions a new config (and a new App) before it cleans up the old one,
+// so the reference count never drops to zero on a reload and connected
+// agents stay connected; on process exit it does, and Destruct closes
+// every tunnel.
+var tunnelPools = caddy.NewUsagePool()
 
-// memoryRegistryKey names the one in-process registry. A shared (Redis)
-// registry will be keyed by its address and prefix.
-const memoryRegistryKey = "memory"
+// localTunnelsKey names the one store of this process's tunnels. A store
+// shared by several nodes (Redis) will sit next to it, keyed by its
+// address and prefix.
+const localTunnelsKey = "local"
 
-type pooledRegistry struct {
-	*tunnel.MemoryRegistry
-	modes *modeTracker
+// pooledTunnels is what outlives a reload.
+type pooledTunnels struct {
+	store  *tunnel.Store
+	router *tunnel.Router
+	modes  *modeTracker
 }
 
-// modeTracker remembers the authentication mode the registry's tunnels
+// modeTracker remembers the authentication mode the store's tunnels
 // were accepted under.
 type modeTracker struct {
 	mu   sync.Mutex // guards mode
@@ -77,7 +81,7 @@ func (m *modeTracker) swap(mode string) string {
 	return prev
 }
 
-func (p pooledRegistry) Destruct() error { return p.Close() }
+func (p *pooledTunnels) Destruct() error { return p.store.Close() }
 
 // CaddyModule returns the Caddy module information.
 func (*App) CaddyModule() caddy.ModuleInfo {
@@ -87,20 +91,21 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision takes a reference to the registry.
+// Provision takes a reference to the tunnel store.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	if a.logger == nil {
 		a.logger = zap.NewNop()
 	}
-	v, _, err := registries.LoadOrNew(memoryRegistryKey, func() (caddy.Destructor, error) {
-		return pooledRegistry{tunnel.NewMemoryRegistry(), new(modeTracker)}, nil
+	v, _, err := tunnelPools.LoadOrNew(localTunnelsKey, func() (caddy.Destructor, error) {
+		store := tunnel.NewStore()
+		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), modes: new(modeTracker)}, nil
 	})
 	if err != nil {
-		return fmt.Errorf("tunnel registry: %w", err)
+		return fmt.Errorf("tunnel store: %w", err)
 	}
-	pooled := v.(pooledRegistry)
-	a.registry, a.modes, a.poolKey = pooled.MemoryRegistry, pooled.modes, memoryRegistryKey
+	a.tunnels = v.(*pooledTunnels)
+	a.modes, a.poolKey = a.tunnels.modes, localTunnelsKey
 	if a.GitLab != nil {
 		return a.provisionGitLab(ctx)
 	}
@@ -116,8 +121,12 @@ func (a *App) GitLabMode() *GitLabMode {
 	return a.gitlab.mode
 }
 
-// Registry returns the agents' tunnel registry.
-func (a *App) Registry() *tunnel.MemoryRegistry { return a.registry }
+// Store returns the store of this node's tunnels, where the agent endpoint
+// adds them.
+func (a *App) Store() *tunnel.Store { return a.tunnels.store }
+
+// Router returns the router that finds a tunnel for a proxied request.
+func (a *App) Router() *tunnel.Router { return a.tunnels.router }
 
 // DeclareAgents adds the agents a handler accepts. Handlers call it while
 // they are provisioned.
@@ -137,7 +146,7 @@ func (a *App) Start() error {
 		// Tunnels accepted under another mode (standalone tokens, or
 		// another GitLab) were not authenticated by this one: agents
 		// reconnect and authenticate again.
-		for _, c := range a.registry.All() {
+		for _, c := range a.tunnels.store.All() {
 			info := c.Agent()
 			a.logger.Warn("closing tunnel: the authentication mode changed",
 				zap.Int64("agent_id", info.ID), zap.Int64("connection_id", info.Meta.ConnectionID))
@@ -152,7 +161,7 @@ func (a *App) Start() error {
 	a.mu.Lock()
 	sets := a.agentSets
 	a.mu.Unlock()
-	for _, c := range a.registry.All() {
+	for _, c := range a.tunnels.store.All() {
 		info := c.Agent()
 		if declared(sets, info) {
 			continue
@@ -184,7 +193,7 @@ func (a *App) Stop() error {
 	return nil
 }
 
-// Cleanup drops this config's references to the registry and the usage
+// Cleanup drops this config's references to the tunnel store and the usage
 // counters.
 func (a *App) Cleanup() error {
 	var errs []error
@@ -194,7 +203,7 @@ func (a *App) Cleanup() error {
 		}
 	}
 	if a.poolKey != "" { // else provisioning failed before taking a reference
-		if _, err := registries.Delete(a.poolKey); err != nil {
+		if _, err := tunnelPools.Delete(a.poolKey); err != nil {
 			errs = append(errs, err)
 		}
 	}

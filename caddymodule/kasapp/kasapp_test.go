@@ -10,12 +10,13 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
-// TestRegistrySurvivesReload follows Caddy's reload order: the new config's
+// TestTunnelStoreSurvivesReload follows Caddy's reload order: the new config's
 // app is provisioned before the old one is cleaned up.
-func TestRegistrySurvivesReload(t *testing.T) {
+func TestTunnelStoreSurvivesReload(t *testing.T) {
 	var old, next App
 	if err := old.Provision(caddy.Context{}); err != nil {
 		t.Fatal(err)
@@ -23,24 +24,24 @@ func TestRegistrySurvivesReload(t *testing.T) {
 	if err := next.Provision(caddy.Context{}); err != nil {
 		t.Fatal(err)
 	}
-	if old.Registry() != next.Registry() {
-		t.Fatal("a reload got a new registry: connected agents would be lost")
+	if old.Store() != next.Store() || old.Router() != next.Router() {
+		t.Fatal("a reload got a new tunnel store: connected agents would be lost")
 	}
 	if err := old.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := next.Registry().Find(ctx, 1); !errors.Is(err, tunnel.ErrNoConnection) {
-		t.Errorf("registry after the old config's cleanup: Find = %v, want it still open", err)
+	if _, err := next.Router().Find(ctx, 1); !errors.Is(err, tunnel.ErrNoConnection) {
+		t.Errorf("store after the old config's cleanup: Find = %v, want it still open", err)
 	}
 
-	// Process exit: the last reference goes and the registry closes.
+	// Process exit: the last reference goes and the store closes.
 	if err := next.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := next.Registry().Find(context.Background(), 1); !errors.Is(err, tunnel.ErrRegistryClosed) {
-		t.Errorf("registry after the last cleanup: Find = %v, want ErrRegistryClosed", err)
+	if _, err := next.Router().Find(context.Background(), 1); !errors.Is(err, tunnel.ErrStoreClosed) {
+		t.Errorf("store after the last cleanup: Find = %v, want ErrStoreClosed", err)
 	}
 }
 
@@ -67,11 +68,11 @@ func TestStartClosesRevokedTunnels(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer old.Cleanup()
-	tunnelOf := func(id int64, token string) *tunnel.Conn {
-		p := tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{
+	tunnelOf := func(id int64, token string) *h2tunnel.Conn {
+		p := h2tunneltest.NewPair(t, http.NotFoundHandler(), h2tunneltest.Options{
 			Agent: tunnel.AgentInfo{ID: id, Credential: sha256.Sum256([]byte(token))},
 		})
-		t.Cleanup(old.Registry().Register(p.KAS))
+		t.Cleanup(old.Store().Add(p.KAS))
 		return p.KAS
 	}
 	kept := tunnelOf(1, "token-one")
@@ -90,7 +91,7 @@ func TestStartClosesRevokedTunnels(t *testing.T) {
 	if err := next.Start(); err != nil {
 		t.Fatal(err)
 	}
-	for name, c := range map[string]*tunnel.Conn{"removed agent": removed, "rotated token": rotated} {
+	for name, c := range map[string]*h2tunnel.Conn{"removed agent": removed, "rotated token": rotated} {
 		select {
 		case <-c.Done():
 		default:

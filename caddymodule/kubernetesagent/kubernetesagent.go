@@ -18,6 +18,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 )
 
 func init() {
@@ -82,13 +83,13 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision loads the agents' tokens and connects to the registry.
+// Provision loads the agents' tokens and connects to the tunnel store.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	app, err := kasapp.FromContext(ctx)
 	if err != nil {
 		return err
 	}
-	if err := h.setup(app.Registry(), app.GitLabMode(), ctx.Logger()); err != nil {
+	if err := h.setup(app.Store(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
 	if h.agents != nil {
@@ -100,11 +101,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // setup is Provision once the app is found; gitlab is nil in standalone
 // mode.
-func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
+func (h *Handler) setup(store *tunnel.Store, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
 	if h.Path == "" {
 		h.Path = DefaultPath
 	}
-	options := tunnel.Options{
+	options := h2tunnel.Options{
 		KeepaliveInterval: time.Duration(h.KeepaliveInterval),
 		KeepaliveTimeout:  time.Duration(h.KeepaliveTimeout),
 	}
@@ -115,8 +116,8 @@ func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, log
 		h.gitlabMode = true
 		h.endpoint = &agentserver.Endpoint{
 			Auth:     gitlab.Agents,
-			Registry: registry,
-			Options:  options,
+			Store:    store,
+			H2Tunnel: options,
 			Logger:   logger,
 			Recheck:  gitlab.AgentRecheck,
 		}
@@ -142,8 +143,8 @@ func (h *Handler) setup(registry tunnel.Registry, gitlab *kasapp.GitLabMode, log
 	h.agents = auth
 	h.endpoint = &agentserver.Endpoint{
 		Auth:     auth,
-		Registry: registry,
-		Options:  options,
+		Store:    store,
+		H2Tunnel: options,
 		Logger:   logger,
 	}
 	return nil

@@ -1,8 +1,7 @@
-package tunnel
+package h2tunnel
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
 // Defaults of [Options].
@@ -83,33 +84,11 @@ func h2cOnly() *http.Protocols {
 	return &p
 }
 
-// AgentInfo is what KAS knows about the agent at the other end of a
-// connection.
-type AgentInfo struct {
-	// ID is the agent's id, the key of the registry.
-	ID int64
-	// Name is the agent's name, for logs and the tracker.
-	Name string
-	// ProjectID is the id of the agent's configuration project in GitLab
-	// mode (from agent_info), zero in standalone mode. GitLab's agent
-	// tracker reports it with each connection.
-	ProjectID int64
-	// Meta is what agentk said about itself in the handshake.
-	Meta AgentMeta
-	// RemoteAddr is the network address the connection came from, as seen
-	// by KAS.
-	RemoteAddr string
-	// Credential is the SHA-256 digest of the token the agent
-	// authenticated with, so that a tunnel can be closed when its token
-	// is revoked. Not the token: a digest of a random token reveals
-	// nothing.
-	Credential [sha256.Size]byte
-}
-
-// Conn is one tunnel connection on the KAS side. It sends requests to
-// agentk, each on its own HTTP/2 stream, and is safe for concurrent use.
+// Conn is one tunnel connection on the KAS side, a [tunnel.Tunnel]. It
+// sends requests to agentk, each on its own HTTP/2 stream, and is safe for
+// concurrent use.
 type Conn struct {
-	info        AgentInfo
+	info        tunnel.AgentInfo
 	connectedAt time.Time
 	cc          *http.ClientConn
 	nc          net.Conn
@@ -156,7 +135,7 @@ var transports sync.Map // Options -> *http.Transport
 // the agent described by info. It writes the HTTP/2 connection preface and
 // settings and returns without waiting for the agent's answer. The Conn
 // owns nc from then on.
-func NewConn(nc net.Conn, info AgentInfo, o Options) (*Conn, error) {
+func NewConn(nc net.Conn, info tunnel.AgentInfo, o Options) (*Conn, error) {
 	tr, _ := transports.LoadOrStore(o, clientTransport(o))
 	c := &Conn{info: info, connectedAt: time.Now(), nc: nc, done: make(chan struct{})}
 	ctx := context.WithValue(context.Background(), connKey{}, nc)
@@ -194,10 +173,7 @@ func (c *Conn) markDone() {
 	})
 }
 
-// AfterDone arranges for f to run in a goroutine of its own once the
-// connection is done, or at once if it is done already. It lets the owner
-// of a tunnel react to its end without a goroutine that waits for it,
-// which would cost a stack per idle agent.
+// AfterDone implements [tunnel.Tunnel].
 func (c *Conn) AfterDone(f func()) {
 	c.afterMu.Lock()
 	if !c.afterRan {
@@ -210,7 +186,7 @@ func (c *Conn) AfterDone(f func()) {
 }
 
 // Agent returns what KAS knows about the agent at the other end.
-func (c *Conn) Agent() AgentInfo { return c.info }
+func (c *Conn) Agent() tunnel.AgentInfo { return c.info }
 
 // ConnectedAt is when the connection was established.
 func (c *Conn) ConnectedAt() time.Time { return c.connectedAt }
@@ -242,29 +218,22 @@ func (c *Conn) Close() error {
 	return err
 }
 
-// RoundTrip sends req to the agent on a new HTTP/2 stream. The request's
-// URL only needs a path and query: the agent forwards it to its cluster.
-// The response body streams; closing it (or cancelling the request's
-// context) resets the stream.
-func (c *Conn) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.Close || len(req.Header.Values("Connection")) > 0 {
-		// "Connection: close" (or Request.Close) asks Go's HTTP/2 client
-		// to retire the connection after this request. The tunnel is
-		// shared by every request of the agent and connection headers are
-		// hop-by-hop (RFC 9110 §7.6.1), so neither may pass.
-		r := *req
-		r.Close = false
-		r.Header = req.Header.Clone()
-		r.Header.Del("Connection")
-		req = &r
-	}
+// RoundTrip implements [tunnel.Tunnel]: it sends req to the agent on a new
+// HTTP/2 stream, with the identity and upgrade encoded in this protocol's
+// headers (see the package documentation). The response body streams;
+// closing it (or cancelling the request's context) resets the stream.
+func (c *Conn) RoundTrip(req *tunnel.Request) (*http.Response, error) {
+	out := encodeRequest(req)
 	c.active.Add(1)
-	resp, err := c.cc.RoundTrip(req)
+	resp, err := c.cc.RoundTrip(out)
 	if err != nil {
 		c.active.Add(-1)
 		return nil, fmt.Errorf("agent %d: %w", c.info.ID, err)
 	}
 	resp.Body = &countedBody{ReadCloser: resp.Body, active: &c.active}
+	if req.Upgrade != "" {
+		decodeSwitched(resp)
+	}
 	return resp, nil
 }
 
@@ -280,4 +249,4 @@ func (b *countedBody) Close() error {
 	return b.ReadCloser.Close()
 }
 
-var _ http.RoundTripper = (*Conn)(nil)
+var _ tunnel.Tunnel = (*Conn)(nil)

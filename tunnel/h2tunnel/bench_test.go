@@ -1,4 +1,4 @@
-package tunnel_test
+package h2tunnel_test
 
 import (
 	"bytes"
@@ -10,8 +10,7 @@ import (
 	"net/url"
 	"testing"
 
-	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 // BenchmarkOneAgent measures one agent connection against the same
@@ -48,9 +47,9 @@ func BenchmarkOneAgent(b *testing.B) {
 		Transport:     &http.Transport{MaxIdleConnsPerHost: 1024},
 		FlushInterval: -1,
 	}
-	p := tunneltest.NewPair(b, agentHandler, tunneltest.Options{})
+	p := h2tunneltest.NewPair(b, agentHandler, h2tunneltest.Options{})
 
-	paths := map[string]http.RoundTripper{"direct": direct, "tunnel": p.KAS}
+	paths := map[string]http.RoundTripper{"direct": direct, "tunnel": p}
 	for _, path := range []string{"direct", "tunnel"} {
 		rt := paths[path]
 		base := upstream.URL
@@ -113,4 +112,4 @@ func send(rt http.RoundTripper, req *http.Request) error {
 	return nil
 }
 
-var _ http.RoundTripper = (*tunnel.Conn)(nil)
+var _ http.RoundTripper = (*h2tunneltest.Pair)(nil)

@@ -1,4 +1,4 @@
-package tunnel_test
+package wsconn_test
 
 import (
 	"bytes"
@@ -13,13 +13,16 @@ import (
 
 	"github.com/coder/websocket"
 
-	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // The tunnel frames its WebSocket itself (RFC 6455 §5) to keep the hot
 // path free of per-message allocations. These tests hold that framing to
 // an independent implementation, github.com/coder/websocket, in both
 // roles.
+
+// testSubprotocol is what both ends agree on; wsconn serves any.
+const testSubprotocol = "caddy-kas.test"
 
 // wsPeer is one tunnel end made by us and the other by coder/websocket.
 type wsPeer struct {
@@ -34,7 +37,7 @@ func peers(t *testing.T) map[string]func(t *testing.T) wsPeer {
 		"ours dials theirs": func(t *testing.T) wsPeer {
 			theirs := make(chan *websocket.Conn, 1)
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{tunnel.Subprotocol}})
+				ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{testSubprotocol}})
 				if err != nil {
 					t.Errorf("accept: %v", err)
 					return
@@ -42,7 +45,7 @@ func peers(t *testing.T) map[string]func(t *testing.T) wsPeer {
 				theirs <- ws
 			}))
 			t.Cleanup(srv.Close)
-			ours, _, err := tunnel.Dial(t.Context(), "ws"+srv.URL[len("http"):], tunnel.DialOptions{})
+			ours, _, err := wsconn.Dial(t.Context(), "ws"+srv.URL[len("http"):], wsconn.DialOptions{Subprotocol: testSubprotocol})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -55,7 +58,7 @@ func peers(t *testing.T) map[string]func(t *testing.T) wsPeer {
 		"theirs dials ours": func(t *testing.T) wsPeer {
 			ours := make(chan net.Conn, 1)
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				nc, err := tunnel.Accept(w, r)
+				nc, err := wsconn.Accept(w, r, testSubprotocol)
 				if err != nil {
 					t.Errorf("accept: %v", err)
 					return
@@ -63,7 +66,7 @@ func peers(t *testing.T) map[string]func(t *testing.T) wsPeer {
 				ours <- nc
 			}))
 			t.Cleanup(srv.Close)
-			ws, _, err := websocket.Dial(t.Context(), "ws"+srv.URL[len("http"):], &websocket.DialOptions{Subprotocols: []string{tunnel.Subprotocol}})
+			ws, _, err := websocket.Dial(t.Context(), "ws"+srv.URL[len("http"):], &websocket.DialOptions{Subprotocols: []string{testSubprotocol}})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -1,7 +1,7 @@
-// Package tunneltest starts real tunnels (loopback TCP, WebSocket
-// handshake, HTTP/2) between a test "KAS" and a test agent, with a network
-// the test can break.
-package tunneltest
+// Package h2tunneltest starts real tunnels of package h2tunnel (loopback
+// TCP, WebSocket handshake, HTTP/2) between a test "KAS" and a test agent,
+// with a network the test can break.
+package h2tunneltest
 
 import (
 	"context"
@@ -13,13 +13,15 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // Pair is one tunnel between a test "KAS" and a test agent, over real
 // loopback TCP and a real WebSocket handshake.
 type Pair struct {
 	// KAS is the KAS side of the tunnel.
-	KAS *tunnel.Conn
+	KAS *h2tunnel.Conn
 	// AgentNet is the agent's raw TCP connection under the WebSocket, for
 	// tests that break the network.
 	AgentNet *FaultConn
@@ -32,7 +34,7 @@ type Pair struct {
 // Options configure [NewPair].
 type Options struct {
 	// Tunnel tunes both sides' HTTP/2 connection.
-	Tunnel tunnel.Options
+	Tunnel h2tunnel.Options
 	// Agent describes the agent; ID 0 becomes 1.
 	Agent tunnel.AgentInfo
 }
@@ -42,11 +44,11 @@ func NewPair(t testing.TB, h http.Handler, o Options) *Pair {
 	t.Helper()
 	accepted := make(chan net.Conn, 1)
 	kasSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !tunnel.IsWebSocketUpgrade(r) || !tunnel.OffersSubprotocol(r) {
+		if !wsconn.IsUpgrade(r) || !wsconn.Offers(r, h2tunnel.Subprotocol) {
 			http.Error(w, "not a tunnel", http.StatusBadRequest)
 			return
 		}
-		nc, err := tunnel.Accept(w, r)
+		nc, err := wsconn.Accept(w, r, h2tunnel.Subprotocol)
 		if err != nil {
 			t.Errorf("accept: %v", err)
 			return
@@ -68,12 +70,12 @@ func NewPair(t testing.TB, h http.Handler, o Options) *Pair {
 		},
 	}}
 	ctx, cancel := context.WithCancel(context.Background())
-	agentConn, _, err := tunnel.Dial(ctx, "ws"+kasSrv.URL[len("http"):]+"/", tunnel.DialOptions{HTTPClient: client})
+	agentConn, _, err := wsconn.Dial(ctx, "ws"+kasSrv.URL[len("http"):]+"/", wsconn.DialOptions{HTTPClient: client, Subprotocol: h2tunnel.Subprotocol})
 	if err != nil {
 		cancel()
 		t.Fatalf("dial: %v", err)
 	}
-	srv := &tunnel.Server{Handler: h, Options: o.Tunnel}
+	srv := &h2tunnel.Server{Handler: h, Options: o.Tunnel}
 	p := &Pair{AgentNet: agentNet, Served: make(chan error, 1), Cancel: cancel}
 	go func() { p.Served <- srv.ServeConn(ctx, agentConn) }()
 
@@ -82,7 +84,7 @@ func NewPair(t testing.TB, h http.Handler, o Options) *Pair {
 	if info.ID == 0 {
 		info.ID = 1
 	}
-	p.KAS, err = tunnel.NewConn(kasNet, info, o.Tunnel)
+	p.KAS, err = h2tunnel.NewConn(kasNet, info, o.Tunnel)
 	if err != nil {
 		cancel()
 		t.Fatalf("new conn: %v", err)
@@ -106,7 +108,14 @@ func (p *Pair) Get(ctx context.Context, path string) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	return p.KAS.RoundTrip(req)
+	return p.RoundTrip(req)
+}
+
+// RoundTrip sends req through the tunnel as a request without identity or
+// upgrade, so that a Pair serves as an [http.RoundTripper]. Like every
+// [tunnel.Request], it may change req's header.
+func (p *Pair) RoundTrip(req *http.Request) (*http.Response, error) {
+	return p.KAS.RoundTrip(&tunnel.Request{HTTP: req})
 }
 
 // FaultConn is a net.Conn whose traffic a test can cut: abruptly (Close)

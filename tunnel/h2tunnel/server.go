@@ -1,4 +1,4 @@
-package tunnel
+package h2tunnel
 
 import (
 	"context"

@@ -1,32 +1,35 @@
-package tunnel
+// Package identity is the Kubernetes identity a proxied request acts as,
+// and the impersonation headers that carry it to the kube-apiserver
+// (https://kubernetes.io/docs/reference/access-authn-authz/authentication/#user-impersonation).
+//
+// KAS decides the identity (from GitLab's answer or the Caddyfile); the
+// agent asks the apiserver to impersonate it with its own credentials. How
+// the identity crosses the tunnel between them is each tunnel protocol's
+// business (see package tunnel).
+package identity
 
 import (
-	"encoding/base64"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"strings"
 )
 
-// IdentityHeader is the request header in which KAS tells agentk which
-// Kubernetes identity a proxied request must impersonate. The value is the
-// base64url (RFC 4648 §5, no padding) encoding of the JSON form of
-// [Identity], so that usernames and groups with any characters survive.
-//
-// KAS removes every client-supplied copy before it sets its own, and only
-// KAS can write to a tunnel, so agentk trusts it. agentk removes it before
-// forwarding and turns it into Kubernetes impersonation headers, as
-// GitLab's agentk does with the identity in its HTTP-over-gRPC header.
-const IdentityHeader = "Kas-Impersonate"
-
 // Identity is a Kubernetes user to impersonate
 // (https://kubernetes.io/docs/reference/access-authn-authz/authentication/#user-impersonation).
+//
+// It is also the JSON form of an impersonation rule in the Caddy
+// configuration (k8s_proxy's impersonate), so its fields document it.
 type Identity struct {
-	Username string              `json:"username"`
-	UID      string              `json:"uid,omitempty"`
-	Groups   []string            `json:"groups,omitempty"`
-	Extra    map[string][]string `json:"extra,omitempty"`
+	// Username is the user name the request acts as; required.
+	Username string `json:"username"`
+	// UID is the user's uid (Impersonate-Uid); optional, default none.
+	UID string `json:"uid,omitempty"`
+	// Groups are the user's groups (Impersonate-Group), in order;
+	// optional, default none.
+	Groups []string `json:"groups,omitempty"`
+	// Extra is extra user information (Impersonate-Extra-<key>), by key;
+	// optional, default none.
+	Extra map[string][]string `json:"extra,omitempty"`
 }
 
 // Kubernetes impersonation request headers.
@@ -36,35 +39,6 @@ const (
 	ImpersonateGroupHeader       = "Impersonate-Group"
 	ImpersonateExtraHeaderPrefix = "Impersonate-Extra-"
 )
-
-// ErrBadIdentity is wrapped by errors about a malformed [IdentityHeader].
-var ErrBadIdentity = errors.New("malformed identity header")
-
-// Encode returns the value of [IdentityHeader] for id.
-func (id *Identity) Encode() string {
-	b, err := json.Marshal(id)
-	if err != nil {
-		// Only strings, slices and maps of strings: cannot fail.
-		panic(fmt.Sprintf("encoding identity: %v", err))
-	}
-	return base64.RawURLEncoding.EncodeToString(b)
-}
-
-// DecodeIdentity parses a value of [IdentityHeader].
-func DecodeIdentity(v string) (*Identity, error) {
-	b, err := base64.RawURLEncoding.DecodeString(v)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrBadIdentity, err)
-	}
-	var id Identity
-	if err := json.Unmarshal(b, &id); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrBadIdentity, err)
-	}
-	if id.Username == "" {
-		return nil, fmt.Errorf("%w: empty username", ErrBadIdentity)
-	}
-	return &id, nil
-}
 
 // HasImpersonation reports whether h carries any Kubernetes impersonation
 // header.

@@ -1,4 +1,4 @@
-package tunnel_test
+package h2tunnel_test
 
 import (
 	"bytes"
@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,8 +16,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
-	"github.com/caddy-kas/caddy-kas/tunnel/tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
 )
 
 // echoHandler answers with the request body, prefixed by the path.
@@ -29,7 +32,7 @@ func echoHandler() http.Handler {
 }
 
 func TestManyConcurrentStreams(t *testing.T) {
-	p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+	p := h2tunneltest.NewPair(t, echoHandler(), h2tunneltest.Options{})
 	const streams = 500
 	var wg sync.WaitGroup
 	errs := make(chan error, streams)
@@ -39,7 +42,7 @@ func TestManyConcurrentStreams(t *testing.T) {
 			defer wg.Done()
 			body := strings.Repeat(strconv.Itoa(i), 1000+i)
 			req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://agent/s/%d", i), strings.NewReader(body))
-			resp, err := p.KAS.RoundTrip(req)
+			resp, err := p.RoundTrip(req)
 			if err != nil {
 				errs <- err
 				return
@@ -85,7 +88,7 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 			io.WriteString(w, "ok")
 		}
 	})
-	p := tunneltest.NewPair(t, handler, tunneltest.Options{})
+	p := h2tunneltest.NewPair(t, handler, h2tunneltest.Options{})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	defer close(release)
@@ -113,7 +116,7 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 	uploadDone := make(chan struct{})
 	go func() {
 		defer close(uploadDone)
-		if resp, err := p.KAS.RoundTrip(uploadReq); err == nil {
+		if resp, err := p.RoundTrip(uploadReq); err == nil {
 			resp.Body.Close()
 		}
 	}()
@@ -141,10 +144,10 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 		}
 		wg.Wait()
 	}()
-	tunneltest.WaitDone(t, done, "requests next to stalled streams")
+	h2tunneltest.WaitDone(t, done, "requests next to stalled streams")
 	cancel()
 	uploadWriter.CloseWithError(errors.New("test over"))
-	tunneltest.WaitDone(t, uploadDone, "stalled upload after cancel")
+	h2tunneltest.WaitDone(t, uploadDone, "stalled upload after cancel")
 }
 
 // TestDroppedConnectionFailsInFlight breaks the network under streams in
@@ -152,18 +155,18 @@ func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
 func TestDroppedConnectionFailsInFlight(t *testing.T) {
 	tests := []struct {
 		name   string
-		opts   tunnel.Options
-		break_ func(p *tunneltest.Pair)
+		opts   h2tunnel.Options
+		break_ func(p *h2tunneltest.Pair)
 	}{
 		{
 			name:   "agent connection reset",
-			break_: func(p *tunneltest.Pair) { p.AgentNet.Conn.Close() },
+			break_: func(p *h2tunneltest.Pair) { p.AgentNet.Conn.Close() },
 		},
 		{
 			// Nothing is closed: only keepalive PINGs can find out.
 			name:   "network silently dead",
-			opts:   tunnel.Options{KeepaliveInterval: 200 * time.Millisecond, KeepaliveTimeout: 200 * time.Millisecond},
-			break_: func(p *tunneltest.Pair) { p.AgentNet.Blackhole() },
+			opts:   h2tunnel.Options{KeepaliveInterval: 200 * time.Millisecond, KeepaliveTimeout: 200 * time.Millisecond},
+			break_: func(p *h2tunneltest.Pair) { p.AgentNet.Blackhole() },
 		},
 	}
 	for _, tt := range tests {
@@ -176,7 +179,7 @@ func TestDroppedConnectionFailsInFlight(t *testing.T) {
 				started <- struct{}{}
 				<-r.Context().Done()
 			})
-			p := tunneltest.NewPair(t, handler, tunneltest.Options{Tunnel: tt.opts})
+			p := h2tunneltest.NewPair(t, handler, h2tunneltest.Options{Tunnel: tt.opts})
 			const inFlight = 20
 			results := make(chan error, inFlight)
 			for range inFlight {
@@ -205,7 +208,7 @@ func TestDroppedConnectionFailsInFlight(t *testing.T) {
 					t.Fatal("stream still open 30s after the connection broke")
 				}
 			}
-			tunneltest.WaitDone(t, p.KAS.Done(), "conn done")
+			h2tunneltest.WaitDone(t, p.KAS.Done(), "conn done")
 			if p.KAS.Err() == nil {
 				t.Error("Err() = nil on a dead connection")
 			}
@@ -217,16 +220,16 @@ func TestDroppedConnectionFailsInFlight(t *testing.T) {
 }
 
 func TestLargeBodiesBothWays(t *testing.T) {
-	p := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	p := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := sha256.New()
 		n, _ := io.Copy(h, r.Body)
 		fmt.Fprintf(w, "%d %x\n", n, h.Sum(nil))
 		// Then send the same amount back.
 		io.CopyN(w, zeros{}, n)
-	}), tunneltest.Options{})
+	}), h2tunneltest.Options{})
 	const size = 32 << 20
 	req, _ := http.NewRequest(http.MethodPut, "http://agent/big", io.LimitReader(zeros{}, size))
-	resp, err := p.KAS.RoundTrip(req)
+	resp, err := p.RoundTrip(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,7 +255,7 @@ func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
 func TestServeConnEnds(t *testing.T) {
 	t.Run("context cancelled", func(t *testing.T) {
-		p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+		p := h2tunneltest.NewPair(t, echoHandler(), h2tunneltest.Options{})
 		p.Cancel()
 		select {
 		case err := <-p.Served:
@@ -263,15 +266,15 @@ func TestServeConnEnds(t *testing.T) {
 		case <-time.After(30 * time.Second):
 			t.Fatal("ServeConn still running after cancel")
 		}
-		tunneltest.WaitDone(t, p.KAS.Done(), "KAS side notices the agent left")
+		h2tunneltest.WaitDone(t, p.KAS.Done(), "KAS side notices the agent left")
 	})
 	t.Run("KAS closes", func(t *testing.T) {
-		p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+		p := h2tunneltest.NewPair(t, echoHandler(), h2tunneltest.Options{})
 		p.KAS.Close()
 		select {
 		case err := <-p.Served:
-			if err != tunnel.ErrConnClosed {
-				t.Errorf("ServeConn = %v, want tunnel.ErrConnClosed", err)
+			if err != h2tunnel.ErrConnClosed {
+				t.Errorf("ServeConn = %v, want h2tunnel.ErrConnClosed", err)
 			}
 			p.Served <- err
 		case <-time.After(30 * time.Second):
@@ -284,14 +287,14 @@ func TestServeConnEnds(t *testing.T) {
 // delivered before the handler writes more: what watches rely on.
 func TestFlushReachesKASAtOnce(t *testing.T) {
 	next := make(chan struct{})
-	p := tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	p := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
 		for i := range 3 {
 			fmt.Fprintf(w, "line %d\n", i)
 			rc.Flush()
 			<-next // the test reads the line before the next is written
 		}
-	}), tunneltest.Options{})
+	}), h2tunneltest.Options{})
 	resp, err := p.Get(context.Background(), "/watch")
 	if err != nil {
 		t.Fatal(err)
@@ -314,12 +317,12 @@ func TestFlushReachesKASAtOnce(t *testing.T) {
 // that sent "Connection: close") must not retire the tunnel, which every
 // other request of the agent shares.
 func TestRequestCannotCloseTunnel(t *testing.T) {
-	p := tunneltest.NewPair(t, echoHandler(), tunneltest.Options{})
+	p := h2tunneltest.NewPair(t, echoHandler(), h2tunneltest.Options{})
 	for i := range 3 {
 		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://agent/r%d", i), nil)
 		req.Close = true
 		req.Header.Set("Connection", "close")
-		resp, err := p.KAS.RoundTrip(req)
+		resp, err := p.RoundTrip(req)
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
@@ -334,7 +337,7 @@ func TestRequestCannotCloseTunnel(t *testing.T) {
 	}
 }
 
-func req2xx(t *testing.T, p *tunneltest.Pair) bool {
+func req2xx(t *testing.T, p *h2tunneltest.Pair) bool {
 	resp, err := p.Get(context.Background(), "/after")
 	if err != nil {
 		t.Log(err)
@@ -347,7 +350,7 @@ func req2xx(t *testing.T, p *tunneltest.Pair) bool {
 // TestAfterDone: callbacks run once the connection is done, whether they
 // were registered before or after, and each exactly once.
 func TestAfterDone(t *testing.T) {
-	p := tunneltest.NewPair(t, http.NotFoundHandler(), tunneltest.Options{})
+	p := h2tunneltest.NewPair(t, http.NotFoundHandler(), h2tunneltest.Options{})
 	var before, after atomic.Int32
 	ran := make(chan struct{}, 2)
 	p.KAS.AfterDone(func() { before.Add(1); ran <- struct{}{} })
@@ -364,5 +367,136 @@ func TestAfterDone(t *testing.T) {
 	time.Sleep(50 * time.Millisecond) // a second run would show by now
 	if before.Load() != 1 || after.Load() != 1 {
 		t.Errorf("callbacks ran %d and %d times, want once each", before.Load(), after.Load())
+	}
+}
+
+// TestEncodingDropsForgedHeaders: whatever the caller's header holds of
+// this protocol's own headers, the agent sees only what Conn encodes
+// from the request's internal form.
+func TestEncodingDropsForgedHeaders(t *testing.T) {
+	seen := make(chan *tunnel.Request, 1)
+	p := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		raw := r.Header.Clone()
+		req, err := h2tunnel.DecodeRequest(r)
+		if err != nil {
+			t.Errorf("agent: %v", err)
+		}
+		for k := range raw {
+			if strings.HasPrefix(k, "Kas-") && k != h2tunnel.IdentityHeader && k != h2tunnel.UpgradeHeader {
+				t.Errorf("agent got header %s", k)
+			}
+		}
+		seen <- req
+	}), h2tunneltest.Options{})
+	forged := http.Header{
+		"Accept":             {"application/json"},
+		"Kas-Impersonate":    {h2tunnel.EncodeIdentity(&identity.Identity{Username: "system:admin"})},
+		"Kas-Upgrade":        {"SPDY/3.1"},
+		"kas-upgrade-status": {"101"},
+		"Kas-Agent-Pod-Name": {"x"},
+		"Connection":         {"close"},
+	}
+	alice := &identity.Identity{Username: "alice", Groups: []string{"dev"}}
+	for _, id := range []*identity.Identity{nil, alice} {
+		req, _ := http.NewRequest(http.MethodGet, "http://agent/api", nil)
+		req.Header = forged.Clone()
+		resp, err := p.KAS.RoundTrip(&tunnel.Request{HTTP: req, Identity: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		got := <-seen
+		if !reflect.DeepEqual(got.Identity, id) || got.Upgrade != "" {
+			t.Errorf("agent decoded identity %+v upgrade %q, want %+v and none", got.Identity, got.Upgrade, id)
+		}
+		if got.HTTP.Header.Get("Accept") != "application/json" {
+			t.Errorf("end-to-end header lost: %v", got.HTTP.Header)
+		}
+	}
+	if !req2xx(t, p) {
+		t.Error("Connection: close retired the tunnel")
+	}
+}
+
+// TestUpgradeForm: an upgrade the cluster accepts comes back as a 101 with
+// the cluster's Upgrade and its bytes in the body; one it refuses comes
+// back unchanged.
+func TestUpgradeForm(t *testing.T) {
+	p := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		req, err := h2tunnel.DecodeRequest(r)
+		if err != nil || req.Upgrade == "" {
+			t.Errorf("agent: upgrade %q, %v", req.Upgrade, err)
+		}
+		if req.Upgrade == "refuse" {
+			http.Error(w, "no such protocol", http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("X-Stream-Protocol-Version", "v4.channel.k8s.io")
+		h2tunnel.SetSwitched(w.Header(), "chosen")
+		w.WriteHeader(http.StatusOK)
+		http.NewResponseController(w).Flush()
+		io.Copy(w, r.Body) // echo the client's bytes
+	}), h2tunneltest.Options{})
+
+	clientBytes, toAgent := io.Pipe()
+	req, _ := http.NewRequest(http.MethodPost, "http://agent/exec", clientBytes)
+	resp, err := p.KAS.RoundTrip(&tunnel.Request{HTTP: req, Upgrade: "offered"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "chosen" ||
+		resp.Header.Get("X-Stream-Protocol-Version") != "v4.channel.k8s.io" {
+		t.Fatalf("switched answer %s %v", resp.Status, resp.Header)
+	}
+	for k := range resp.Header {
+		if strings.HasPrefix(k, "Kas-") {
+			t.Errorf("the caller got the protocol's %s header", k)
+		}
+	}
+	go func() {
+		io.WriteString(toAgent, "ping")
+		toAgent.Close()
+	}()
+	if b, err := io.ReadAll(resp.Body); err != nil || string(b) != "ping" {
+		t.Errorf("switched body %q, %v; want the echo", b, err)
+	}
+
+	req, _ = http.NewRequest(http.MethodPost, "http://agent/exec", http.NoBody)
+	resp, err = p.KAS.RoundTrip(&tunnel.Request{HTTP: req, Upgrade: "refuse"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "no such protocol") {
+		t.Errorf("refusal came back as %s %q", resp.Status, body)
+	}
+}
+
+// TestLoadCountsRequests: a request counts from RoundTrip until its
+// response body is closed, which is what the router's least-loaded choice
+// reads.
+func TestLoadCountsRequests(t *testing.T) {
+	release := make(chan struct{})
+	p := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		http.NewResponseController(w).Flush()
+		<-release
+	}), h2tunneltest.Options{})
+	if n := p.KAS.Load(); n != 0 {
+		t.Fatalf("idle load %d", n)
+	}
+	resp, err := p.Get(context.Background(), "/hold")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := p.KAS.Load(); n != 1 {
+		t.Errorf("load with a response open: %d, want 1", n)
+	}
+	close(release)
+	resp.Body.Close()
+	if n := p.KAS.Load(); n != 0 {
+		t.Errorf("load after the body was closed: %d, want 0", n)
 	}
 }

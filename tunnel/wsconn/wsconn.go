@@ -1,4 +1,16 @@
-package tunnel
+// Package wsconn turns a WebSocket (RFC 6455) into a byte stream: the
+// payloads of its binary messages, in order, as a [net.Conn]. Tunnel
+// protocols run on top: our HTTP/2 tunnel (package h2tunnel) and GitLab's
+// "ws-tunnel", gRPC over the same kind of stream (gitlab-wire §B.1). Each
+// names itself with a WebSocket subprotocol.
+//
+// The framing is done here rather than by a WebSocket library, so that a
+// write costs one frame, one TLS record and one system call, and an idle
+// connection holds no buffer but 512 bytes; the tests hold it to
+// github.com/coder/websocket.
+//
+// This package imports no Caddy package.
+package wsconn
 
 import (
 	"bufio"
@@ -20,16 +32,16 @@ import (
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 )
 
-// IsWebSocketUpgrade reports whether r asks to open a WebSocket
+// IsUpgrade reports whether r asks to open a WebSocket
 // (RFC 6455 §4.1: "Upgrade: websocket" and "Connection: Upgrade").
-func IsWebSocketUpgrade(r *http.Request) bool {
+func IsUpgrade(r *http.Request) bool {
 	return httpheader.HasToken(r.Header, "Connection", "upgrade") && httpheader.HasToken(r.Header, "Upgrade", "websocket")
 }
 
-// OffersSubprotocol reports whether a WebSocket handshake request lists
-// [Subprotocol] in Sec-WebSocket-Protocol.
-func OffersSubprotocol(r *http.Request) bool {
-	return httpheader.HasToken(r.Header, "Sec-WebSocket-Protocol", Subprotocol)
+// Offers reports whether a WebSocket handshake request lists subprotocol
+// in Sec-WebSocket-Protocol.
+func Offers(r *http.Request, subprotocol string) bool {
+	return httpheader.HasToken(r.Header, "Sec-WebSocket-Protocol", subprotocol)
 }
 
 // websocketGUID is appended to the handshake key (RFC 6455 §1.3).
@@ -40,9 +52,9 @@ func acceptKey(key string) string {
 	return base64.StdEncoding.EncodeToString(h[:])
 }
 
-// Accept completes the WebSocket handshake of a tunnel and returns the
-// byte stream it carries. The caller has already authenticated the agent and
-// checked [OffersSubprotocol]. The returned conn is independent of the
+// Accept completes a WebSocket handshake with subprotocol and returns the
+// byte stream it carries. The caller has already authenticated the agent
+// (if its protocol does that in the handshake) and checked [Offers]. The returned conn is independent of the
 // request: it lives until it is closed, so a handler must either block
 // until then or hand the conn to an owner.
 //
@@ -51,8 +63,8 @@ func acceptKey(key string) string {
 // that a browser cannot attach to a WebSocket. There is no compression
 // either: it would cost CPU on every frame and open the door to compression
 // side channels, and cluster traffic worth compressing already is.
-func Accept(w http.ResponseWriter, r *http.Request) (net.Conn, error) {
-	code, err := checkHandshake(r)
+func Accept(w http.ResponseWriter, r *http.Request, subprotocol string) (net.Conn, error) {
+	code, err := checkHandshake(r, subprotocol)
 	if err != nil {
 		if code == http.StatusUpgradeRequired || code == http.StatusBadRequest {
 			w.Header().Set("Sec-WebSocket-Version", "13")
@@ -64,7 +76,7 @@ func Accept(w http.ResponseWriter, r *http.Request) (net.Conn, error) {
 	h.Set("Upgrade", "websocket")
 	h.Set("Connection", "Upgrade")
 	h.Set("Sec-WebSocket-Accept", acceptKey(strings.TrimSpace(r.Header.Get("Sec-WebSocket-Key"))))
-	h.Set("Sec-WebSocket-Protocol", Subprotocol)
+	h.Set("Sec-WebSocket-Protocol", subprotocol)
 	w.WriteHeader(http.StatusSwitchingProtocols)
 	nc, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
@@ -85,18 +97,18 @@ func Accept(w http.ResponseWriter, r *http.Request) (net.Conn, error) {
 }
 
 // checkHandshake checks a WebSocket handshake request (RFC 6455 §4.2.1).
-func checkHandshake(r *http.Request) (int, error) {
+func checkHandshake(r *http.Request, subprotocol string) (int, error) {
 	switch {
 	case r.ProtoMajor != 1 || !r.ProtoAtLeast(1, 1):
 		return http.StatusUpgradeRequired, fmt.Errorf("websocket handshake over %s; HTTP/1.1 is required", r.Proto)
-	case !IsWebSocketUpgrade(r):
+	case !IsUpgrade(r):
 		return http.StatusUpgradeRequired, errors.New("not a websocket upgrade")
 	case r.Method != http.MethodGet:
 		return http.StatusMethodNotAllowed, fmt.Errorf("websocket handshake with method %s", r.Method)
 	case r.Header.Get("Sec-WebSocket-Version") != "13":
 		return http.StatusBadRequest, errors.New("unsupported websocket version: only 13 is supported")
-	case !OffersSubprotocol(r):
-		return http.StatusBadRequest, fmt.Errorf("client did not offer subprotocol %q", Subprotocol)
+	case !Offers(r, subprotocol):
+		return http.StatusBadRequest, fmt.Errorf("client did not offer subprotocol %q", subprotocol)
 	}
 	keys := r.Header.Values("Sec-WebSocket-Key")
 	if len(keys) != 1 {
@@ -113,16 +125,19 @@ type DialOptions struct {
 	// HTTPClient makes the handshake request; its transport decides TLS
 	// settings and proxies. Nil means http.DefaultClient.
 	HTTPClient *http.Client
-	// Header is sent with the handshake: the agent token in Authorization,
-	// the agent's metadata and any extra headers.
+	// Header is sent with the handshake: for our agentk the agent token in
+	// Authorization, the agent's metadata and any extra headers.
 	Header http.Header
+	// Subprotocol is the one WebSocket subprotocol offered; the server
+	// must choose it. Required.
+	Subprotocol string
 }
 
 // maxRefusalBody is how much of a refused handshake's body [Dial] keeps.
 const maxRefusalBody = 1024
 
-// Dial opens a tunnel to KAS at url (ws:// or wss://) and returns the byte
-// stream it carries. On a refused handshake it also returns KAS's response,
+// Dial opens a WebSocket to KAS at url (ws:// or wss://) and returns the
+// byte stream it carries. On a refused handshake it also returns KAS's response,
 // whose status tells why (401: the token was refused); up to 1 KiB of its
 // body can be read.
 func Dial(ctx context.Context, url string, o DialOptions) (net.Conn, *http.Response, error) {
@@ -143,6 +158,9 @@ func dial(ctx context.Context, rawURL string, o DialOptions) (net.Conn, *http.Re
 	default:
 		return nil, nil, errors.New("the url scheme must be ws or wss")
 	}
+	if o.Subprotocol == "" {
+		return nil, nil, errors.New("no subprotocol to offer")
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, httpURL, nil)
 	if err != nil {
 		return nil, nil, err
@@ -158,7 +176,7 @@ func dial(ctx context.Context, rawURL string, o DialOptions) (net.Conn, *http.Re
 	req.Header.Set("Upgrade", "websocket")
 	req.Header.Set("Sec-WebSocket-Version", "13")
 	req.Header.Set("Sec-WebSocket-Key", key)
-	req.Header.Set("Sec-WebSocket-Protocol", Subprotocol)
+	req.Header.Set("Sec-WebSocket-Protocol", o.Subprotocol)
 	client := o.HTTPClient
 	if client == nil {
 		client = http.DefaultClient
@@ -185,8 +203,8 @@ func dial(ctx context.Context, rawURL string, o DialOptions) (net.Conn, *http.Re
 		problem = "the server did not switch to websocket"
 	case h.Get("Sec-WebSocket-Accept") != acceptKey(key):
 		problem = "invalid Sec-WebSocket-Accept"
-	case h.Get("Sec-WebSocket-Protocol") != Subprotocol:
-		problem = fmt.Sprintf("server did not agree to subprotocol %q", Subprotocol)
+	case h.Get("Sec-WebSocket-Protocol") != o.Subprotocol:
+		problem = fmt.Sprintf("server did not agree to subprotocol %q", o.Subprotocol)
 	case h.Get("Sec-WebSocket-Extensions") != "":
 		problem = "server chose an extension that was not offered"
 	}

@@ -1,0 +1,175 @@
+package tunnel
+
+import (
+	"sync"
+)
+
+// Store keeps the tunnels connected to this node, of every protocol, by
+// agent id. It is what the agent tracker lists and what [Router] picks
+// from; it does no selection and no waiting of its own. It plays the part
+// of konnectivity's BackendStorage, and [Router] that of its
+// BackendManager.
+type Store struct {
+	mu     sync.Mutex // guards agents and closed
+	agents map[int64]*agentEntry
+	closed bool
+}
+
+// agentEntry is the store's state for one agent. It exists while the agent
+// has tunnels or someone watches for one, and no longer, so that requests
+// for made-up agent ids leave nothing behind.
+type agentEntry struct {
+	tunnels  []Tunnel
+	watchers int
+	// added is closed (and replaced) when a tunnel is added or the store
+	// closes, to wake the watchers.
+	added chan struct{}
+}
+
+// NewStore returns an empty store.
+func NewStore() *Store {
+	return &Store{agents: make(map[int64]*agentEntry)}
+}
+
+// Add makes t available for requests to its agent until t is done or the
+// returned function is called (which may happen more than once). Adding to
+// a closed store closes t.
+func (s *Store) Add(t Tunnel) (remove func()) {
+	id := t.Agent().ID
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		t.Close()
+		return func() {}
+	}
+	e := s.entryLocked(id)
+	e.tunnels = append(e.tunnels, t)
+	close(e.added)
+	e.added = make(chan struct{})
+	s.mu.Unlock()
+
+	var once sync.Once
+	return func() { once.Do(func() { s.remove(id, t) }) }
+}
+
+func (s *Store) entryLocked(id int64) *agentEntry {
+	e := s.agents[id]
+	if e == nil {
+		e = &agentEntry{added: make(chan struct{})}
+		s.agents[id] = e
+	}
+	return e
+}
+
+func (s *Store) remove(id int64, t Tunnel) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.agents[id]
+	if e == nil {
+		return
+	}
+	for i, x := range e.tunnels {
+		if x == t {
+			e.tunnels = append(e.tunnels[:i], e.tunnels[i+1:]...)
+			break
+		}
+	}
+	s.dropIfUnusedLocked(id, e)
+}
+
+func (s *Store) dropIfUnusedLocked(id int64, e *agentEntry) {
+	if len(e.tunnels) == 0 && e.watchers == 0 {
+		delete(s.agents, id)
+	}
+}
+
+// Tunnels appends the live tunnels of the agent to dst and returns the
+// result. With a dst of enough capacity it allocates nothing, which keeps
+// the lookup of every proxied request cheap.
+func (s *Store) Tunnels(agentID int64, dst []Tunnel) []Tunnel {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.agents[agentID]; e != nil {
+		dst = appendLive(dst, e.tunnels)
+	}
+	return dst
+}
+
+// All returns the live tunnels of every agent.
+func (s *Store) All() []Tunnel {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Tunnel
+	for _, e := range s.agents {
+		out = appendLive(out, e.tunnels)
+	}
+	return out
+}
+
+// appendLive appends the tunnels that are not done. A done tunnel is
+// still listed for a moment, until its owner removes it.
+func appendLive(dst, tunnels []Tunnel) []Tunnel {
+	for _, t := range tunnels {
+		if t.Err() == nil {
+			dst = append(dst, t)
+		}
+	}
+	return dst
+}
+
+// Watch returns a channel that is closed when a tunnel of the agent is
+// added or the store closes, and a function to call once the caller no
+// longer waits (which may happen more than once). Watch before looking,
+// then look, then wait: a tunnel added in between is not missed.
+func (s *Store) Watch(agentID int64) (added <-chan struct{}, stop func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return closedChan, func() {}
+	}
+	e := s.entryLocked(agentID)
+	e.watchers++
+	var once sync.Once
+	return e.added, func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			e.watchers--
+			if s.agents[agentID] == e {
+				s.dropIfUnusedLocked(agentID, e)
+			}
+		})
+	}
+}
+
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// Err returns an error wrapping [ErrStoreClosed] once the store is closed,
+// else nil.
+func (s *Store) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrStoreClosed
+	}
+	return nil
+}
+
+// Close closes every tunnel and wakes every watcher; nothing can be added
+// from then on. It is for process shutdown: a configuration reload keeps
+// the store, and with it the tunnels.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	var all []Tunnel
+	for _, e := range s.agents {
+		all = append(all, e.tunnels...)
+		close(e.added)
+		e.added = make(chan struct{})
+	}
+	s.mu.Unlock()
+	for _, t := range all {
+		t.Close()
+	}
+	return nil
+}
