@@ -4,6 +4,7 @@
 #
 #   hack/test.sh                                  # go vet, then all tests with the race detector
 #   hack/test.sh -run TestReload -v ./integration/  # extra arguments go to go test instead of ./...
+#   FUZZTIME=2m hack/test.sh                      # fuzz each target longer (default 15s; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,16 @@ args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(./...)
 echo "==> go test -race -count=1 -timeout 30m ${args[*]}"
 go test -race -count=1 -timeout 30m "${args[@]}"
+
+# Wire decoders have fuzz targets; their seed corpora ran above as plain tests. Without extra
+# arguments, fuzz each target for a bounded time as well, so that a cold run stays predictable.
+fuzztime=${FUZZTIME:-15s}
+if [ ${#@} -eq 0 ] && [ "$fuzztime" != 0 ]; then
+  grep -rl --include='*_test.go' '^func Fuzz' . | sort | while read -r file; do
+    pkg=./$(dirname "${file#./}")
+    for target in $(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' "$file"); do
+      echo "==> go test -fuzz ^$target\$ -fuzztime $fuzztime $pkg"
+      go test -run '^$' -fuzz "^$target\$" -fuzztime "$fuzztime" "$pkg"
+    done
+  done
+fi
