@@ -89,9 +89,12 @@ func moduleVersion(bi *debug.BuildInfo) string {
 }
 
 // revision returns the VCS revision recorded in bi, shortened to
-// shortCommit characters, or "" when there is none.
+// shortCommit characters, or "" when there is none. Go records the
+// revision of the main module only: in a custom Caddy build (xcaddy) that
+// is the builder's module, whose commit says nothing about caddy-kas, so
+// it is not reported.
 func revision(bi *debug.BuildInfo) string {
-	if bi == nil {
+	if bi == nil || bi.Main.Path != modulePath {
 		return ""
 	}
 	var c string

@@ -109,7 +109,12 @@ func TestResolve(t *testing.T) {
 		{name: "recorded", bi: bi, wantVersion: "v1.2.3", wantCommit: "0123456789ab"},
 		{name: "linker", linkVersion: "v2.0.0", linkCommit: "0123456789abcdef", bi: bi, wantVersion: "v2.0.0", wantCommit: "0123456789abcdef"},
 		{name: "linker version only", linkVersion: "v2.0.0", bi: bi, wantVersion: "v2.0.0", wantCommit: "0123456789ab"},
-		{name: "short revision", bi: &debug.BuildInfo{Settings: []debug.BuildSetting{{Key: "vcs.revision", Value: "abc"}}}, wantVersion: "devel", wantCommit: "abc"},
+		{name: "short revision", bi: &debug.BuildInfo{Main: debug.Module{Path: modulePath}, Settings: []debug.BuildSetting{{Key: "vcs.revision", Value: "abc"}}}, wantVersion: "devel", wantCommit: "abc"},
+		{name: "revision of another main module", bi: &debug.BuildInfo{
+			Main:     debug.Module{Path: "example.com/custom-caddy", Version: "(devel)"},
+			Deps:     []*debug.Module{{Path: modulePath, Version: "v1.4.0"}},
+			Settings: []debug.BuildSetting{{Key: "vcs.revision", Value: "fedcba9876543210"}},
+		}, wantVersion: "v1.4.0", wantCommit: ""},
 		{name: "no revision", bi: &debug.BuildInfo{Main: debug.Module{Path: modulePath, Version: "(devel)"}}, wantVersion: "devel", wantCommit: ""},
 		{name: "no build information", wantVersion: "devel", wantCommit: ""},
 	}
