@@ -10,7 +10,8 @@
 //     It needs no client-go.
 //   - The request handler (proxy.go) is a reverse proxy that replaces the
 //     caller's credential by agentk's and turns the identity KAS chose
-//     ([tunnel.IdentityHeader]) into Kubernetes impersonation headers.
+//     (decoded by [h2tunnel.DecodeRequest]) into Kubernetes impersonation
+//     headers.
 //   - [Agent] keeps the tunnels open, reconnecting with [Backoff], and
 //     serves liveness, readiness and Prometheus metrics.
 package agentk
