@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/zap"
@@ -27,11 +27,15 @@ const (
 	wrongToken = "wrong-secret-token"
 )
 
+// endpointURL is where tests reach the endpoint: the host is ignored, as
+// every connection of a [servePipe] client reaches its server.
+const endpointURL = "ws://kas.test/-/kubernetes-agent/"
+
 type env struct {
-	url      string
-	store    *tunnel.Store
-	router   *tunnel.Router
-	logs     *observer.ObservedLogs
+	client *http.Client // reaches the endpoint
+	store  *tunnel.Store
+	router *tunnel.Router
+	logs   *observer.ObservedLogs
 }
 
 func newEnv(t *testing.T, auth Authenticator) *env {
@@ -46,12 +50,8 @@ func newEnv(t *testing.T, auth Authenticator) *env {
 	core, logs := observer.New(zapcore.DebugLevel)
 	e := &env{store: tunnel.NewStore(), logs: logs}
 	e.router = tunnel.NewRouter(e.store)
-	srv := httptest.NewServer(&Endpoint{Auth: auth, Store: e.store, Logger: zap.New(core)})
-	t.Cleanup(func() {
-		e.store.Close() // ends the handlers blocked on live tunnels
-		srv.Close()
-	})
-	e.url = "ws" + strings.TrimPrefix(srv.URL, "http") + "/-/kubernetes-agent/"
+	e.client = servePipe(t, &Endpoint{Auth: auth, Store: e.store, Logger: zap.New(core)})
+	t.Cleanup(func() { e.store.Close() }) // ends the live tunnels, before the server
 	return e
 }
 
@@ -62,7 +62,7 @@ func (e *env) dial(ctx context.Context, token string, meta tunnel.AgentMeta, h h
 		header.Set("Authorization", "Bearer "+token)
 	}
 	h2tunnel.SetMetaHeaders(header, meta)
-	nc, resp, err := wsconn.Dial(ctx, e.url, wsconn.DialOptions{Header: header, Subprotocol: h2tunnel.Subprotocol})
+	nc, resp, err := wsconn.Dial(ctx, endpointURL, wsconn.DialOptions{HTTPClient: e.client, Header: header, Subprotocol: h2tunnel.Subprotocol})
 	if err != nil {
 		return resp, err
 	}
@@ -75,51 +75,50 @@ func (e *env) logged(msg string) []observer.LoggedEntry {
 }
 
 func TestEndpointConnectsAgent(t *testing.T) {
-	e := newEnv(t, nil)
-	ctx, cancel := context.WithCancel(context.Background())
-	meta := tunnel.AgentMeta{Version: "v1.2.3", PodNamespace: "gitlab-agent", PodName: "agentk-0", PodID: 77, ConnectionID: 88, KubernetesVersion: "v1.32.13"}
-	if _, err := e.dial(ctx, goodToken, meta, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "hello from the cluster")
-	})); err != nil {
-		t.Fatal(err)
-	}
-	findCtx, findCancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer findCancel()
-	conn, err := e.router.Find(findCtx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := conn.Agent(); got.Credential != sha256.Sum256([]byte(goodToken)) {
-		t.Error("tunnel does not remember the digest of its token")
-	}
-	if got := conn.Agent(); got.Name != "one" || got.Meta != meta {
-		t.Errorf("agent info %+v, want name one and meta %+v", got, meta)
-	}
-	req, _ := http.NewRequest(http.MethodGet, "http://agent/version", nil)
-	resp, err := conn.RoundTrip(&tunnel.Request{HTTP: req})
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if string(body) != "hello from the cluster" {
-		t.Errorf("body %q", body)
-	}
-	if n := len(e.logged("agent connected")); n != 1 {
-		t.Errorf("%d 'agent connected' lines, want 1", n)
-	}
-
-	cancel() // agentk goes away
-	deadline := time.Now().Add(30 * time.Second)
-	for len(e.logged("agent disconnected")) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("no 'agent disconnected' line 30s after the agent left")
+	synctest.Test(t, func(t *testing.T) {
+		e := newEnv(t, nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		meta := tunnel.AgentMeta{Version: "v1.2.3", PodNamespace: "gitlab-agent", PodName: "agentk-0", PodID: 77, ConnectionID: 88, KubernetesVersion: "v1.32.13"}
+		if _, err := e.dial(ctx, goodToken, meta, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "hello from the cluster")
+		})); err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if got := e.store.Tunnels(1, nil); len(got) != 0 {
-		t.Errorf("store still has %d tunnels of the agent", len(got))
-	}
+		findCtx, findCancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer findCancel()
+		conn, err := e.router.Find(findCtx, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := conn.Agent(); got.Credential != sha256.Sum256([]byte(goodToken)) {
+			t.Error("tunnel does not remember the digest of its token")
+		}
+		if got := conn.Agent(); got.Name != "one" || got.Meta != meta {
+			t.Errorf("agent info %+v, want name one and meta %+v", got, meta)
+		}
+		req, _ := http.NewRequest(http.MethodGet, "http://agent/version", nil)
+		resp, err := conn.RoundTrip(&tunnel.Request{HTTP: req})
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(body) != "hello from the cluster" {
+			t.Errorf("body %q", body)
+		}
+		if n := len(e.logged("agent connected")); n != 1 {
+			t.Errorf("%d 'agent connected' lines, want 1", n)
+		}
+
+		cancel() // agentk goes away
+		synctest.Wait()
+		if n := len(e.logged("agent disconnected")); n != 1 {
+			t.Errorf("%d 'agent disconnected' lines after the agent left, want 1", n)
+		}
+		if got := e.store.Tunnels(1, nil); len(got) != 0 {
+			t.Errorf("store still has %d tunnels of the agent", len(got))
+		}
+	})
 }
 
 func TestEndpointRefuses(t *testing.T) {
@@ -138,9 +137,9 @@ func TestEndpointRefuses(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t, nil)
-			req, _ := http.NewRequest(http.MethodGet, "http"+strings.TrimPrefix(e.url, "ws"), nil)
+			req, _ := http.NewRequest(http.MethodGet, "http"+strings.TrimPrefix(endpointURL, "ws"), nil)
 			req.Header = tt.header
-			resp, err := http.DefaultClient.Do(req)
+			resp, err := e.client.Do(req)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -249,14 +248,16 @@ func TestStaticAgentsDeclares(t *testing.T) {
 }
 
 // switchableAuth accepts goodToken for agent 1 until revoked, and cannot
-// answer at all while down.
+// answer at all while down. Each check is then sent on checked, if set.
 type switchableAuth struct {
 	revoked, down atomic.Bool
-	checks        atomic.Int64
+	checked       chan struct{}
 }
 
 func (a *switchableAuth) AuthenticateAgent(_ context.Context, token string) (Agent, error) {
-	a.checks.Add(1)
+	if a.checked != nil {
+		defer func() { a.checked <- struct{}{} }()
+	}
 	switch {
 	case a.down.Load():
 		return Agent{}, errors.New("gitlab unreachable")
@@ -267,53 +268,65 @@ func (a *switchableAuth) AuthenticateAgent(_ context.Context, token string) (Age
 }
 
 func TestEndpointRecheck(t *testing.T) {
-	auth := &switchableAuth{}
-	core, logs := observer.New(zapcore.DebugLevel)
-	store := tunnel.NewStore()
-	srv := httptest.NewServer(&Endpoint{Auth: auth, Store: store, Logger: zap.New(core), Recheck: 20 * time.Millisecond})
-	t.Cleanup(func() {
-		store.Close()
-		srv.Close()
-	})
-	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/-/kubernetes-agent/"
-	header := http.Header{"Authorization": {"Bearer " + goodToken}}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	nc, _, err := wsconn.Dial(ctx, url, wsconn.DialOptions{Header: header, Subprotocol: h2tunnel.Subprotocol})
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- (&h2tunnel.Server{Handler: http.NotFoundHandler()}).ServeConn(ctx, nc) }()
-
-	// GitLab down: checks fail, the tunnel stays.
-	auth.down.Store(true)
-	for start := auth.checks.Load(); auth.checks.Load() < start+3; {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if n := len(store.Tunnels(1, nil)); n != 1 {
-		t.Fatalf("%d tunnels of agent 1 after failed checks, want 1", n)
-	}
-	if len(logs.FilterMessage("cannot re-check agent token now; keeping the tunnel").All()) == 0 {
-		t.Error("failed re-checks were not logged")
-	}
-
-	// Token revoked: the next check closes the tunnel.
-	auth.down.Store(false)
-	auth.revoked.Store(true)
-	select {
-	case <-served:
-	case <-time.After(10 * time.Second):
-		t.Fatal("tunnel with a revoked token stayed up")
-	}
-	if len(logs.FilterMessage("closing tunnel: agent token revoked").All()) != 1 {
-		t.Error("revocation not logged once")
-	}
-	for _, e := range logs.All() {
-		for _, f := range e.Context {
-			if strings.Contains(f.String, goodToken) {
-				t.Errorf("token logged in %q", e.Message)
+	synctest.Test(t, func(t *testing.T) {
+		// Buffered for the check of the handshake, which the test awaits
+		// only once Dial returned.
+		auth := &switchableAuth{checked: make(chan struct{}, 1)}
+		core, logs := observer.New(zapcore.DebugLevel)
+		store := tunnel.NewStore()
+		client := servePipe(t, &Endpoint{Auth: auth, Store: store, Logger: zap.New(core), Recheck: 5 * time.Minute})
+		t.Cleanup(func() { store.Close() }) // before the server
+		header := http.Header{"Authorization": {"Bearer " + goodToken}}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		nc, _, err := wsconn.Dial(ctx, endpointURL, wsconn.DialOptions{HTTPClient: client, Header: header, Subprotocol: h2tunnel.Subprotocol})
+		if err != nil {
+			t.Fatal(err)
+		}
+		served := make(chan error, 1)
+		go func() { served <- (&h2tunnel.Server{Handler: http.NotFoundHandler()}).ServeConn(ctx, nc) }()
+		nextCheck := func() {
+			t.Helper()
+			select {
+			case <-auth.checked:
+			case <-time.After(time.Hour): // only catches a hang: checks are 5 minutes apart
+				t.Fatal("no token check in an hour")
 			}
 		}
-	}
+		nextCheck() // the handshake's
+
+		// GitLab down: checks fail, the tunnel stays.
+		auth.down.Store(true)
+		for range 3 {
+			nextCheck()
+		}
+		synctest.Wait() // the third check is done with
+		if n := len(store.Tunnels(1, nil)); n != 1 {
+			t.Fatalf("%d tunnels of agent 1 after failed checks, want 1", n)
+		}
+		if n := len(logs.FilterMessage("cannot re-check agent token now; keeping the tunnel").All()); n != 3 {
+			t.Errorf("%d failed re-checks logged, want 3", n)
+		}
+
+		// Token revoked: the next check closes the tunnel.
+		auth.down.Store(false)
+		auth.revoked.Store(true)
+		nextCheck()
+		synctest.Wait()
+		select {
+		case <-served:
+		default:
+			t.Fatal("tunnel with a revoked token stayed up")
+		}
+		if len(logs.FilterMessage("closing tunnel: agent token revoked").All()) != 1 {
+			t.Error("revocation not logged once")
+		}
+		for _, e := range logs.All() {
+			for _, f := range e.Context {
+				if strings.Contains(f.String, goodToken) {
+					t.Errorf("token logged in %q", e.Message)
+				}
+			}
+		}
+	})
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"reflect"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/identity"
@@ -350,24 +352,50 @@ func req2xx(t *testing.T, p *h2tunneltest.Pair) bool {
 // TestAfterDone: callbacks run once the connection is done, whether they
 // were registered before or after, and each exactly once.
 func TestAfterDone(t *testing.T) {
-	p := h2tunneltest.NewPair(t, http.NotFoundHandler(), h2tunneltest.Options{})
-	var before, after atomic.Int32
-	ran := make(chan struct{}, 2)
-	p.KAS.AfterDone(func() { before.Add(1); ran <- struct{}{} })
-	select {
-	case <-ran:
-		t.Fatal("callback ran while the connection was up")
-	case <-time.After(50 * time.Millisecond):
+	synctest.Test(t, func(t *testing.T) {
+		c := newPipeConn(t, http.NotFoundHandler())
+		var before, after atomic.Int32
+		ran := make(chan struct{}, 2)
+		c.AfterDone(func() { before.Add(1); ran <- struct{}{} })
+		synctest.Wait() // the connection is up and idle
+		select {
+		case <-ran:
+			t.Fatal("callback ran while the connection was up")
+		default:
+		}
+		c.Close()
+		c.Close()
+		<-ran
+		c.AfterDone(func() { after.Add(1); ran <- struct{}{} })
+		<-ran
+		synctest.Wait() // a second run would have happened by now
+		if before.Load() != 1 || after.Load() != 1 {
+			t.Errorf("callbacks ran %d and %d times, want once each", before.Load(), after.Load())
+		}
+	})
+}
+
+// newPipeConn starts a tunnel over net.Pipe, whose agent side serves h,
+// and returns its KAS side; cleanup closes it. Unlike
+// [h2tunneltest.NewPair] it needs no network and no WebSocket, so it runs
+// in a synctest bubble.
+func newPipeConn(t *testing.T, h http.Handler) *h2tunnel.Conn {
+	t.Helper()
+	kasEnd, agentEnd := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- (&h2tunnel.Server{Handler: h}).ServeConn(ctx, agentEnd) }()
+	c, err := h2tunnel.NewConn(kasEnd, tunnel.AgentInfo{ID: 1}, h2tunnel.Options{})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
 	}
-	p.KAS.Close()
-	p.KAS.Close()
-	<-ran
-	p.KAS.AfterDone(func() { after.Add(1); ran <- struct{}{} })
-	<-ran
-	time.Sleep(50 * time.Millisecond) // a second run would show by now
-	if before.Load() != 1 || after.Load() != 1 {
-		t.Errorf("callbacks ran %d and %d times, want once each", before.Load(), after.Load())
-	}
+	t.Cleanup(func() {
+		c.Close()
+		cancel()
+		<-served
+	})
+	return c
 }
 
 // TestEncodingDropsForgedHeaders: whatever the caller's header holds of
