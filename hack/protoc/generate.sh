@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Regenerates the Go code of the internal API protos (railsapi/proto -> railsapi/pb) with pinned tools.
+# Regenerates the Go code of our protos with pinned tools. One buf module, railsapi/proto, holds the
+# protos of both gRPC APIs; each file's go_package puts its code into one of the generated directories:
+# railsapi/pb (the internal API GitLab Rails calls) and tunnel/grpctunnel/pb (the services between agentk
+# and KAS).
 #
-#   hack/protoc/generate.sh           # rewrite railsapi/pb
+#   hack/protoc/generate.sh           # rewrite every generated directory
 #   hack/protoc/generate.sh --check   # generate into a temporary directory and fail, with a diff, if the
 #                                     # committed code differs
+#
+# Each generated directory is replaced as a whole, so that code of a deleted .proto file goes too. The one
+# exception is hand-written tests (*_test.go): they are kept, and --check ignores them.
 #
 # The tools are built from the Go module proxy and nothing else: buf (compiles the protos without a protoc
 # binary and ships the well-known types) is pinned by the `tool` directive of hack/protoc/go.mod, and the
@@ -26,7 +32,9 @@ esac
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 protodir="$root/railsapi/proto"
-pbdir="$root/railsapi/pb"
+# The generated directories, relative to the repository root. buf.gen.yaml strips the main module's path
+# from each go_package, so the output tree mirrors the repository.
+pbdirs=(railsapi/pb tunnel/grpctunnel/pb)
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -50,18 +58,47 @@ tool "$here/plugins" protoc-gen-go-grpc
 (cd "$protodir" && PATH="$tmp/bin:$PATH" XDG_CACHE_HOME="$tmp/cache" BUF_CACHE_DIR="$tmp/cache" \
   "$tmp/bin/buf" generate --template buf.gen.yaml --output "$tmp/out")
 
+# Every generated file must land in one of $pbdirs: a go_package elsewhere would otherwise be dropped
+# without a word.
+stray=$(cd "$tmp/out" && find . -type f | sed 's|^\./||' | while read -r f; do
+  ok=false
+  for d in "${pbdirs[@]}"; do case "$f" in "$d"/*) ok=true ;; esac; done
+  $ok || echo "$f"
+done)
+if [ -n "$stray" ]; then
+  echo "generate.sh: generated outside ${pbdirs[*]} (check go_package):" >&2
+  echo "$stray" >&2
+  exit 1
+fi
+
 if $check; then
-  if ! diff -ru "$pbdir" "$tmp/out" >"$tmp/diff"; then
+  stale=()
+  for d in "${pbdirs[@]}"; do
+    mkdir -p "$tmp/out/$d"
+    if ! diff -ru -x '*_test.go' "$root/$d" "$tmp/out/$d" >>"$tmp/diff" 2>&1; then
+      stale+=("$d")
+    fi
+  done
+  if [ ${#stale[@]} -gt 0 ]; then
     cat "$tmp/diff"
-    echo "generate.sh: railsapi/pb is out of date; run \`make proto\` and commit the result" >&2
+    echo "generate.sh: ${stale[*]} out of date; run \`make proto\` and commit the result" >&2
     exit 1
   fi
-  echo "generate.sh: railsapi/pb is up to date"
+  echo "generate.sh: ${pbdirs[*]} up to date"
   exit 0
 fi
 
-# Replace the generated files as a whole, so that code of a deleted .proto file goes too.
-rm -rf "$pbdir"
-mkdir -p "$(dirname "$pbdir")"
-cp -R "$tmp/out" "$pbdir"
-echo "generate.sh: wrote railsapi/pb"
+for d in "${pbdirs[@]}"; do
+  mkdir -p "$tmp/out/$d"
+  # Carry the hand-written tests over into the new tree, then swap the directory as a whole.
+  if [ -d "$root/$d" ]; then
+    (cd "$root/$d" && find . -type f -name '*_test.go') | while read -r f; do
+      mkdir -p "$(dirname "$tmp/out/$d/$f")"
+      cp -p "$root/$d/$f" "$tmp/out/$d/$f"
+    done
+  fi
+  rm -rf "${root:?}/$d"
+  mkdir -p "$(dirname "$root/$d")"
+  cp -R "$tmp/out/$d" "$root/$d"
+  echo "generate.sh: wrote $d"
+done
