@@ -16,8 +16,8 @@ import (
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
-	"github.com/caddy-kas/caddy-kas/kubeproxy"
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/kubeproxy"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
