@@ -4,9 +4,9 @@
 // protocol by WebSocket subprotocol, checking an agent's token, adding its
 // tunnels to the store for as long as they live, re-checking the token of a
 // connected agent, logs and metrics. Each protocol's own handshake is a
-// file of its own that uses them: h2tunnel.go for ours. GitLab's agentk,
-// which offers "ws-tunnel" and sends its token with every gRPC call, is one
-// more case in [Endpoint.ServeHTTP] and one more such file.
+// file of its own that uses them: h2tunnel.go for ours, grpctunnel.go for
+// GitLab's agentk, which offers "ws-tunnel" and sends its token with every
+// gRPC call.
 //
 // It imports no Caddy package.
 package agentserver
@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
@@ -57,6 +58,9 @@ type Endpoint struct {
 	Store *tunnel.Store
 	// H2Tunnel tunes the HTTP/2 connections of our own tunnel protocol.
 	H2Tunnel h2tunnel.Options
+	// GRPC serves the connections of GitLab's agentk. Nil refuses them as
+	// an unsupported protocol.
+	GRPC *grpctunnel.Server
 	// Logger receives connects, disconnects and refusals; never a token.
 	Logger *zap.Logger
 	// Observer, if set, is told about the same events, for metrics.
@@ -98,10 +102,12 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case wsconn.Offers(r, h2tunnel.Subprotocol):
 		e.serveH2Tunnel(hs)
+	case e.GRPC != nil && wsconn.Offers(r, grpctunnel.Subprotocol):
+		e.serveGRPCTunnel(hs)
 	default:
 		hs.refuse(http.StatusBadRequest, "unsupported tunnel protocol",
-			fmt.Sprintf("unsupported tunnel protocol %q: this server speaks %q; upgrade agentk",
-				r.Header.Get("Sec-WebSocket-Protocol"), h2tunnel.Subprotocol),
+			fmt.Sprintf("unsupported tunnel protocol %q: this server speaks %q and GitLab's %q",
+				r.Header.Get("Sec-WebSocket-Protocol"), h2tunnel.Subprotocol, grpctunnel.Subprotocol),
 			zap.String("offered", r.Header.Get("Sec-WebSocket-Protocol")))
 	}
 }

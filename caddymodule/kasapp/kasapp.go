@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 )
 
 func init() {
@@ -62,7 +63,10 @@ const localTunnelsKey = "local"
 type pooledTunnels struct {
 	store  *tunnel.Store
 	router *tunnel.Router
-	modes  *modeTracker
+	// grpc serves the connections of GitLab's agentk, whose calls go on
+	// across reloads like our tunnels.
+	grpc  *grpctunnel.Server
+	modes *modeTracker
 }
 
 // modeTracker remembers the authentication mode the store's tunnels
@@ -81,7 +85,11 @@ func (m *modeTracker) swap(mode string) string {
 	return prev
 }
 
-func (p *pooledTunnels) Destruct() error { return p.store.Close() }
+func (p *pooledTunnels) Destruct() error {
+	err := p.store.Close()
+	p.grpc.Close()
+	return err
+}
 
 // CaddyModule returns the Caddy module information.
 func (*App) CaddyModule() caddy.ModuleInfo {
@@ -99,7 +107,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	v, _, err := tunnelPools.LoadOrNew(localTunnelsKey, func() (caddy.Destructor, error) {
 		store := tunnel.NewStore()
-		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), modes: new(modeTracker)}, nil
+		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), grpc: grpctunnel.NewServer(a.logger), modes: new(modeTracker)}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("tunnel store: %w", err)
@@ -127,6 +135,9 @@ func (a *App) Store() *tunnel.Store { return a.tunnels.store }
 
 // Router returns the router that finds a tunnel for a proxied request.
 func (a *App) Router() *tunnel.Router { return a.tunnels.router }
+
+// GRPCTunnels returns the server of GitLab's agentk connections.
+func (a *App) GRPCTunnels() *grpctunnel.Server { return a.tunnels.grpc }
 
 // DeclareAgents adds the agents a handler accepts. Handlers call it while
 // they are provisioned.

@@ -18,6 +18,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 )
 
@@ -89,7 +90,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := h.setup(app.Store(), app.GitLabMode(), ctx.Logger()); err != nil {
+	if err := h.setup(app.Store(), app.GRPCTunnels(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
 	if h.agents != nil {
@@ -101,7 +102,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // setup is Provision once the app is found; gitlab is nil in standalone
 // mode.
-func (h *Handler) setup(store *tunnel.Store, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
+func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
 	if h.Path == "" {
 		h.Path = DefaultPath
 	}
@@ -118,6 +119,7 @@ func (h *Handler) setup(store *tunnel.Store, gitlab *kasapp.GitLabMode, logger *
 			Auth:     gitlab.Agents,
 			Store:    store,
 			H2Tunnel: options,
+			GRPC:     grpcTunnels,
 			Logger:   logger,
 			Recheck:  gitlab.AgentRecheck,
 		}
@@ -145,6 +147,7 @@ func (h *Handler) setup(store *tunnel.Store, gitlab *kasapp.GitLabMode, logger *
 		Auth:     auth,
 		Store:    store,
 		H2Tunnel: options,
+		GRPC:     grpcTunnels,
 		Logger:   logger,
 	}
 	return nil

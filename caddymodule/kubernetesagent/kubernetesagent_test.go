@@ -79,7 +79,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 
 func provision(t *testing.T, h *Handler) error {
 	t.Helper()
-	if err := h.setup(tunnel.NewStore(), nil, zap.NewNop()); err != nil {
+	if err := h.setup(tunnel.NewStore(), nil, nil, zap.NewNop()); err != nil {
 		return err
 	}
 	return h.Validate()

@@ -1,0 +1,65 @@
+package agentserver
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
+)
+
+// serveGRPCTunnel serves the handshake of GitLab's agentk (package
+// grpctunnel): the WebSocket carries gRPC, and its handshake no token, so
+// the connection is handed to the gRPC server at once and each call
+// authenticates itself (gitlab-wire §B.1). The connection's tunnel is
+// admitted with the first call whose token is valid.
+func (e *Endpoint) serveGRPCTunnel(hs *handshake) {
+	nc, err := wsconn.Accept(hs.w, hs.r, grpctunnel.Subprotocol)
+	if err != nil {
+		hs.log.Warn("agent handshake failed", zap.Error(err))
+		return
+	}
+	e.GRPC.Serve(nc, hs.r.RemoteAddr, &grpcAdmission{e: e, remoteAddr: hs.r.RemoteAddr})
+}
+
+// grpcAdmission decides about the agent on one of GitLab's agentk
+// connections with the endpoint's authenticator, as for our own agentk.
+type grpcAdmission struct {
+	e          *Endpoint
+	remoteAddr string
+}
+
+// Authenticate implements [grpctunnel.Admission].
+func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.AgentInfo, error) {
+	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr))
+	agent, err := a.e.Auth.AuthenticateAgent(ctx, token)
+	switch {
+	case errors.Is(err, ErrUnknownToken):
+		log.Warn("agent refused", zap.String("reason", "unknown agent token"), zap.String("protocol", grpctunnel.Subprotocol))
+		if a.e.Observer != nil {
+			a.e.Observer.AgentRefused("unknown agent token")
+		}
+		return tunnel.AgentInfo{}, status.Error(codes.Unauthenticated, "unauthenticated")
+	case err != nil:
+		log.Error("cannot authenticate agent now", zap.Error(err))
+		if a.e.Observer != nil {
+			a.e.Observer.AgentRefused("authentication unavailable")
+		}
+		return tunnel.AgentInfo{}, status.Error(codes.Unavailable, "cannot authenticate the agent now; retry later")
+	}
+	return tunnel.AgentInfo{ID: agent.ID, Name: agent.Name, ProjectID: agent.ProjectID,
+		RemoteAddr: a.remoteAddr, Credential: sha256.Sum256([]byte(token))}, nil
+}
+
+// Admit implements [grpctunnel.Admission].
+func (a *grpcAdmission) Admit(t tunnel.Tunnel, token string) {
+	info := t.Agent()
+	a.e.admit(t, token, a.e.logger().With(zap.String("remote_addr", a.remoteAddr),
+		zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name), zap.String("protocol", grpctunnel.Subprotocol)))
+}

@@ -1,0 +1,308 @@
+package grpctunnel_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+)
+
+const agentToken = "gitlab-agent-token"
+
+// env is a grpctunnel.Server with one connected fake agentk.
+type env struct {
+	srv   *grpctunnel.Server
+	adm   *admission
+	agent *fakeAgent
+	t     tunnel.Tunnel // the admitted tunnel
+	// agentMayFail is set by tests that cut the connection under the agent.
+	agentMayFail bool
+}
+
+// newEnv connects a fake agentk with streams idle Connect streams serving
+// h, and waits for its tunnel.
+func newEnv(t *testing.T, h http.Handler, streams int) *env {
+	t.Helper()
+	srv := grpctunnel.NewServer(nil)
+	t.Cleanup(func() { srv.Close() })
+	adm := newAdmission(agentToken, 5)
+	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: agentToken, handler: h, echoUpgrades: true}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- a.serveTunnels(ctx, streams) }()
+	e := &env{srv: srv, adm: adm, agent: a}
+	t.Cleanup(func() {
+		cancel()
+		if err := <-served; err != nil && !e.agentMayFail {
+			t.Errorf("agent: %v", err)
+		}
+	})
+	select {
+	case e.t = <-adm.ready:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no tunnel admitted")
+	}
+	return e
+}
+
+func get(t *testing.T, tun tunnel.Tunnel, path string, id *identity.Identity) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, "http://agent"+path, nil)
+	req.Header.Set("Accept", "application/json")
+	resp, err := tun.RoundTrip(&tunnel.Request{HTTP: req, Identity: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+func TestRequestReachesAgent(t *testing.T) {
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		w.WriteHeader(http.StatusTeapot)
+		io.WriteString(w, r.Method+" "+r.URL.Path+"?"+r.URL.RawQuery+" accept="+r.Header.Get("Accept")+
+			" user="+r.Header.Get("Impersonate-User")+" groups="+strings.Join(r.Header.Values("Impersonate-Group"), ",")+
+			" extra="+r.Header.Get("Impersonate-Extra-agent.gitlab.com/id"))
+	}), 2)
+
+	if info := e.t.Agent(); info.ID != 5 || info.Credential != digest(agentToken) || info.RemoteAddr != "192.0.2.7:40000" {
+		t.Errorf("agent info %+v", info)
+	}
+	resp, body := get(t, e.t, "/api/v1/pods?watch=1", nil)
+	if resp.StatusCode != http.StatusTeapot || resp.Header.Get("Content-Type") != "text/plain" {
+		t.Errorf("response %d %v", resp.StatusCode, resp.Header)
+	}
+	if want := "GET /api/v1/pods?watch=1 accept=application/json user= groups= extra="; body != want {
+		t.Errorf("body %q, want %q", body, want)
+	}
+
+	id := &identity.Identity{Username: "gitlab:ci_job:42", Groups: []string{"gitlab:ci_job", "gitlab:project:7"},
+		Extra: map[string][]string{"agent.gitlab.com/id": {"5"}}}
+	_, body = get(t, e.t, "/api/v1/namespaces", id)
+	if want := "GET /api/v1/namespaces? accept=application/json user=gitlab:ci_job:42 groups=gitlab:ci_job,gitlab:project:7 extra=5"; body != want {
+		t.Errorf("with identity: body %q, want %q", body, want)
+	}
+	if n := e.t.Load(); n != 0 {
+		t.Errorf("load %d after the requests ended", n)
+	}
+}
+
+func TestRegisterFeedsTracker(t *testing.T) {
+	e := newEnv(t, http.NotFoundHandler(), 1)
+	if err := e.agent.register(context.Background(), 8817); err != nil {
+		t.Fatal(err)
+	}
+	m := e.t.Agent().Meta
+	if m.PodID != 8817 || m.Version != "v16.5.0" || m.PodName != "agentk-0" || m.KubernetesVersion != "v1.32.13" || m.KubernetesPlatform != "linux/amd64" || m.ConnectionID == 0 {
+		t.Errorf("meta after Register: %+v", m)
+	}
+}
+
+func TestStreamingBodiesBothWays(t *testing.T) {
+	const size = 3 << 20
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, err := io.Copy(io.Discard, r.Body)
+		if err != nil || n != size || r.ContentLength != -1 {
+			t.Errorf("agent read %d bytes, %v; content length %d", n, err, r.ContentLength)
+		}
+		for i := range 3 {
+			io.WriteString(w, strings.Repeat(string(rune('a'+i)), 1<<20))
+			w.(http.Flusher).Flush()
+		}
+	}), 2)
+	pr, pw := io.Pipe()
+	go func() {
+		chunk := bytes.Repeat([]byte("x"), 64<<10)
+		for range size / len(chunk) {
+			pw.Write(chunk)
+		}
+		pw.Close()
+	}()
+	req, _ := http.NewRequest(http.MethodPut, "http://agent/upload", pr)
+	req.ContentLength = -1
+	resp, err := e.t.RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || len(b) != 3<<20 || b[0] != 'a' || b[len(b)-1] != 'c' {
+		t.Errorf("response of %d bytes, %v", len(b), err)
+	}
+}
+
+func TestFlushedChunksArriveAtOnce(t *testing.T) {
+	release := make(chan struct{})
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "event 1\n")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "event 2\n")
+	}), 2)
+	defer close(release)
+	req, _ := http.NewRequest(http.MethodGet, "http://agent/watch", nil)
+	resp, err := e.t.RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	buf := make([]byte, 64)
+	n, err := resp.Body.Read(buf)
+	if err != nil || string(buf[:n]) != "event 1\n" {
+		t.Errorf("first read %q, %v; want the first event while the second is held back", buf[:n], err)
+	}
+}
+
+func TestStalledReaderDoesNotBlockOthers(t *testing.T) {
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/endless" {
+			chunk := bytes.Repeat([]byte("z"), 32<<10)
+			for r.Context().Err() == nil {
+				if _, err := w.Write(chunk); err != nil {
+					return
+				}
+			}
+			return
+		}
+		io.WriteString(w, "ok")
+	}), 3)
+	req, _ := http.NewRequest(http.MethodGet, "http://agent/endless", nil)
+	stalled, err := e.t.RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stalled.Body.Close()
+	io.ReadFull(stalled.Body, make([]byte, 64<<10)) // then stop reading
+	for range 20 {
+		if _, body := get(t, e.t, "/ok", nil); body != "ok" {
+			t.Fatalf("a request next to a stalled stream got %q", body)
+		}
+	}
+}
+
+func TestUpgrade(t *testing.T) {
+	e := newEnv(t, http.NotFoundHandler(), 2)
+	clientBytes, toAgent := io.Pipe()
+	req, _ := http.NewRequest(http.MethodPost, "http://agent/api/v1/namespaces/ns/pods/p/exec", clientBytes)
+	resp, err := e.t.RoundTrip(&tunnel.Request{HTTP: req, Upgrade: "v4.channel.k8s.io"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "echo" ||
+		resp.Header.Get("X-Stream-Protocol-Version") != "v4.channel.k8s.io" || resp.Header.Get("Connection") != "" {
+		t.Fatalf("switched answer %d %v", resp.StatusCode, resp.Header)
+	}
+	go func() {
+		io.WriteString(toAgent, "hello")
+		toAgent.Close() // half-close: the echo ends
+	}()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || string(b) != "echo: hello" {
+		t.Errorf("switched stream %q, %v", b, err)
+	}
+}
+
+func TestClosingBodyCancelsAgentRequest(t *testing.T) {
+	canceled := make(chan struct{})
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+		close(canceled)
+	}), 2)
+	req, _ := http.NewRequest(http.MethodGet, "http://agent/hold", nil)
+	resp, err := e.t.RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := e.t.Load(); n != 1 {
+		t.Errorf("load %d with a response open, want 1", n)
+	}
+	resp.Body.Close()
+	select {
+	case <-canceled:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent's request was not cancelled")
+	}
+	if n := e.t.Load(); n != 0 {
+		t.Errorf("load %d after the body was closed", n)
+	}
+}
+
+func TestCancelledRequestEndsWait(t *testing.T) {
+	// No idle stream: agentk's pool is used up and it opens no more.
+	srv := grpctunnel.NewServer(nil)
+	defer srv.Close()
+	adm := newAdmission(agentToken, 5)
+	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: agentToken}
+	if err := a.register(context.Background(), 1); err != nil {
+		t.Fatal(err)
+	}
+	tun := <-adm.ready
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/", nil)
+	if _, err := tun.RoundTrip(&tunnel.Request{HTTP: req}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("RoundTrip = %v, want DeadlineExceeded", err)
+	}
+	if n := tun.Load(); n != 0 {
+		t.Errorf("load %d after a failed request", n)
+	}
+}
+
+func TestWrongTokenRefused(t *testing.T) {
+	srv := grpctunnel.NewServer(nil)
+	defer srv.Close()
+	adm := newAdmission(agentToken, 5)
+	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: "wrong"}
+	err := a.register(context.Background(), 1)
+	if status.Code(err) != codes.Unauthenticated {
+		t.Errorf("Register with a wrong token = %v, want Unauthenticated", err)
+	}
+	a.token = agentToken
+	if err := a.register(context.Background(), 1); err != nil {
+		t.Errorf("Register with the right token: %v", err)
+	}
+	if err := a.register(context.Background(), 1); err != nil {
+		t.Fatal(err)
+	}
+	if n := adm.numChecks(); n != 2 {
+		t.Errorf("%d token checks, want 2: a connection's known token is not checked again per call", n)
+	}
+}
+
+func TestCloseEndsTunnel(t *testing.T) {
+	e := newEnv(t, http.NotFoundHandler(), 2)
+	done := make(chan struct{})
+	e.t.AfterDone(func() { close(done) })
+	e.agentMayFail = true
+	e.t.Close()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("AfterDone callback did not run")
+	}
+	if e.t.Err() == nil {
+		t.Error("Err is nil after Close")
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://agent/", nil)
+	if _, err := e.t.RoundTrip(&tunnel.Request{HTTP: req}); err == nil {
+		t.Error("RoundTrip on a closed tunnel succeeded")
+	}
+}

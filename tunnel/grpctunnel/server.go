@@ -1,0 +1,210 @@
+package grpctunnel
+
+import (
+	"context"
+	"net"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	_ "google.golang.org/grpc/encoding/gzip" // GitLab's agentk compresses every call with gzip (gitlab-wire §B.1)
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/stats"
+	"google.golang.org/grpc/status"
+
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentconfigurationrpc"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentregistrarrpc"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/reversetunnelrpc"
+)
+
+// Subprotocol is the WebSocket subprotocol GitLab's agentk offers for
+// gRPC over a WebSocket (gitlab-wire §B.1).
+const Subprotocol = "ws-tunnel"
+
+// Limits and timers of the gRPC server, from GitLab's KAS and agentk
+// (gitlab-wire §B.1, kas-spec §4.2).
+const (
+	// maxMessageSize is the largest gRPC message either side accepts.
+	// Bodies travel in chunks far below it.
+	maxMessageSize = 10 << 20
+	// keepaliveMinTime is how often agentk may ping. agentk pings every
+	// 55 s, also on idle connections, to keep proxies in front from
+	// closing them.
+	keepaliveMinTime = 20 * time.Second
+	// keepaliveTime and keepaliveTimeout make the server ping a
+	// connection that has been silent, to find dead agents.
+	keepaliveTime    = 30 * time.Second
+	keepaliveTimeout = 20 * time.Second
+)
+
+// Admission is how the agent endpoint that accepted a connection decides
+// about the agent on it. Its methods are called concurrently.
+type Admission interface {
+	// Authenticate returns the agent a token belongs to, or an error that
+	// is a gRPC status for the agent: Unauthenticated for a token of no
+	// agent (agentk backs off), Unavailable when the token cannot be
+	// checked now.
+	Authenticate(ctx context.Context, token string) (tunnel.AgentInfo, error)
+	// Admit takes a tunnel whose agent is known and keeps it for as long
+	// as it lives, re-checking token meanwhile. It is called once per
+	// connection.
+	Admit(t tunnel.Tunnel, token string)
+}
+
+// Server serves GitLab's agentk connections: one gRPC server for all of
+// them, which outlives configuration reloads as the tunnels do. Each
+// connection remembers the [Admission] of the endpoint that accepted it.
+type Server struct {
+	grpc   *grpc.Server
+	lis    *connListener
+	logger *zap.Logger
+
+	serveDone chan struct{} // closed when the goroutine of grpc.Serve returns
+}
+
+// NewServer starts a server; [Server.Close] stops it. logger receives the
+// server's own failures; nil means none.
+func NewServer(logger *zap.Logger) *Server {
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	s := &Server{lis: newConnListener(), logger: logger, serveDone: make(chan struct{})}
+	s.grpc = grpc.NewServer(
+		grpc.StatsHandler(connTracker{}),
+		grpc.MaxRecvMsgSize(maxMessageSize),
+		grpc.MaxSendMsgSize(maxMessageSize),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
+	)
+	svc := &services{srv: s}
+	reversetunnelrpc.RegisterReverseTunnelServer(s.grpc, svc)
+	agentregistrarrpc.RegisterAgentRegistrarServer(s.grpc, svc)
+	agentconfigurationrpc.RegisterAgentConfigurationServer(s.grpc, svc)
+	go func() {
+		defer close(s.serveDone)
+		// Returns once the listener is closed by Stop.
+		_ = s.grpc.Serve(s.lis)
+	}()
+	return s
+}
+
+// Serve serves gRPC on nc, a connection of GitLab's agentk (the byte stream
+// of its WebSocket), whose peer address is remoteAddr. It returns at once:
+// the server owns nc from then on. The connection's tunnel is admitted with
+// admission once a call has authenticated its agent.
+func (s *Server) Serve(nc net.Conn, remoteAddr string, admission Admission) {
+	c := newAgentConn(nc, remoteAddr, admission, s.logger)
+	if !s.lis.push(&taggedConn{Conn: nc, addr: &connAddr{conn: c}}) {
+		c.Close()
+	}
+}
+
+// Close stops the server and closes every connection.
+func (s *Server) Close() error {
+	s.grpc.Stop()
+	<-s.serveDone
+	return nil
+}
+
+// connAddr is the remote address of a connection as the gRPC server sees
+// it. It carries the connection's state, so that every call finds it in
+// its context ([peer.FromContext]) and the stats handler can tell the
+// connection ended.
+type connAddr struct{ conn *agentConn }
+
+func (a *connAddr) Network() string { return "websocket" }
+func (a *connAddr) String() string  { return a.conn.remoteAddr }
+
+// taggedConn is an agent connection with its [connAddr].
+type taggedConn struct {
+	net.Conn
+	addr *connAddr
+}
+
+func (c *taggedConn) RemoteAddr() net.Addr { return c.addr }
+
+// connTracker is the gRPC stats handler that puts each connection's state
+// into the context of its calls and marks it done when it ends.
+type connTracker struct{}
+
+type connKey struct{}
+
+func (connTracker) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
+	if a, ok := info.RemoteAddr.(*connAddr); ok {
+		return context.WithValue(ctx, connKey{}, a.conn)
+	}
+	return ctx
+}
+
+func (connTracker) HandleConn(ctx context.Context, st stats.ConnStats) {
+	if _, ok := st.(*stats.ConnEnd); !ok {
+		return
+	}
+	if c, ok := ctx.Value(connKey{}).(*agentConn); ok {
+		c.markDone(errConnClosed)
+	}
+}
+
+func (connTracker) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+func (connTracker) HandleRPC(context.Context, stats.RPCStats)                       {}
+
+// connFrom returns the state of the connection a call came on.
+func connFrom(ctx context.Context) (*agentConn, error) {
+	c, ok := ctx.Value(connKey{}).(*agentConn)
+	if !ok {
+		return nil, status.Error(codes.Internal, "call on a connection the agent server did not accept")
+	}
+	return c, nil
+}
+
+// connListener hands the agent connections to grpc.Server.Serve.
+type connListener struct {
+	conns chan net.Conn
+
+	mu     sync.Mutex // guards closed
+	closed bool
+	done   chan struct{} // closed by Close
+}
+
+func newConnListener() *connListener {
+	return &connListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// push hands nc to Accept; false means the listener is closed.
+func (l *connListener) push(nc net.Conn) bool {
+	select {
+	case l.conns <- nc:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case nc := <-l.conns:
+		return nc, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *connListener) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.closed {
+		l.closed = true
+		close(l.done)
+	}
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return listenerAddr{} }
+
+type listenerAddr struct{}
+
+func (listenerAddr) Network() string { return "websocket" }
+func (listenerAddr) String() string  { return "agent websockets" }
