@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"net/http"
+	"strconv"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -25,7 +27,22 @@ func (e *Endpoint) serveGRPCTunnel(hs *handshake) {
 		hs.log.Warn("agent handshake failed", zap.Error(err))
 		return
 	}
-	e.GRPC.Serve(nc, hs.r.RemoteAddr, &grpcAdmission{e: e, remoteAddr: hs.r.RemoteAddr})
+	e.GRPC.Serve(nc, hs.r.RemoteAddr, &grpcAdmission{e: e, remoteAddr: hs.r.RemoteAddr, protocol: grpctunnel.Subprotocol})
+}
+
+// ServeGRPC serves a gRPC call of GitLab's agentk made on the site's own
+// HTTP/2 connection (an agentk configured with grpc:// or grpcs://, see
+// [grpctunnel.IsGRPC]). Without a gRPC server it answers Unimplemented, in
+// gRPC's own terms, so agentk logs why.
+func (e *Endpoint) ServeGRPC(w http.ResponseWriter, r *http.Request) {
+	if e.GRPC == nil {
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Grpc-Status", strconv.Itoa(int(codes.Unimplemented)))
+		w.Header().Set("Grpc-Message", "gRPC agents are not served here")
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	e.GRPC.ServeHTTP(w, r, &grpcAdmission{e: e, remoteAddr: r.RemoteAddr, protocol: "grpc"})
 }
 
 // grpcAdmission decides about the agent on one of GitLab's agentk
@@ -33,6 +50,9 @@ func (e *Endpoint) serveGRPCTunnel(hs *handshake) {
 type grpcAdmission struct {
 	e          *Endpoint
 	remoteAddr string
+	// protocol names how the agent connected, for logs: "ws-tunnel", or
+	// "grpc" for calls on the site's own HTTP/2 connection.
+	protocol string
 }
 
 // Authenticate implements [grpctunnel.Admission].
@@ -41,7 +61,7 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 	agent, err := a.e.Auth.AuthenticateAgent(ctx, token)
 	switch {
 	case errors.Is(err, ErrUnknownToken):
-		log.Warn("agent refused", zap.String("reason", "unknown agent token"), zap.String("protocol", grpctunnel.Subprotocol))
+		log.Warn("agent refused", zap.String("reason", "unknown agent token"), zap.String("protocol", a.protocol))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("unknown agent token")
 		}
@@ -61,5 +81,5 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 func (a *grpcAdmission) Admit(t tunnel.Tunnel, token string) {
 	info := t.Agent()
 	a.e.admit(t, token, a.e.logger().With(zap.String("remote_addr", a.remoteAddr),
-		zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name), zap.String("protocol", grpctunnel.Subprotocol)))
+		zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name), zap.String("protocol", a.protocol)))
 }

@@ -42,5 +42,5 @@ func (e *Endpoint) serveH2Tunnel(hs *handshake) {
 		hs.log.Warn("agent handshake failed", zap.Error(err))
 		return
 	}
-	e.admit(conn, token, hs.log)
+	e.admit(conn, token, hs.log.With(zap.String("protocol", h2tunnel.Subprotocol)))
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/streams"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
@@ -28,17 +29,6 @@ func init() {
 // DefaultPathPrefix is where GitLab's Omnibus serves the proxy
 // (external_k8s_proxy_url); kubeconfigs point their server there.
 const DefaultPathPrefix = "/-/kubernetes-agent/k8s-proxy/"
-
-// streamIdleTimeout replaces Caddy's read_body_idle and write_idle (one
-// minute by default) for proxied requests. Caddy re-arms them before every
-// read and write, so a silent watch is safe anyway; what they cut is a
-// write that stays blocked because the client stopped reading
-// ("kubectl logs -f | less" paused, a laptop asleep) or a body the client
-// pauses mid-way. GitLab's KAS has no write timeout for these reasons (its
-// MR !731); a stalled client only holds its own stream, bounded by flow
-// control. Dead peers are still found: the client's connection by TCP and
-// Caddy's keepalives, the agent's by the tunnel's PINGs.
-const streamIdleTimeout = 100 * 365 * 24 * time.Hour
 
 // Handler proxies requests under PathPrefix to the agents' clusters and
 // passes every other request on to the next handler.
@@ -200,13 +190,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !strings.HasPrefix(r.URL.Path, h.PathPrefix) && r.URL.Path != strings.TrimSuffix(h.PathPrefix, "/") {
 		return next.ServeHTTP(w, r)
 	}
-	reader, writer := caddyhttp.IdleTimeoutsFromContext(r.Context())
-	if reader != nil {
-		defer reader.Override(streamIdleTimeout, 0)()
-	}
-	if writer != nil {
-		defer writer.Override(streamIdleTimeout, 0, 0)()
-	}
+	defer streams.LiftIdleTimeouts(r)()
 	h.proxy.ServeHTTP(w, r)
 	return nil
 }

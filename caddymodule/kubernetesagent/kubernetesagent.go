@@ -16,6 +16,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/agentserver"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/streams"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
@@ -167,12 +168,20 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// ServeHTTP serves agent connections at Path and passes everything else on.
+// ServeHTTP serves agent connections at Path, and the gRPC calls GitLab's
+// agentk makes on the site's own HTTP/2 connections when it is configured
+// with a grpc:// or grpcs:// address (they come at the site's root, under
+// the service names); it passes everything else on.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	if r.URL.Path != h.Path && r.URL.Path != strings.TrimSuffix(h.Path, "/") {
+	switch {
+	case grpctunnel.IsGRPC(r):
+		defer streams.LiftIdleTimeouts(r)()
+		h.endpoint.ServeGRPC(w, r)
+	case r.URL.Path == h.Path || r.URL.Path == strings.TrimSuffix(h.Path, "/"):
+		h.endpoint.ServeHTTP(w, r)
+	default:
 		return next.ServeHTTP(w, r)
 	}
-	h.endpoint.ServeHTTP(w, r)
 	return nil
 }
 

@@ -3,11 +3,13 @@ package grpctunnel_test
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -15,6 +17,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -385,3 +388,27 @@ var _ http.Flusher = (*streamWriter)(nil)
 
 // digest is the credential a tunnel must remember.
 func digest(token string) [sha256.Size]byte { return sha256.Sum256([]byte(token)) }
+
+// connectHTTP2 serves agent calls with srv on an HTTPS server's own
+// HTTP/2 connections, as for an agentk configured with grpcs://, and
+// returns the agent side.
+func connectHTTP2(t testing.TB, srv *grpctunnel.Server, adm grpctunnel.Admission) *grpc.ClientConn {
+	t.Helper()
+	site := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !grpctunnel.IsGRPC(r) {
+			http.NotFound(w, r)
+			return
+		}
+		srv.ServeHTTP(w, r, adm)
+	}))
+	site.EnableHTTP2 = true
+	site.StartTLS()
+	t.Cleanup(site.Close)
+	cc, err := grpc.NewClient("passthrough:///"+site.Listener.Addr().String(),
+		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}

@@ -25,7 +25,9 @@ var errConnClosed = errors.New("agent connection closed")
 // agentConn is one gRPC connection of GitLab's agentk and, once a call has
 // authenticated its agent, that agent's [tunnel.Tunnel].
 type agentConn struct {
-	nc          net.Conn
+	// closeConn closes the connection: the WebSocket's byte stream, or
+	// for calls served on an HTTP/2 connection of the site, the calls.
+	closeConn   func() error
 	remoteAddr  string
 	admission   Admission
 	logger      *zap.Logger
@@ -49,9 +51,9 @@ type agentConn struct {
 	authorized [sha256.Size]byte
 }
 
-func newAgentConn(nc net.Conn, remoteAddr string, admission Admission, logger *zap.Logger) *agentConn {
+func newAgentConn(closeConn func() error, remoteAddr string, admission Admission, logger *zap.Logger) *agentConn {
 	return &agentConn{
-		nc:           nc,
+		closeConn:    closeConn,
 		remoteAddr:   remoteAddr,
 		admission:    admission,
 		logger:       logger,
@@ -232,7 +234,7 @@ func (c *agentConn) AfterDone(f func()) {
 // Close implements [tunnel.Tunnel]: it closes the connection; the gRPC
 // server notices and ends every call on it.
 func (c *agentConn) Close() error {
-	err := c.nc.Close()
+	err := c.closeConn()
 	c.markDone(net.ErrClosed)
 	return err
 }

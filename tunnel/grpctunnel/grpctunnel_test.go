@@ -306,3 +306,45 @@ func TestCloseEndsTunnel(t *testing.T) {
 		t.Error("RoundTrip on a closed tunnel succeeded")
 	}
 }
+
+// TestOverSiteHTTP2: the same calls made on the site's own HTTP/2
+// connection (grpcs://) make one tunnel per agent connection, which ends
+// once the agent's calls are gone.
+func TestOverSiteHTTP2(t *testing.T) {
+	defer grpctunnel.SetH2ConnLinger(50 * time.Millisecond)()
+	srv := grpctunnel.NewServer(nil)
+	defer srv.Close()
+	adm := newAdmission(agentToken, 5)
+	a := &fakeAgent{t: t, conn: connectHTTP2(t, srv, adm), token: agentToken,
+		handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "over h2: "+r.URL.Path) })}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- a.serveTunnels(ctx, 2) }()
+	tun := <-adm.ready
+	if err := a.register(context.Background(), 77); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if _, body := get(t, tun, "/api", nil); body != "over h2: /api" {
+			t.Fatalf("body %q", body)
+		}
+	}
+	if tun.Agent().Meta.PodID != 77 {
+		t.Errorf("Register went to another tunnel: meta %+v", tun.Agent().Meta)
+	}
+	select {
+	case again := <-adm.ready:
+		t.Fatalf("calls of one connection made a second tunnel %p next to %p", again, tun)
+	default:
+	}
+
+	cancel() // the agent's calls end
+	if err := <-served; err != nil {
+		t.Errorf("agent: %v", err)
+	}
+	select {
+	case <-tun.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the tunnel outlived its agent's calls")
+	}
+}

@@ -62,6 +62,12 @@ type Server struct {
 	lis    *connListener
 	logger *zap.Logger
 
+	mu sync.Mutex // guards h2Conns
+	// h2Conns are the agent connections whose calls come as requests on
+	// the site's own HTTP/2 connections (grpc:// and grpcs://), by the
+	// connection's remote address.
+	h2Conns map[string]*h2Conn
+
 	serveDone chan struct{} // closed when the goroutine of grpc.Serve returns
 }
 
@@ -71,7 +77,7 @@ func NewServer(logger *zap.Logger) *Server {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	s := &Server{lis: newConnListener(), logger: logger, serveDone: make(chan struct{})}
+	s := &Server{lis: newConnListener(), logger: logger, serveDone: make(chan struct{}), h2Conns: make(map[string]*h2Conn)}
 	s.grpc = grpc.NewServer(
 		grpc.StatsHandler(connTracker{}),
 		grpc.MaxRecvMsgSize(maxMessageSize),
@@ -96,7 +102,7 @@ func NewServer(logger *zap.Logger) *Server {
 // the server owns nc from then on. The connection's tunnel is admitted with
 // admission once a call has authenticated its agent.
 func (s *Server) Serve(nc net.Conn, remoteAddr string, admission Admission) {
-	c := newAgentConn(nc, remoteAddr, admission, s.logger)
+	c := newAgentConn(nc.Close, remoteAddr, admission, s.logger)
 	if !s.lis.push(&taggedConn{Conn: nc, addr: &connAddr{conn: c}}) {
 		c.Close()
 	}
@@ -130,11 +136,16 @@ func (c *taggedConn) RemoteAddr() net.Addr { return c.addr }
 // into the context of its calls and marks it done when it ends.
 type connTracker struct{}
 
+// connKey keys the state of a call's agent connection in the call's
+// context; wsConnKey keys it in the context of a WebSocket connection
+// only. The gRPC server also reports each call that ServeHTTP serves as a
+// connection of its own, whose end is not the agent connection's.
 type connKey struct{}
+type wsConnKey struct{}
 
 func (connTracker) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
 	if a, ok := info.RemoteAddr.(*connAddr); ok {
-		return context.WithValue(ctx, connKey{}, a.conn)
+		return context.WithValue(context.WithValue(ctx, connKey{}, a.conn), wsConnKey{}, a.conn)
 	}
 	return ctx
 }
@@ -143,7 +154,7 @@ func (connTracker) HandleConn(ctx context.Context, st stats.ConnStats) {
 	if _, ok := st.(*stats.ConnEnd); !ok {
 		return
 	}
-	if c, ok := ctx.Value(connKey{}).(*agentConn); ok {
+	if c, ok := ctx.Value(wsConnKey{}).(*agentConn); ok {
 		c.markDone(errConnClosed)
 	}
 }
