@@ -1,5 +1,5 @@
 // Package kasdev adds the "caddy kas-dev" command: the agent server on
-// embedded defaults (standalone tokens, in-memory registry, Caddy's
+// embedded defaults (standalone tokens, in-memory tunnel store, Caddy's
 // internal CA), with no GitLab, no Redis and no configuration to write.
 package kasdev
 
@@ -186,7 +186,7 @@ current-context: kas-dev:dev-agent
 func (s settings) printInstructions(w io.Writer, rootCA, kubeconfig string) {
 	agentURL := fmt.Sprintf("wss://%s/-/kubernetes-agent/", net.JoinHostPort(s.Host, s.Port))
 	fmt.Fprintf(w, `
-caddy-kas is running on embedded defaults: standalone tokens, in-memory registry, no GitLab, no Redis.
+caddy-kas is running on embedded defaults: standalone tokens, in-memory tunnel store, no GitLab, no Redis.
 
 1. Connect a cluster: run agentk (agent 1, "dev-agent") where your kubeconfig reaches the cluster:
 
