@@ -38,7 +38,7 @@ const (
 type gitlabEnv struct {
 	gitlab     *fakegitlab.Server
 	caddy      *caddyServer
-	agentk     *agentk
+	agentk     *agentk // nil with gitlabEnvOptions.noAgentk
 	agentToken string
 	secretFile string
 	secret     []byte
@@ -49,6 +49,7 @@ type gitlabEnvOptions struct {
 	apiListen string   // the Rails gRPC API's address; empty: none
 	tls       bool     // GitLab serves HTTPS with its own CA, given to Caddy as ca_file
 	extra     []string // more lines of the Caddyfile's gitlab block (cache TTLs, say)
+	noAgentk  bool     // start no agentk of ours: the test connects its own agent (GitLab's agentk, say)
 }
 
 // startGitLabEnv starts it all.
@@ -81,6 +82,9 @@ func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 			extra:       o.extra,
 		},
 	})
+	if o.noAgentk {
+		return e
+	}
 	e.agentk = e.caddy.startAgentk(t, agentkOptions{agentID: glAgentID, token: e.agentToken})
 	e.agentk.waitReady(t)
 	return e
