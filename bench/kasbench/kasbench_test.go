@@ -2,15 +2,19 @@ package kasbench
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
 
 // TestQuickRun runs every measurement of the harness on a tiny scale: it
 // builds the real binaries, starts them, and checks that each table got
-// numbers. It asserts nothing about speed.
+// numbers. It asserts nothing about speed. GitLab's agentk's rows are
+// covered when its binary is at hand (see GitLabAgentkPath), and checked to
+// be left out with a reason when it is not.
 func TestQuickRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and starts caddy and agentk")
@@ -25,6 +29,12 @@ func TestQuickRun(t *testing.T) {
 	cfg := QuickConfig()
 	cfg.Root = root
 	cfg.Log = testWriter{t}
+	cfg.GitLabAgentk = GitLabAgentkPath(root)
+	_, err = os.Stat(cfg.GitLabAgentk)
+	withGitLab := err == nil
+	if !withGitLab {
+		t.Logf("GitLab's agentk is not at hand, its rows are left out: %v (set %s)", err, GitLabAgentkEnv)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	rep, err := Run(ctx, cfg)
@@ -49,6 +59,35 @@ func TestQuickRun(t *testing.T) {
 	}
 	if s := rep.Scale[0]; s.connected != s.agents || s.caddy.rss <= 0 {
 		t.Errorf("scale: %d of %d agents, RSS %d", s.connected, s.agents, s.caddy.rss)
+	}
+	const gitlabRow = "single node, GitLab agentk "
+	var gitlabRows int
+	for _, c := range rep.Small {
+		if strings.HasPrefix(c.target, gitlabRow) {
+			gitlabRows++
+			if c.cpuPerOp <= 0 {
+				t.Errorf("%s c=%d: no CPU per request", c.target, c.conc)
+			}
+		}
+	}
+	if want := 2 * len(cfg.Concurrency); withGitLab && gitlabRows != want {
+		t.Errorf("%d 1 KiB rows of GitLab's agentk, want %d (%s)", gitlabRows, want, rep.GitLabAgentkNote)
+	}
+	for _, c := range rep.Bulk {
+		if strings.HasPrefix(c.target, gitlabRow) {
+			gitlabRows++
+		}
+	}
+	for _, w := range rep.Watches {
+		if strings.HasPrefix(w.target, gitlabRow) {
+			gitlabRows++
+		}
+	}
+	if want := 2*len(cfg.Concurrency) + 2*2*len(cfg.BulkConcurrency) + len(cfg.WatchStreams); withGitLab && gitlabRows != want {
+		t.Errorf("%d rows of GitLab's agentk in all, want %d", gitlabRows, want)
+	}
+	if !withGitLab && (gitlabRows != 0 || rep.GitLabAgentkNote == "") {
+		t.Errorf("without GitLab's agentk: %d rows of it, note %q", gitlabRows, rep.GitLabAgentkNote)
 	}
 	md := rep.Markdown("go test")
 	if len(md) < 500 {

@@ -15,8 +15,8 @@ type cell struct {
 	op       string // "GET" or "PUT" in the bulk table
 	conc     int
 	res      loadResult
-	cpu      time.Duration // CPU of Caddy and agentk during the cell
-	agentCPU time.Duration // the part of cpu that agentk used
+	cpu      time.Duration // CPU of Caddy and the agent (ours or GitLab's) during the cell
+	agentCPU time.Duration // the part of cpu that the agent used
 	cpuPerOp time.Duration
 }
 
@@ -53,6 +53,12 @@ type Report struct {
 	CaddyBinary, AgentkBinary int64
 	CaddyIdle, AgentkIdle     memory
 	CaddyEnd, AgentkEnd       memory
+
+	// GitLabAgentk is the version of GitLab's agentk measured next to
+	// ours, empty if it was not; GitLabAgentkNote then says why.
+	GitLabAgentk, GitLabAgentkNote    string
+	GitLabAgentkBinary                int64
+	GitLabAgentkIdle, GitLabAgentkEnd memory
 
 	Small, Bulk []cell
 	Watches     []watchCell
@@ -119,7 +125,7 @@ func (r *Report) Sane() error {
 			problems = append(problems, fmt.Sprintf("scale: %d of %d agents connected", s.connected, s.agents))
 		}
 	}
-	if r.CaddyIdle.rss == 0 || r.AgentkIdle.rss == 0 {
+	if r.CaddyIdle.rss == 0 || r.AgentkIdle.rss == 0 || (r.GitLabAgentk != "" && r.GitLabAgentkIdle.rss == 0) {
 		problems = append(problems, "no idle memory")
 	}
 	if len(problems) > 0 {
@@ -228,6 +234,9 @@ func (r *Report) Tables() string {
 	w("| process | idle RSS MiB | RSS at end MiB | peak RSS MiB | binary MB |\n|---|---:|---:|---:|---:|\n")
 	w("| Caddy | %s | %s | %s | %.1f |\n", mib(r.CaddyIdle.rss), mib(r.CaddyEnd.rss), mib(r.CaddyEnd.peak), float64(r.CaddyBinary)/1e6)
 	w("| agentk | %s | %s | %s | %.1f |\n", mib(r.AgentkIdle.rss), mib(r.AgentkEnd.rss), mib(r.AgentkEnd.peak), float64(r.AgentkBinary)/1e6)
+	if r.GitLabAgentk != "" {
+		w("| GitLab's agentk | %s | %s | %s | %.1f |\n", mib(r.GitLabAgentkIdle.rss), mib(r.GitLabAgentkEnd.rss), mib(r.GitLabAgentkEnd.peak), float64(r.GitLabAgentkBinary)/1e6)
+	}
 
 	if len(r.Scale) > 0 {
 		b0 := r.ScaleBase
@@ -342,8 +351,12 @@ func (r *Report) Targets() string {
 // Header describes the run: when, where, with what.
 func (r *Report) Header(command string) string {
 	m := r.Machine
-	return fmt.Sprintf("- Date: %s\n- Machine: %s, %d cores, %s\n- Load average at start: %s\n- Go: %s\n- Command: `%s`\n- Run time: %s\n",
-		r.Started.UTC().Format("2006-01-02 15:04 MST"), m.CPU, m.Cores, m.Kernel, m.LoadAvg, m.GoVersion, command,
+	gitlab := r.GitLabAgentkNote
+	if r.GitLabAgentk != "" {
+		gitlab = r.GitLabAgentk + " (rows \"single node, GitLab agentk\")"
+	}
+	return fmt.Sprintf("- Date: %s\n- Machine: %s, %d cores, %s\n- Load average at start: %s\n- Go: %s\n- GitLab's agentk: %s\n- Command: `%s`\n- Run time: %s\n",
+		r.Started.UTC().Format("2006-01-02 15:04 MST"), m.CPU, m.Cores, m.Kernel, m.LoadAvg, m.GoVersion, gitlab, command,
 		r.Finished.Sub(r.Started).Round(time.Second))
 }
 

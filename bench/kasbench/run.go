@@ -59,7 +59,8 @@ type Config struct {
 	ProfileDir  string
 	ProfileConc int
 	// Skip names measurements to leave out: "small", "bulk", "watch",
-	// "stalled" (the scale one is left out with no ScaleAgents).
+	// "stalled", "gitlab" (the rows of GitLab's agentk; the scale one is
+	// left out with no ScaleAgents).
 	Skip map[string]bool
 	// Settle is how long the harness waits for things to calm down
 	// (after a start, before reading memory).
@@ -76,8 +77,32 @@ type Config struct {
 	// of CaddyEnv, so that a run-time setting can be measured against the
 	// same code without it (-baseline at the same tree).
 	BaselineCaddyEnv []string
+	// GitLabAgentk is GitLab's agentk binary (see GitLabAgentkPath). If
+	// it is set and the file exists, GitLab's agentk connects to the
+	// Caddy under test as a second agent and every cell of the 1 KiB,
+	// 10 MiB and watch tables is also measured through it, right after
+	// the same cell through our agentk. Otherwise its rows are left out
+	// and the report says why.
+	GitLabAgentk string
 	// Log receives progress lines.
 	Log io.Writer
+}
+
+// GitLabAgentkEnv names the environment variable with the path of GitLab's
+// agentk, and GitLabAgentkDefault is where it is otherwise, relative to the
+// module root: next to the checkout, as for the integration tests.
+const (
+	GitLabAgentkEnv     = "GITLAB_AGENTK_BIN"
+	GitLabAgentkDefault = "../shared/gitlab-agent-v16.5/agentk"
+)
+
+// GitLabAgentkPath is the default of Config.GitLabAgentk for the module at
+// root: $GITLAB_AGENTK_BIN, else GitLabAgentkDefault relative to root.
+func GitLabAgentkPath(root string) string {
+	if p := os.Getenv(GitLabAgentkEnv); p != "" {
+		return p
+	}
+	return filepath.Join(root, filepath.FromSlash(GitLabAgentkDefault))
 }
 
 // DefaultConfig is the full run documented in docs/benchmarks.md.
@@ -166,6 +191,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	defer up.close()
 
+	gitlabBin := findGitLabAgentk(ctx, cfg, rep)
+	if gitlabBin != "" {
+		logf("GitLab's agentk %s", rep.GitLabAgentk)
+	} else {
+		logf("GitLab's agentk: %s", rep.GitLabAgentkNote)
+	}
 	stacks := []binaries{bins}
 	if cfg.BaselineRoot != "" {
 		logf("building the baseline")
@@ -175,7 +206,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 		stacks = append(stacks, base)
 	}
-	if err := runSingleNode(ctx, cfg, rep, stacks, p, up, dir, logf); err != nil {
+	if err := runSingleNode(ctx, cfg, rep, stacks, gitlabBin, p, up, dir, logf); err != nil {
 		return rep, err
 	}
 	if len(cfg.ScaleAgents) > 0 {
@@ -187,37 +218,111 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	return rep, nil
 }
 
-// stack is one Caddy and agentk under test, with its clients.
+// findGitLabAgentk returns the absolute path of GitLab's agentk and puts
+// its version into rep, or returns "" and puts into rep why its rows are
+// left out. Its absence never fails a run.
+func findGitLabAgentk(ctx context.Context, cfg Config, rep *Report) string {
+	switch {
+	case cfg.Skip["gitlab"]:
+		rep.GitLabAgentkNote = "rows left out (-skip gitlab)"
+		return ""
+	case cfg.GitLabAgentk == "":
+		rep.GitLabAgentkNote = "rows left out: no binary given"
+		return ""
+	}
+	bin, err := filepath.Abs(cfg.GitLabAgentk)
+	if err == nil {
+		_, err = os.Stat(bin)
+	}
+	if err != nil {
+		rep.GitLabAgentkNote = fmt.Sprintf("rows left out: no binary (give it with -gitlab-agentk or %s, or put it at %s relative to the module root)",
+			GitLabAgentkEnv, GitLabAgentkDefault)
+		return ""
+	}
+	vctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(vctx, bin, "--version").Output()
+	if err != nil {
+		rep.GitLabAgentkNote = "rows left out: its --version failed: " + withoutPath(err, bin)
+		return ""
+	}
+	// "agentk version v16.5.0-stock, commit: 8daa08cc, built: ..."
+	v, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	v = strings.TrimPrefix(v, "agentk version ")
+	v, _, _ = strings.Cut(v, ", built")
+	rep.GitLabAgentk = v
+	if st, err := os.Stat(bin); err == nil {
+		rep.GitLabAgentkBinary = st.Size()
+	}
+	return bin
+}
+
+// withoutPath is err's text with the binary's path, which belongs to the
+// machine and not to the report, replaced.
+func withoutPath(err error, bin string) string {
+	return strings.ReplaceAll(err.Error(), bin, "<GitLab's agentk>")
+}
+
+// stack is one Caddy and agentk under test, with its clients; the stack
+// of the binaries under test may also have GitLab's agentk, connected to
+// the same Caddy as a second agent.
 type stack struct {
 	variant string // "" for the binaries under test, " (baseline)"
 	caddy   *caddyServer
 	agent   *agentkProcess
 	h1, h2  target
-}
-
-func (s *stack) target(proto string) target {
-	if proto == "h1" {
-		return s.h1
-	}
-	return s.h2
+	// gitlab is GitLab's agentk, reached through gh1 and gh2; nil when
+	// it is not measured.
+	gitlab   *agentkProcess
+	gh1, gh2 target
 }
 
 func (s *stack) stop() {
-	s.h1.client.CloseIdleConnections()
-	s.h2.client.CloseIdleConnections()
+	for _, t := range []target{s.h1, s.h2, s.gh1, s.gh2} {
+		if t.client != nil {
+			t.client.CloseIdleConnections()
+		}
+	}
+	if s.gitlab != nil {
+		s.gitlab.proc.stop()
+	}
 	if s.agent != nil {
 		s.agent.proc.stop()
 	}
 	s.caddy.proc.stop()
 }
 
-// startStack starts Caddy and agentk from bins.
-func startStack(ctx context.Context, cfg Config, bins binaries, p *pki, up *upstream, dir, variant string) (*stack, error) {
+// route is how one proxied row reaches the upstream: the Caddy and the
+// agent process whose CPU a cell counts, and what its profiles are named.
+type route struct {
+	caddy         *caddyServer
+	agent         *agentkProcess
+	t             target
+	profileSuffix string
+}
+
+// routes are the proxied rows of s for proto, ours first.
+func (s *stack) routes(proto string) []route {
+	t, g := s.h1, s.gh1
+	if proto == "h2" {
+		t, g = s.h2, s.gh2
+	}
+	rs := []route{{caddy: s.caddy, agent: s.agent, t: t, profileSuffix: fileSuffix(s.variant)}}
+	if s.gitlab != nil {
+		rs = append(rs, route{caddy: s.caddy, agent: s.gitlab, t: g, profileSuffix: fileSuffix(s.variant) + "-gitlab-agentk"})
+	}
+	return rs
+}
+
+// startStack starts Caddy and agentk from bins, and GitLab's agentk
+// gitlabBin (if not empty) next to it. GitLab's agentk failing to start
+// leaves its rows out (with the reason in *gitlabNote) but the stack up.
+func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string, gitlabNote *string, p *pki, up *upstream, dir, variant string, logf func(string, ...any)) (*stack, error) {
 	env := cfg.CaddyEnv
 	if variant != "" {
 		env = cfg.BaselineCaddyEnv
 	}
-	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, env)
+	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, gitlabBin != "", env)
 	if err != nil {
 		return nil, err
 	}
@@ -225,7 +330,12 @@ func startStack(ctx context.Context, cfg Config, bins binaries, p *pki, up *upst
 	auth := "Bearer pat:1:" + caddy.userTok
 	s.h1 = target{name: "single node", variant: variant, proto: "h1", client: newClient(p.pool, false), base: caddy.proxyURL, auth: auth}
 	s.h2 = target{name: "single node", variant: variant, proto: "h2", client: newClient(p.pool, true), base: caddy.proxyURL, auth: auth}
-	if s.agent, err = startAgentk(ctx, bins.agentk, dir, p, caddy, up); err != nil {
+	kubeconfig, err := writeKubeconfig(dir, p, up)
+	if err != nil {
+		s.stop()
+		return nil, err
+	}
+	if s.agent, err = startAgentk(ctx, bins.agentk, dir, p, caddy, kubeconfig); err != nil {
 		s.stop()
 		return nil, err
 	}
@@ -235,14 +345,45 @@ func startStack(ctx context.Context, cfg Config, bins binaries, p *pki, up *upst
 			return nil, fmt.Errorf("first request through caddy%s (%s): %w", variant, t.proto, err)
 		}
 	}
+	if gitlabBin == "" {
+		return s, nil
+	}
+	name := "single node, GitLab agentk"
+	gauth := fmt.Sprintf("Bearer pat:%d:%s", gitlabAgentID, caddy.userTok)
+	gh1 := target{name: name, variant: variant, proto: "h1", client: newClient(p.pool, false), base: caddy.proxyURL, auth: gauth}
+	gh2 := target{name: name, variant: variant, proto: "h2", client: newClient(p.pool, true), base: caddy.proxyURL, auth: gauth}
+	g, err := startGitLabAgentk(ctx, gitlabBin, dir, p, caddy, kubeconfig, gh2)
+	if err == nil {
+		if err = gh1.do(ctx, nil, http.MethodGet, "/1k", nil); err != nil {
+			g.proc.stop()
+			err = fmt.Errorf("first HTTP/1.1 request through GitLab's agentk: %w", err)
+		}
+	}
+	if err != nil {
+		gh1.client.CloseIdleConnections()
+		gh2.client.CloseIdleConnections()
+		if ctx.Err() != nil {
+			s.stop()
+			return nil, ctx.Err()
+		}
+		logf("GitLab's agentk did not start: %v; its log ends:\n%s", err, logTail(dir, "gitlab-agentk", 20))
+		*gitlabNote = "rows left out: it did not start: " + withoutPath(err, gitlabBin)
+		return s, nil
+	}
+	s.gitlab, s.gh1, s.gh2 = g, gh1, gh2
 	return s, nil
 }
 
 // runSingleNode measures client → Caddy → agentk → upstream against the
 // upstream reached directly. With a baseline, its stack runs at the same
 // time and each of its cells is measured right after the same cell of
-// the main stack, so that both are compared with the same direct cell.
-func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries, p *pki, up *upstream, dir string, logf func(string, ...any)) error {
+// the main stack (and of GitLab's agentk), so that all are compared with
+// the same direct cell.
+//
+// gitlabBin, if not empty, is GitLab's agentk: it connects to the Caddy of
+// the binaries under test (not the baseline's) as a second agent, and each
+// of its cells is measured right after the same cell through our agentk.
+func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries, gitlabBin string, p *pki, up *upstream, dir string, logf func(string, ...any)) error {
 	var stacks []*stack
 	defer func() {
 		for _, s := range stacks {
@@ -250,16 +391,23 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 		}
 	}()
 	for i, b := range bins {
-		variant := ""
+		variant, gitlab := "", gitlabBin
 		if i > 0 {
-			variant = " (baseline)"
+			variant, gitlab = " (baseline)", ""
 		}
-		logf("starting caddy and agentk%s", variant)
-		s, err := startStack(ctx, cfg, b, p, up, filepath.Join(dir, fmt.Sprintf("stack%d", i)), variant)
+		what := ""
+		if gitlab != "" {
+			what = " and GitLab's agentk"
+		}
+		logf("starting caddy and agentk%s%s", variant, what)
+		s, err := startStack(ctx, cfg, b, gitlab, &rep.GitLabAgentkNote, p, up, filepath.Join(dir, fmt.Sprintf("stack%d", i)), variant, logf)
 		if err != nil {
 			return err
 		}
 		stacks = append(stacks, s)
+	}
+	if stacks[0].gitlab == nil {
+		rep.GitLabAgentk = ""
 	}
 	main := stacks[0]
 	sleep(ctx, cfg.Settle)
@@ -270,6 +418,11 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 	}
 	if rep.AgentkIdle, err = readMemory(main.agent.proc.pid()); err != nil {
 		return err
+	}
+	if main.gitlab != nil {
+		if rep.GitLabAgentkIdle, err = readMemory(main.gitlab.proc.pid()); err != nil {
+			return err
+		}
 	}
 
 	direct := map[string]target{
@@ -286,42 +439,46 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 		d, _ := cpuTime(pid)
 		return d
 	}
-	// measure runs one cell against t, which goes through s (nil: direct).
-	measure := func(s *stack, t target, conc int, op func(context.Context, *meter) error, profile string) cell {
+	// measure runs one cell against t, which goes through rt (nil:
+	// direct); the CPU counted is that of rt's Caddy and agent.
+	measure := func(rt *route, t target, conc int, op func(context.Context, *meter) error, profile string) cell {
 		var c0, c1, a0, a1 time.Duration
 		var prof sync.WaitGroup
 		mark := func(start bool) {
-			if s == nil {
+			if rt == nil {
 				return
 			}
 			if start {
-				a0, c0 = cpuOf(s.agent.proc.pid()), cpuOf(s.caddy.proc.pid())
+				a0, c0 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid())
 				if profile != "" && cfg.ProfileDir != "" {
 					prof.Add(1)
 					go func() { // owned by measure: waited for below
 						defer prof.Done()
-						saveProfile(admin, s.caddy.adminURL, cfg.Phase, filepath.Join(cfg.ProfileDir, profile))
+						saveProfile(admin, rt.caddy.adminURL, cfg.Phase, filepath.Join(cfg.ProfileDir, profile))
 					}()
 				}
 			} else {
-				a1, c1 = cpuOf(s.agent.proc.pid()), cpuOf(s.caddy.proc.pid())
+				a1, c1 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid())
 			}
 		}
 		r := runLoad(ctx, conc, cfg.Warmup, cfg.Phase, cfg.MaxOps, mark, op)
 		prof.Wait()
 		c := cell{target: t.label(), conc: conc, res: r}
-		if s != nil && r.requests > 0 {
+		if rt != nil && r.requests > 0 {
 			c.cpu = (c1 - c0) + (a1 - a0)
 			c.agentCPU = a1 - a0
 			c.cpuPerOp = c.cpu / time.Duration(r.requests)
 		}
 		return c
 	}
-	// each runs one cell directly, then through every stack.
-	each := func(proto string, f func(s *stack, t target)) {
+	// each runs one cell directly, then through every route of every
+	// stack: ours, GitLab's agentk, the baseline.
+	each := func(proto string, f func(r *route, t target)) {
 		f(nil, direct[proto])
 		for _, s := range stacks {
-			f(s, s.target(proto))
+			for _, r := range s.routes(proto) {
+				f(&r, r.t)
+			}
 		}
 	}
 
@@ -330,14 +487,14 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 			break
 		}
 		for _, proto := range []string{"h1", "h2"} {
-			each(proto, func(s *stack, t target) {
+			each(proto, func(r *route, t target) {
 				logf("1 KiB GET, %s, c=%d", t.label(), conc)
 				profile := ""
-				if s != nil && conc == cfg.ProfileConc && proto == "h2" {
-					profile = fmt.Sprintf("caddy-1k-c%d-h2%s.pprof", conc, fileSuffix(s.variant))
+				if r != nil && conc == cfg.ProfileConc && proto == "h2" {
+					profile = fmt.Sprintf("caddy-1k-c%d-h2%s.pprof", conc, r.profileSuffix)
 				}
 				op := func(ctx context.Context, m *meter) error { return t.do(ctx, m, http.MethodGet, "/1k", nil) }
-				rep.Small = append(rep.Small, measure(s, t, conc, op, profile))
+				rep.Small = append(rep.Small, measure(r, t, conc, op, profile))
 			})
 		}
 	}
@@ -348,17 +505,17 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 		}
 		for _, conc := range cfg.BulkConcurrency {
 			for _, proto := range []string{"h1", "h2"} {
-				each(proto, func(s *stack, t target) {
+				each(proto, func(r *route, t target) {
 					logf("10 MiB %s, %s, c=%d", op, t.label(), conc)
 					f := func(ctx context.Context, m *meter) error { return t.do(ctx, m, http.MethodGet, "/10m", nil) }
 					if op == "PUT" {
 						f = func(ctx context.Context, m *meter) error { return t.do(ctx, m, http.MethodPut, "/sink", large) }
 					}
 					profile := ""
-					if s != nil && op == "GET" && conc == cfg.BulkConcurrency[len(cfg.BulkConcurrency)-1] && proto == "h2" {
-						profile = fmt.Sprintf("caddy-10m-get-c%d-h2%s.pprof", conc, fileSuffix(s.variant))
+					if r != nil && op == "GET" && conc == cfg.BulkConcurrency[len(cfg.BulkConcurrency)-1] && proto == "h2" {
+						profile = fmt.Sprintf("caddy-10m-get-c%d-h2%s.pprof", conc, r.profileSuffix)
 					}
-					c := measure(s, t, conc, f, profile)
+					c := measure(r, t, conc, f, profile)
 					c.op = op
 					rep.Bulk = append(rep.Bulk, c)
 				})
@@ -369,16 +526,16 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 		if cfg.Skip["watch"] {
 			break
 		}
-		each("h2", func(s *stack, t target) {
+		each("h2", func(r *route, t target) {
 			logf("%d watch streams, %s", n, t.label())
 			var c0 time.Duration
-			if s != nil {
-				c0 = cpuOf(s.caddy.proc.pid()) + cpuOf(s.agent.proc.pid())
+			if r != nil {
+				c0 = cpuOf(r.caddy.proc.pid()) + cpuOf(r.agent.proc.pid())
 			}
 			w := runWatches(ctx, t, up, n, cfg.WatchLines)
 			wc := watchCell{target: t.label(), watchResult: w}
-			if s != nil {
-				wc.cpu = cpuOf(s.caddy.proc.pid()) + cpuOf(s.agent.proc.pid()) - c0
+			if r != nil {
+				wc.cpu = cpuOf(r.caddy.proc.pid()) + cpuOf(r.agent.proc.pid()) - c0
 			}
 			rep.Watches = append(rep.Watches, wc)
 		})
@@ -403,6 +560,11 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 	}
 	if rep.AgentkEnd, err = readMemory(main.agent.proc.pid()); err != nil {
 		return err
+	}
+	if main.gitlab != nil {
+		if rep.GitLabAgentkEnd, err = readMemory(main.gitlab.proc.pid()); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -513,7 +675,7 @@ func runStalled(ctx context.Context, cfg Config, t target) (*stalledResult, erro
 func runScale(ctx context.Context, cfg Config, rep *Report, bins binaries, p *pki, dir string, logf func(string, ...any)) error {
 	maxAgents := cfg.ScaleAgents[len(cfg.ScaleAgents)-1]
 	logf("starting caddy with %d declared agents", maxAgents)
-	caddy, err := startCaddy(ctx, bins.caddy, dir, p, maxAgents, cfg.CaddyEnv)
+	caddy, err := startCaddy(ctx, bins.caddy, dir, p, maxAgents, false, cfg.CaddyEnv)
 	if err != nil {
 		return err
 	}

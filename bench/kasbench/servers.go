@@ -167,6 +167,11 @@ https://127.0.0.1:{{.HTTPSPort}} {
 		agent 1 bench {
 			token_file {{.Dir}}/agent.token
 		}
+{{- if .GitLabAgent}}
+		agent {{.GitLabAgentID}} gitlab-agentk {
+			token_file {{.Dir}}/gitlab-agent.token
+		}
+{{- end}}
 {{- range .SimAgents}}
 		agent {{.}} sim-{{.}} {
 			token {{$.SimTokenPrefix}}{{.}}
@@ -176,12 +181,16 @@ https://127.0.0.1:{{.HTTPSPort}} {
 	k8s_proxy {
 		user bench {
 			token_file {{.Dir}}/user.token
-			agents 1
+			agents 1{{if .GitLabAgent}} {{.GitLabAgentID}}{{end}}
 		}
 	}
 	respond "not kas" 404
 }
 `))
+
+// gitlabAgentID is the agent that GitLab's agentk connects as; our agentk
+// is agent 1. The user token reaches both.
+const gitlabAgentID = 2
 
 // caddyServer is the Caddy under test.
 type caddyServer struct {
@@ -190,13 +199,15 @@ type caddyServer struct {
 	adminURL, siteURL    string
 	agentURL, proxyURL   string
 	agentToken, userTok  string
+	gitlabAgentToken     string // empty: no agent declared for GitLab's agentk
 	simTokenPrefix       string
 	simFirstID, simCount int
 }
 
-// startCaddy writes a Caddyfile with agent 1 (for agentk) and simAgents
-// simulated agents and starts Caddy with it.
-func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, extraEnv []string) (*caddyServer, error) {
+// startCaddy writes a Caddyfile with agent 1 (for agentk), agent
+// gitlabAgentID (for GitLab's agentk) if gitlabAgent is set, and simAgents
+// simulated agents, and starts Caddy with it.
+func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, gitlabAgent bool, extraEnv []string) (*caddyServer, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", dir, err)
 	}
@@ -216,7 +227,12 @@ func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, ext
 	}
 	c.agentURL = fmt.Sprintf("wss://127.0.0.1:%d/-/kubernetes-agent/", ports[2])
 	c.proxyURL = c.siteURL + "/-/kubernetes-agent/k8s-proxy"
-	for name, tok := range map[string]string{"agent.token": c.agentToken, "user.token": c.userTok} {
+	tokens := map[string]string{"agent.token": c.agentToken, "user.token": c.userTok}
+	if gitlabAgent {
+		c.gitlabAgentToken = randomToken()
+		tokens["gitlab-agent.token"] = c.gitlabAgentToken
+	}
+	for name, tok := range tokens {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(tok+"\n"), 0o600); err != nil {
 			return nil, fmt.Errorf("writing %s: %w", name, err)
 		}
@@ -230,6 +246,7 @@ func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, ext
 		"AdminPort": ports[0], "HTTPPort": ports[1], "HTTPSPort": ports[2], "Dir": dir,
 		"CertFile": p.certFile, "KeyFile": p.keyFile,
 		"SimAgents": sim, "SimTokenPrefix": c.simTokenPrefix,
+		"GitLabAgent": gitlabAgent, "GitLabAgentID": gitlabAgentID,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("rendering the Caddyfile: %w", err)
@@ -275,9 +292,10 @@ type agentkProcess struct {
 	observabilityURL string
 }
 
-// startAgentk starts agentk for agent 1 of c, with up as its cluster, and
-// waits until its tunnel is up.
-func startAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, up *upstream) (*agentkProcess, error) {
+// writeKubeconfig writes the kubeconfig both agents reach up with: the
+// upstream over HTTPS (so that client-go sends the bearer token) with the
+// throwaway CA. It returns its path.
+func writeKubeconfig(dir string, p *pki, up *upstream) (string, error) {
 	kubeconfig := filepath.Join(dir, "cluster.kubeconfig")
 	kc := fmt.Sprintf(`apiVersion: v1
 kind: Config
@@ -298,8 +316,14 @@ contexts:
 current-context: bench
 `, up.url, p.caFile)
 	if err := os.WriteFile(kubeconfig, []byte(kc), 0o600); err != nil {
-		return nil, fmt.Errorf("writing the kubeconfig: %w", err)
+		return "", fmt.Errorf("writing the kubeconfig: %w", err)
 	}
+	return kubeconfig, nil
+}
+
+// startAgentk starts agentk for agent 1 of c, with the cluster of
+// kubeconfig, and waits until its tunnel is up.
+func startAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, kubeconfig string) (*agentkProcess, error) {
 	ports, err := freePorts(1)
 	if err != nil {
 		return nil, err
@@ -339,6 +363,62 @@ current-context: bench
 		return nil, fmt.Errorf("agentk did not connect: %w", err)
 	}
 	return a, nil
+}
+
+// startGitLabAgentk starts GitLab's agentk for agent gitlabAgentID of c,
+// with the cluster of kubeconfig, as GitLab's README runs it outside a
+// cluster, and waits until a request through t (which reaches that agent)
+// succeeds.
+func startGitLabAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, kubeconfig string, t target) (*agentkProcess, error) {
+	ports, err := freePorts(1)
+	if err != nil {
+		return nil, err
+	}
+	obs := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	env := append(environWithout("KUBECONFIG", "POD_NAMESPACE", "POD_NAME", "SERVICE_ACCOUNT_NAME", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"),
+		"POD_NAMESPACE=bench", "POD_NAME=gitlab-agentk-bench", "SERVICE_ACCOUNT_NAME=gitlab-agent")
+	proc, err := startProcess("gitlab-agentk", bin, dir, []string{
+		"--kas-address", c.agentURL,
+		"--ca-cert-file", p.caFile,
+		"--token-file", filepath.Join(c.dir, "gitlab-agent.token"),
+		"--kubeconfig", kubeconfig,
+		"--cache-dir", filepath.Join(dir, "gitlab-agentk-cache"),
+		"--observability-listen-address", obs,
+	}, env)
+	if err != nil {
+		return nil, err
+	}
+	a := &agentkProcess{proc: proc, observabilityURL: "http://" + obs}
+	// Its readiness does not say whether the tunnel is up; a request
+	// through it does.
+	var exited error
+	err = eventually(ctx, time.Minute, func() error {
+		if !proc.running() {
+			exited = fmt.Errorf("GitLab's agentk exited: %v", proc.err)
+			return nil // no use waiting
+		}
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		return t.do(rctx, nil, http.MethodGet, "/1k", nil)
+	})
+	if err == nil {
+		err = exited
+	}
+	if err != nil {
+		proc.stop()
+		return nil, fmt.Errorf("no request went through GitLab's agentk: %w", err)
+	}
+	return a, nil
+}
+
+// logTail is the last n lines of the log of a process started in dir.
+func logTail(dir, name string, n int) string {
+	b, err := os.ReadFile(filepath.Join(dir, name+".log"))
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(lines[max(len(lines)-n, 0):], "\n")
 }
 
 // environWithout is the harness's environment without the named variables.

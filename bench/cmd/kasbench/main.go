@@ -9,6 +9,8 @@
 // It builds cmd/caddy and cmd/agentk like a release, starts an upstream
 // (HTTPS, HTTP/1.1 and HTTP/2), Caddy with a throwaway certificate and
 // agentk, and measures each load directly and through Caddy and agentk.
+// If GitLab's agentk is at hand (-gitlab-agentk), it connects to the same
+// Caddy as a second agent and each load is measured through it too.
 // Every load is bounded in time and count and aimed at 127.0.0.x only.
 package main
 
@@ -46,7 +48,9 @@ func run() error {
 	flag.Var(&caddyEnv, "caddy-env", "`KEY=VALUE` added to Caddy's environment (repeatable)")
 	var baselineCaddyEnv stringsFlag
 	flag.Var(&baselineCaddyEnv, "baseline-caddy-env", "`KEY=VALUE` added to the baseline Caddy's environment instead of -caddy-env (repeatable)")
-	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled")
+	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled, gitlab (GitLab's agentk's rows)")
+	gitlabAgentk := flag.String("gitlab-agentk", os.Getenv(kasbench.GitLabAgentkEnv),
+		"GitLab's agentk binary, measured behind the same Caddy next to ours (default $"+kasbench.GitLabAgentkEnv+", else "+kasbench.GitLabAgentkDefault+" relative to -root); if absent, its rows are left out")
 	release := flag.Bool("release", true, "build stripped binaries with -trimpath, like a release (false keeps symbols for perf)")
 	flag.Parse()
 
@@ -87,6 +91,10 @@ func run() error {
 	cfg.ProfileDir = *profiles
 	cfg.Root = *root
 	cfg.BaselineRoot = *baseline
+	cfg.GitLabAgentk = *gitlabAgentk
+	if cfg.GitLabAgentk == "" {
+		cfg.GitLabAgentk = kasbench.GitLabAgentkPath(*root)
+	}
 	cfg.CaddyEnv = caddyEnv
 	cfg.BaselineCaddyEnv = baselineCaddyEnv
 	cfg.Log = os.Stderr
@@ -104,7 +112,7 @@ func run() error {
 		v := f.Value.String()
 		// Absolute paths are of this machine and say nothing to a
 		// reader of the results.
-		placeholders := map[string]string{"baseline": "<tree before the change>", "pprof": "<profile dir>", "write": "<file>", "root": "<module root>"}
+		placeholders := map[string]string{"baseline": "<tree before the change>", "pprof": "<profile dir>", "write": "<file>", "root": "<module root>", "gitlab-agentk": "<GitLab's agentk>"}
 		if p, ok := placeholders[f.Name]; ok && filepath.IsAbs(v) {
 			v = p
 		}
