@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -22,6 +23,8 @@ import (
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentregistrarrpc"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/reversetunnelinfo"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/reversetunnelrpc"
 	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
@@ -54,6 +57,25 @@ func register(cc *grpc.ClientConn, token string) error {
 	return err
 }
 
+// offerTunnel opens one idle ReverseTunnel/Connect stream, as agentk keeps
+// a few, and returns once the server has taken it (the stream stays open
+// until the test ends).
+func offerTunnel(t *testing.T, cc *grpc.ClientConn, token string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+token))
+	t.Cleanup(cancel)
+	s, err := reversetunnelrpc.NewReverseTunnelClient(cc).Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(&reversetunnelrpc.ConnectRequest{Msg: &reversetunnelrpc.ConnectRequest_Descriptor_{Descriptor_: &reversetunnelrpc.Descriptor{
+		AgentDescriptor: &reversetunnelinfo.AgentDescriptor{Services: []*reversetunnelinfo.Service{{
+			Name: "gitlab.agent.kubernetes_api.rpc.KubernetesApi", Methods: []*reversetunnelinfo.Method{{Name: "MakeRequest"}}}}},
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestEndpointGitLabAgentk: GitLab's agentk is served on ws-tunnel, its
 // token checked per call with the endpoint's authenticator, its
 // connection admitted into the store as a tunnel of its agent.
@@ -79,6 +101,15 @@ func TestEndpointGitLabAgentk(t *testing.T) {
 		t.Errorf("%d 'agent refused' lines for ws-tunnel, want 1", n)
 	}
 	if err := register(cc, goodToken); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(store.Tunnels(1, nil)); n != 0 {
+		t.Fatalf("%d tunnels before agentk offered a tunnel stream, want 0", n)
+	}
+	offerTunnel(t, cc, goodToken)
+	findCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := tunnel.NewRouter(store).Find(findCtx, 1); err != nil {
 		t.Fatal(err)
 	}
 	tunnels := store.Tunnels(1, nil)

@@ -43,6 +43,8 @@ type agentConn struct {
 	mu         sync.Mutex // guards the fields below
 	info       tunnel.AgentInfo
 	known      bool          // whether a call authenticated the agent
+	token      string        // the token that did, for re-checks; never logged
+	admitted   bool          // whether the tunnel was handed to the admission
 	idle       []*idleStream // Connect streams waiting for a request, oldest first
 	idleAdded  chan struct{} // closed (and replaced) when a stream is added or the connection ends
 	doneErr    error         // why the connection ended; nil while it lives
@@ -65,10 +67,12 @@ func newAgentConn(closeConn func() error, remoteAddr string, admission Admission
 }
 
 // authorize checks the token of one call. The first token that
-// authenticates decides the connection's agent and admits its tunnel; a
-// later call with the same token is not checked again (the agent endpoint
-// re-checks it periodically), one with another token must belong to the
-// same agent.
+// authenticates decides the connection's agent; a later call with the
+// same token is not checked again (the agent endpoint re-checks it
+// periodically), one with another token must belong to the same agent.
+// The tunnel is admitted later, with its first idle stream: before that it
+// could carry no request, and by then agentk has usually registered, so
+// the tunnel is logged with its pod and version.
 func (c *agentConn) authorize(ctx context.Context, token string) error {
 	digest := sha256.Sum256([]byte(token))
 	c.mu.Lock()
@@ -101,9 +105,8 @@ func (c *agentConn) authorize(ctx context.Context, token string) error {
 	c.info.Meta.ConnectionID = c.connectionID
 	c.info.RemoteAddr = c.remoteAddr
 	c.info.Credential = digest
-	c.known, c.authorized = true, digest
+	c.known, c.authorized, c.token = true, digest, token
 	c.mu.Unlock()
-	c.admission.Admit(c, token)
 	return nil
 }
 
@@ -115,17 +118,25 @@ func (c *agentConn) setMeta(m tunnel.AgentMeta) {
 	c.info.Meta = m
 }
 
-// addIdle offers a Connect stream for a request; false means the
-// connection is ending.
+// addIdle offers a Connect stream of an authorized call for a request,
+// admitting the tunnel with the first; false means the connection is
+// ending.
 func (c *agentConn) addIdle(is *idleStream) bool {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.doneErr != nil {
+		c.mu.Unlock()
 		return false
 	}
 	c.idle = append(c.idle, is)
 	close(c.idleAdded)
 	c.idleAdded = make(chan struct{})
+	admit := !c.admitted
+	c.admitted = true
+	token := c.token
+	c.mu.Unlock()
+	if admit {
+		c.admission.Admit(c, token)
+	}
 	return true
 }
 

@@ -246,23 +246,54 @@ func TestClosingBodyCancelsAgentRequest(t *testing.T) {
 }
 
 func TestCancelledRequestEndsWait(t *testing.T) {
-	// No idle stream: agentk's pool is used up and it opens no more.
-	srv := grpctunnel.NewServer(nil)
-	defer srv.Close()
-	adm := newAdmission(agentToken, 5)
-	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: agentToken}
-	if err := a.register(context.Background(), 1); err != nil {
+	// One tunnel stream, held by a request that does not end: agentk's
+	// pool is used up, and it opens no more here.
+	hold := make(chan struct{})
+	defer close(hold)
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.(http.Flusher).Flush()
+		<-hold
+	}), 1)
+	held, _ := http.NewRequest(http.MethodGet, "http://agent/hold", nil)
+	resp, err := e.t.RoundTrip(&tunnel.Request{HTTP: held})
+	if err != nil {
 		t.Fatal(err)
 	}
-	tun := <-adm.ready
+	defer resp.Body.Close()
+
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/", nil)
-	if _, err := tun.RoundTrip(&tunnel.Request{HTTP: req}); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := e.t.RoundTrip(&tunnel.Request{HTTP: req}); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("RoundTrip = %v, want DeadlineExceeded", err)
 	}
-	if n := tun.Load(); n != 0 {
-		t.Errorf("load %d after a failed request", n)
+	if n := e.t.Load(); n != 1 {
+		t.Errorf("load %d after a failed request next to a held one, want 1", n)
+	}
+}
+
+// TestAdmittedWithFirstStream: a connection that only registers is no
+// tunnel yet; its first idle stream admits it, with the metadata Register
+// gave.
+func TestAdmittedWithFirstStream(t *testing.T) {
+	srv := grpctunnel.NewServer(nil)
+	defer srv.Close()
+	adm := newAdmission(agentToken, 5)
+	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: agentToken, handler: http.NotFoundHandler()}
+	if err := a.register(context.Background(), 31); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case tun := <-adm.ready:
+		t.Fatalf("admitted %v before any tunnel stream", tun)
+	default:
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go a.serveTunnels(ctx, 1)
+	tun := <-adm.ready
+	if m := tun.Agent().Meta; m.PodID != 31 || m.PodName != "agentk-0" {
+		t.Errorf("admitted with meta %+v, want Register's", m)
 	}
 }
 
