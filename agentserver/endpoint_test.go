@@ -330,3 +330,31 @@ func TestEndpointRecheck(t *testing.T) {
 		}
 	})
 }
+
+// TestEndpointSilentPeerNeverRoutable: a peer that completes the WebSocket
+// handshake with a valid token but never starts HTTP/2 is not admitted,
+// and is closed once agentk would long have sent its SETTINGS.
+func TestEndpointSilentPeerNeverRoutable(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e := newEnv(t, nil)
+		header := http.Header{}
+		header.Set("Authorization", "Bearer "+goodToken)
+		nc, _, err := wsconn.Dial(context.Background(), endpointURL, wsconn.DialOptions{HTTPClient: e.client, Header: header, Subprotocol: h2tunnel.Subprotocol})
+		if err != nil {
+			t.Fatal(err)
+		}
+		closed := make(chan struct{})
+		go func() { io.Copy(io.Discard, nc); close(closed) }() // reads, says nothing
+		synctest.Wait()
+		if n := len(e.store.Tunnels(1, nil)); n != 0 {
+			t.Fatalf("%d tunnels of a peer that never started HTTP/2, want 0", n)
+		}
+		<-closed // after the preface timeout, in the bubble's time
+		if n := len(e.logged("agent handshake failed")); n != 1 {
+			t.Errorf("%d 'agent handshake failed' lines, want 1", n)
+		}
+		if n := len(e.logged("agent connected")); n != 0 {
+			t.Errorf("%d 'agent connected' lines, want 0", n)
+		}
+	})
+}

@@ -3,6 +3,7 @@ package agentserver
 import (
 	"crypto/sha256"
 	"net/http"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -11,10 +12,16 @@ import (
 	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
+// prefaceTimeout is how long agentk may take, after the WebSocket
+// handshake, to start HTTP/2 on the tunnel. agentk sends its SETTINGS at
+// once; a peer that has not within this time is closed, never admitted.
+const prefaceTimeout = 10 * time.Second
+
 // serveH2Tunnel serves the handshake of our own agentk (package h2tunnel):
 // the token and the agent's metadata come with the WebSocket handshake, and
-// the connection becomes one tunnel. The handler returns once the tunnel
-// is admitted: the tunnel owns the hijacked connection from then on.
+// the connection becomes one tunnel. The handler returns at once: the
+// tunnel owns the hijacked connection from then on, and is admitted once
+// agentk's HTTP/2 SETTINGS show it is alive ([h2tunnel.Conn.AfterReady]).
 func (e *Endpoint) serveH2Tunnel(hs *handshake) {
 	token, ok := bearerToken(hs.r.Header)
 	if !ok {
@@ -42,5 +49,17 @@ func (e *Endpoint) serveH2Tunnel(hs *handshake) {
 		hs.log.Warn("agent handshake failed", zap.Error(err))
 		return
 	}
-	e.admit(conn, token, hs.log.With(zap.String("protocol", h2tunnel.Subprotocol)))
+	log := hs.log.With(zap.String("protocol", h2tunnel.Subprotocol))
+	timer := time.AfterFunc(prefaceTimeout, func() {
+		if conn.Err() == nil {
+			log.Warn("agent handshake failed", zap.String("reason", "no HTTP/2 settings from agentk"), zap.Duration("waited", prefaceTimeout))
+		}
+		conn.Close()
+	})
+	conn.AfterReady(func() {
+		if timer.Stop() { // else the timer closed the connection
+			e.admit(conn, token, log)
+		}
+	})
+	conn.AfterDone(func() { timer.Stop() })
 }

@@ -178,15 +178,18 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 		start := time.Now()
 		t, err := p.Router.Find(findCtx, access.AgentID)
 		cancel()
+		waited := time.Since(start)
 		if p.Observer != nil {
-			p.Observer.Routed(time.Since(start), err == nil)
+			p.Observer.Routed(waited, err == nil)
 		}
 		if err != nil {
 			if out.Context().Err() != nil {
 				return nil, err
 			}
 			return nil, &Error{Code: http.StatusBadGateway,
-				Message: fmt.Sprintf("agent %d is not connected (waited %s). Is the agent up and connected?", access.AgentID, wait),
+				// The time this request really waited, which is less than
+				// the configured wait when the store closed under it.
+				Message: fmt.Sprintf("agent %d is not connected (waited %s). Is the agent up and connected?", access.AgentID, waited.Round(100*time.Millisecond)),
 				Reason:  err.Error(), AgentID: access.AgentID}
 		}
 		resp, err := t.RoundTrip(req)

@@ -96,9 +96,11 @@ type Conn struct {
 	done      chan struct{} // closed once the connection is unusable
 	closeOnce sync.Once
 
-	afterMu   sync.Mutex // guards afterDone
-	afterDone []func()   // run by markDone; nil once they ran
-	afterRan  bool       // whether markDone ran them (guarded by afterMu)
+	afterMu    sync.Mutex // guards the fields below
+	afterDone  []func()   // run by markDone; nil once they ran
+	afterRan   bool       // whether markDone ran them
+	afterReady []func()   // run by markReady; nil once they ran
+	readyRan   bool       // whether markReady ran them
 
 	// active counts requests sent and not yet finished (response body
 	// closed or request failed). Unlike cc.InFlight it also counts requests
@@ -133,12 +135,13 @@ var transports sync.Map // Options -> *http.Transport
 
 // NewConn starts the HTTP/2 client side of a tunnel on nc, which carries
 // the agent described by info. It writes the HTTP/2 connection preface and
-// settings and returns without waiting for the agent's answer. The Conn
-// owns nc from then on.
+// settings and returns without waiting for the agent's answer
+// ([Conn.AfterReady] tells when it came). The Conn owns nc from then on.
 func NewConn(nc net.Conn, info tunnel.AgentInfo, o Options) (*Conn, error) {
 	tr, _ := transports.LoadOrStore(o, clientTransport(o))
 	c := &Conn{info: info, connectedAt: time.Now(), nc: nc, done: make(chan struct{})}
-	ctx := context.WithValue(context.Background(), connKey{}, nc)
+	watched := &prefaceWatcher{Conn: nc, onPreface: c.markReady}
+	ctx := context.WithValue(context.Background(), connKey{}, net.Conn(watched))
 	cc, err := tr.(*http.Transport).NewClientConn(ctx, "http", "agent:80")
 	if err != nil {
 		nc.Close()
@@ -171,6 +174,41 @@ func (c *Conn) markDone() {
 			go f()
 		}
 	})
+}
+
+// markReady runs the AfterReady callbacks, once.
+func (c *Conn) markReady() {
+	c.afterMu.Lock()
+	if c.readyRan {
+		c.afterMu.Unlock()
+		return
+	}
+	fs := c.afterReady
+	c.afterReady, c.readyRan = nil, true
+	c.afterMu.Unlock()
+	// Each in its own goroutine: markReady runs in the HTTP/2 client's
+	// read loop, which a callback must not hold up.
+	for _, f := range fs {
+		go f()
+	}
+}
+
+// AfterReady arranges for f to run in a goroutine of its own once the
+// agent's first HTTP/2 frame, its SETTINGS, has arrived (RFC 9113 §3.4:
+// the server connection preface), or at once if it has. Until then the
+// other end has not shown it is an HTTP/2 server that is alive: a
+// connection that upgraded and went silent would take requests only to
+// fail them once keepalive gives up. f never runs for a connection that
+// ends first.
+func (c *Conn) AfterReady(f func()) {
+	c.afterMu.Lock()
+	if !c.readyRan {
+		c.afterReady = append(c.afterReady, f)
+		c.afterMu.Unlock()
+		return
+	}
+	c.afterMu.Unlock()
+	go f()
 }
 
 // AfterDone implements [tunnel.Tunnel].
@@ -247,6 +285,41 @@ type countedBody struct {
 func (b *countedBody) Close() error {
 	b.once.Do(func() { b.active.Add(-1) })
 	return b.ReadCloser.Close()
+}
+
+// prefaceWatcher passes a connection's bytes through and calls onPreface
+// once the first frame header the peer sent is complete and is that of a
+// SETTINGS frame without ACK (RFC 9113 §3.4, §6.5). Only the HTTP/2 read
+// loop reads, one Read at a time, so the header needs no lock.
+type prefaceWatcher struct {
+	net.Conn
+	onPreface func()
+	seen      atomic.Bool // the first frame header is complete
+	head      [frameHeaderLen]byte
+	n         int
+}
+
+// frameHeaderLen is the length of an HTTP/2 frame header (RFC 9113 §4.1).
+const frameHeaderLen = 9
+
+// HTTP/2 frame type and flag of the server connection preface.
+const (
+	frameTypeSettings = 0x4
+	flagSettingsAck   = 0x1
+)
+
+func (w *prefaceWatcher) Read(p []byte) (int, error) {
+	n, err := w.Conn.Read(p)
+	if n > 0 && !w.seen.Load() {
+		w.n += copy(w.head[w.n:], p[:n])
+		if w.n == frameHeaderLen {
+			w.seen.Store(true)
+			if w.head[3] == frameTypeSettings && w.head[4]&flagSettingsAck == 0 {
+				w.onPreface()
+			}
+		}
+	}
+	return n, err
 }
 
 var _ tunnel.Tunnel = (*Conn)(nil)

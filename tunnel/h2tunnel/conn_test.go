@@ -528,3 +528,34 @@ func TestLoadCountsRequests(t *testing.T) {
 		t.Errorf("load after the body was closed: %d, want 0", n)
 	}
 }
+
+// TestAfterReady: the agent's SETTINGS make a connection ready; a peer that
+// never speaks HTTP/2 never does, not even once the connection ends.
+func TestAfterReady(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newPipeConn(t, http.NotFoundHandler())
+		ready := make(chan struct{})
+		c.AfterReady(func() { close(ready) })
+		<-ready
+		late := make(chan struct{})
+		c.AfterReady(func() { close(late) }) // after the fact: runs at once
+		<-late
+	})
+	synctest.Test(t, func(t *testing.T) {
+		kasEnd, silentEnd := net.Pipe()
+		go io.Copy(io.Discard, silentEnd) // reads KAS's preface, answers nothing
+		c, err := h2tunnel.NewConn(kasEnd, tunnel.AgentInfo{ID: 1}, h2tunnel.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ran atomic.Bool
+		c.AfterReady(func() { ran.Store(true) })
+		synctest.Wait()
+		c.Close()
+		silentEnd.Close()
+		synctest.Wait()
+		if ran.Load() {
+			t.Error("a peer that sent no SETTINGS made the connection ready")
+		}
+	})
+}
