@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the Go code of our protos with pinned tools. One buf module, railsapi/proto, holds the
-# protos of both gRPC APIs; each file's go_package puts its code into one of the generated directories:
-# railsapi/pb (the internal API GitLab Rails calls) and tunnel/grpctunnel/pb (the services between agentk
-# and KAS).
+# protos of both gRPC APIs and of the Gitaly subset KAS calls; each file's go_package puts its code into one
+# of the generated directories: railsapi/pb (the internal API GitLab Rails calls), tunnel/grpctunnel/pb (the
+# services between agentk and KAS) and gitaly/pb (the Gitaly services KAS calls as a client).
 #
 #   hack/protoc/generate.sh           # rewrite every generated directory
 #   hack/protoc/generate.sh --check   # generate into a temporary directory and fail, with a diff, if the
@@ -34,7 +34,7 @@ root=$(cd "$here/../.." && pwd)
 protodir="$root/railsapi/proto"
 # The generated directories, relative to the repository root. buf.gen.yaml strips the main module's path
 # from each go_package, so the output tree mirrors the repository.
-pbdirs=(railsapi/pb tunnel/grpctunnel/pb)
+pbdirs=(railsapi/pb tunnel/grpctunnel/pb gitaly/pb)
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
