@@ -19,7 +19,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -99,6 +101,9 @@ func connect(t testing.TB, srv *grpctunnel.Server, adm grpctunnel.Admission) *gr
 	var once sync.Once
 	cc, err := grpc.NewClient("passthrough:///kas",
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// As GitLab's agentk: every call gzip-compressed (gitlab-wire §B.1).
+		grpc.WithDefaultCallOptions(grpc.UseCompressor(gzip.Name)),
+		grpc.WithStatsHandler(compressionCheck{t}),
 		grpc.WithContextDialer(func(context.Context, string) (net.Conn, error) {
 			var nc net.Conn
 			once.Do(func() { nc = clientEnd })
@@ -411,4 +416,20 @@ func connectHTTP2(t testing.TB, srv *grpctunnel.Server, adm grpctunnel.Admission
 	}
 	t.Cleanup(func() { cc.Close() })
 	return cc
+}
+
+// compressionCheck fails the test when KAS sends the agent a compressed
+// message: KAS answers tunnel streams uncompressed whatever agentk uses.
+type compressionCheck struct{ t testing.TB }
+
+func (compressionCheck) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+func (compressionCheck) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	return ctx
+}
+func (compressionCheck) HandleConn(context.Context, stats.ConnStats) {}
+
+func (c compressionCheck) HandleRPC(_ context.Context, s stats.RPCStats) {
+	if p, ok := s.(*stats.InPayload); ok && p.CompressedLength != p.Length {
+		c.t.Errorf("the agent received a compressed message (%d bytes for %d)", p.CompressedLength, p.Length)
+	}
 }

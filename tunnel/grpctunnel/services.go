@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -74,6 +75,12 @@ func (s *services) Connect(stream grpc.BidiStreamingServer[reversetunnelrpc.Conn
 	if err != nil {
 		return err
 	}
+	// gRPC answers in the compression the client used, gzip for agentk.
+	// What KAS sends on a tunnel stream is the client's request, bodies
+	// included: compressing it costs CPU on every request, and compressing
+	// what a client chose next to what KAS adds is what compression side
+	// channels feed on. Our own tunnel does not compress either.
+	_ = grpc.SetSendCompressor(stream.Context(), encoding.Identity)
 	first, err := stream.Recv()
 	if err != nil {
 		return err // the agent gave up before describing itself
