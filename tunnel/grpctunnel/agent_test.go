@@ -410,6 +410,8 @@ func connectHTTP2(t testing.TB, srv *grpctunnel.Server, adm grpctunnel.Admission
 	site.StartTLS()
 	t.Cleanup(site.Close)
 	cc, err := grpc.NewClient("passthrough:///"+site.Listener.Addr().String(),
+		grpc.WithDefaultCallOptions(grpc.UseCompressor(gzip.Name)),
+		grpc.WithStatsHandler(compressionCheck{t}),
 		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})))
 	if err != nil {
 		t.Fatal(err)
