@@ -29,7 +29,9 @@
 //     violation.
 //   - POST authorize_proxy_user takes exactly {agent_id, access_type,
 //     access_key, csrf_token} as JSON, csrf_token being required for
-//     session cookies and empty or absent for personal access tokens. A
+//     session cookies and empty or absent for personal access tokens.
+//     agent_id is a JSON integer or, as GitLab's KAS sends it, a string
+//     Rails reads as one ("agent_id":"1"). A
 //     credential the Server does not know (or a CSRF token that does not
 //     match a known cookie) is a legitimate 401.
 //   - POST usage_metrics takes {counters, unique_counters} with the counter

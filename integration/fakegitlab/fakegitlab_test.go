@@ -485,6 +485,11 @@ func TestAuthorizeProxyUser(t *testing.T) {
 		{name: "cookie presented as a token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"cookie-1"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
 		{name: "refused 400", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-refused-400"}`, wantStatus: 400, wantBody: `{"message":"400 Bad request - Unable to get user from request data"}`, counted: true},
 		{name: "refused 403", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-refused-403"}`, wantStatus: 403, wantBody: `{"message":"403 Forbidden"}`, counted: true},
+		// Rails coerces agent_id with Ruby's Integer(); GitLab's KAS sends
+		// it as a string (protojson's int64).
+		{name: "agent_id as a string, as GitLab's KAS sends it", body: `{"agent_id":"9999","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
+		{name: "agent_id as a string Ruby's Integer reads", body: `{"agent_id":" +0d9_999 ","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
+		{name: "agent_id as a string of another agent", body: `{"agent_id":"1","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
 		{name: "refused 404", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-refused-404"}`, wantStatus: 404, wantBody: `{"message":"404 Not found"}`, counted: true},
 
 		{name: "no JWT", noJWT: true, body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 401, wantBody: jwtInvalid, violations: []string{`no Gitlab-Kas-Api-Request header`}},
@@ -492,7 +497,11 @@ func TestAuthorizeProxyUser(t *testing.T) {
 		{name: "cookie with empty csrf_token", body: `{"agent_id":9999,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":""}`, wantStatus: 400, wantBody: `{"error":"csrf_token is missing (required for session_cookie)"}`, violations: []string{`csrf_token is missing`}},
 		{name: "token with a csrf_token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1","csrf_token":"csrf-1"}`, wantStatus: 400, wantBody: `{"error":"csrf_token is set for personal_access_token (it is only for session_cookie)"}`, violations: []string{`csrf_token is set for personal_access_token`}},
 		{name: "unknown field", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1","agent_name":"x"}`, wantStatus: 400, violations: []string{`json: unknown field "agent_name"`}},
-		{name: "agent_id as a string", body: `{"agent_id":"9999","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, violations: []string{`does not have the documented shape: json: cannot unmarshal string`}},
+		{name: "agent_id not an integer", body: `{"agent_id":"9999x","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "agent_id with a fraction", body: `{"agent_id":9999.5,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "agent_id an empty string", body: `{"agent_id":"","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "agent_id a list", body: `{"agent_id":[9999],"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "agent_id with a double underscore", body: `{"agent_id":"99__99","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
 		{name: "unknown access_type", body: `{"agent_id":9999,"access_type":"oidc","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"access_type does not have a valid value"}`, violations: []string{`access_type does not have a valid value`}},
 		{name: "missing fields", body: `{}`, wantStatus: 400, wantBody: `{"error":"agent_id is missing, access_type is missing, access_key is missing"}`, violations: []string{`agent_id is missing, access_type is missing, access_key is missing`}},
 		{name: "empty access_key", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":""}`, wantStatus: 400, violations: []string{`access_key is empty`}},

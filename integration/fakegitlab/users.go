@@ -9,6 +9,8 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"regexp"
+	"strconv"
 	"strings"
 )
 
@@ -74,10 +76,47 @@ var proxyUserRefusals = map[int]string{
 // authorizeProxyUserRequest is the body KAS sends; pointers tell a missing
 // field from an empty one.
 type authorizeProxyUserRequest struct {
-	AgentID    *int64  `json:"agent_id"`
-	AccessType *string `json:"access_type"`
-	AccessKey  *string `json:"access_key"`
-	CSRFToken  *string `json:"csrf_token"`
+	AgentID    *railsInteger `json:"agent_id"`
+	AccessType *string       `json:"access_type"`
+	AccessKey  *string       `json:"access_key"`
+	CSRFToken  *string       `json:"csrf_token"`
+}
+
+// railsInteger is a parameter Rails declares "type: Integer" (Grape), read
+// from a JSON body. Grape coerces it with Ruby's Integer(): a JSON integer,
+// or a string such as GitLab's KAS sends (protojson writes an int64 as a
+// string: "agent_id":"1"), which Integer(s, 10) reads: optional blanks
+// around it, a sign, a "0d" prefix, decimal digits with single underscores
+// between them. Anything else is "invalid", as Rails answers. (Integer()
+// would also read a JSON number that is not an integer literal, 1e3 or
+// 1.5, truncating; no client sends one, and the Server treats it as
+// invalid.)
+type railsInteger struct {
+	value int64
+	ok    bool // false: present, but not an integer Rails would read
+}
+
+// rubyDecimalInteger is what Ruby's Integer(s, 10) reads from a string.
+var rubyDecimalInteger = regexp.MustCompile(`^[ \t\n\v\f\r]*([+-]?)(?:0[dD])?([0-9]+(?:_[0-9]+)*)[ \t\n\v\f\r]*$`)
+
+func (i *railsInteger) UnmarshalJSON(b []byte) error {
+	*i = railsInteger{}
+	text := string(b)
+	if strings.HasPrefix(text, `"`) {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		m := rubyDecimalInteger.FindStringSubmatch(s)
+		if m == nil {
+			return nil
+		}
+		text = m[1] + strings.ReplaceAll(m[2], "_", "")
+	}
+	if v, err := strconv.ParseInt(text, 10, 64); err == nil {
+		i.value, i.ok = v, true
+	}
+	return nil
 }
 
 // authorizeProxyUser serves POST authorize_proxy_user (kas-spec §2.6).
@@ -105,7 +144,7 @@ func (s *Server) authorizeProxyUser(w http.ResponseWriter, r *http.Request) {
 	var match UserAccess
 	found := false
 	for _, u := range s.userAccess {
-		if u.AgentID == *req.AgentID && u.AccessType == *req.AccessType &&
+		if u.AgentID == req.AgentID.value && u.AccessType == *req.AccessType &&
 			subtle.ConstantTimeCompare([]byte(u.AccessKey), []byte(*req.AccessKey)) == 1 {
 			match, found = u, true
 		}
@@ -140,7 +179,7 @@ func (req *authorizeProxyUserRequest) problems() []string {
 	switch {
 	case req.AgentID == nil:
 		out = append(out, "agent_id is missing")
-	case *req.AgentID <= 0:
+	case !req.AgentID.ok || req.AgentID.value <= 0:
 		out = append(out, "agent_id is invalid")
 	}
 	switch {
