@@ -12,6 +12,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -45,6 +46,10 @@ type Proxy struct {
 	Logger *zap.Logger
 	// Observer, if set, is told how requests fared, for metrics.
 	Observer Observer
+	// Via names this proxy in the Via element it adds to proxied requests
+	// and their responses (RFC 9110 §7.6.3; GitLab's KAS and agentk add
+	// theirs), for example "caddy-kas/v1.2.3". Empty adds none.
+	Via string
 	// AllowedOrigin is the one browser origin that may call the proxy
 	// with credentials (GitLab's external URL, as "https://host[:port]").
 	// A request with any other Origin is refused with 403. Empty turns
@@ -108,6 +113,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	out.Host = ""
 	out.RequestURI = ""
 	out.Header = outboundHeader(r.Header, access.AllowClientImpersonation)
+	p.addVia(out.Header, r)
 	// An HTTP/1.1 client's trailers are not forwarded; the Kubernetes API
 	// does not use request trailers.
 	out.Trailer = nil
@@ -210,6 +216,7 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 		deleteCORSHeaders(resp.Header)
 	}
 	httpheader.CopyEndToEnd(w.Header(), resp.Header)
+	p.addVia(w.Header(), r)
 	w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(w)
 	if resp.Body == http.NoBody {
@@ -241,6 +248,20 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 			panic(http.ErrAbortHandler)
 		}
 	}
+}
+
+// addVia appends this proxy's Via element to h, with the protocol the
+// client spoke ("1.1", or "2" and "3": RFC 9110 §7.6.3 leaves out the
+// "HTTP/" and a minor version of 0).
+func (p *Proxy) addVia(h http.Header, client *http.Request) {
+	if p.Via == "" {
+		return
+	}
+	proto := strconv.Itoa(client.ProtoMajor)
+	if client.ProtoMajor < 2 {
+		proto += "." + strconv.Itoa(client.ProtoMinor)
+	}
+	h.Add("Via", proto+" "+p.Via)
 }
 
 func (p *Proxy) log() *zap.Logger {

@@ -4,14 +4,16 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"github.com/caddy-kas/caddy-kas/identity"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/identity"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
@@ -78,7 +80,7 @@ func newEnv(t *testing.T, agentHandler http.Handler) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.proxy = httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Router: tunnel.NewRouter(e.store), WaitForAgent: 200 * time.Millisecond})
+	e.proxy = httptest.NewServer(&Proxy{Prefix: prefix, Auth: auth, Router: tunnel.NewRouter(e.store), WaitForAgent: 200 * time.Millisecond, Via: "caddy-kas/test"})
 	t.Cleanup(e.proxy.Close)
 	return e
 }
@@ -315,5 +317,23 @@ func TestProxyStreamsAndAborts(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("watch still open 30s after the agent vanished")
+	}
+}
+
+// TestVia: the proxy appends its Via element to the request the cluster
+// gets and to the response the client gets (RFC 9110 §7.6.3), after any
+// the client or the cluster sent.
+func TestVia(t *testing.T) {
+	e := newEnv(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Via-Seen", strings.Join(r.Header.Values("Via"), ", "))
+		w.Header().Add("Via", "1.1 cluster-gateway")
+		io.WriteString(w, "ok")
+	}))
+	resp := e.do(t, http.MethodGet, prefix+"api", "Bearer pat:1:plain-token", http.Header{"Via": {"1.0 corporate-proxy"}}, nil)
+	if got := resp.Header.Get("X-Via-Seen"); got != "1.0 corporate-proxy, 1.1 caddy-kas/test" {
+		t.Errorf("the cluster got Via %q", got)
+	}
+	if got := resp.Header.Values("Via"); !slices.Equal(got, []string{"1.1 cluster-gateway", "1.1 caddy-kas/test"}) {
+		t.Errorf("the client got Via %q", got)
 	}
 }

@@ -62,7 +62,9 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel
 		return
 	}
 	defer conn.Close()
-	if err := writeSwitchingProtocols(brw.Writer, resp.Header); err != nil {
+	switched := resp.Header.Clone()
+	p.addVia(switched, r)
+	if err := writeSwitchingProtocols(brw.Writer, switched); err != nil {
 		toAgent.CloseWithError(err)
 		return
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/streams"
 	"github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 	"github.com/caddy-kas/caddy-kas/kubeproxy"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -135,6 +136,7 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 			WaitForAgent:  time.Duration(h.WaitForAgent),
 			Logger:        logger,
 			AllowedOrigin: origin,
+			Via:           via(),
 		}
 		return nil
 	}
@@ -167,9 +169,13 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 		WaitForAgent:  time.Duration(h.WaitForAgent),
 		Logger:        logger,
 		AllowedOrigin: h.AllowedOrigin,
+		Via:           via(),
 	}
 	return nil
 }
+
+// via is how the proxy names itself in Via headers.
+func via() string { return "caddy-kas/" + buildinfo.Version() }
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
