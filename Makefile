@@ -14,8 +14,8 @@ build:
 run:
 	go run ./cmd/caddy kas-dev
 
-# Regenerate railsapi/pb and tunnel/grpctunnel/pb from the protos in railsapi/proto with the pinned buf
-# and plugins (hack/protoc), or check that the committed code matches what they generate.
+# Regenerate railsapi/pb, tunnel/grpctunnel/pb and gitaly/pb from the protos in railsapi/proto with the
+# pinned buf and plugins (hack/protoc), or check that the committed code matches what they generate.
 .PHONY: proto proto-check
 proto:
 	bash hack/protoc/generate.sh
