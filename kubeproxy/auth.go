@@ -77,7 +77,8 @@ var errNoAuthorization = errors.New("no authorization header")
 
 // ParseCredential reads the Authorization header the way GitLab's KAS does:
 // exactly one header, "Bearer ", then a kind, an agent id and the token,
-// separated by the first two colons. Anything malformed is an [*Error] with
+// separated by the first two colons; the agent id in decimal without sign
+// or leading zeros, so that a credential has one spelling. Anything malformed is an [*Error] with
 // code 401 (GitLab's design doc said 400; its code answers 401). A request
 // without the header gets an error matching errNoAuthorization.
 func ParseCredential(h http.Header) (Credential, error) {
@@ -104,7 +105,8 @@ func ParseCredential(h http.Header) (Credential, error) {
 		return Credential{}, unauthorized("unknown token kind (want ci or pat)")
 	}
 	id, err := strconv.ParseInt(idText, 10, 64)
-	if err != nil || id <= 0 {
+	if err != nil || id <= 0 || strconv.FormatInt(id, 10) != idText {
+		// Digits only, no sign, no leading zero: one agent, one spelling.
 		return Credential{}, unauthorized("agent id in bearer token is not a positive integer")
 	}
 	if token == "" {

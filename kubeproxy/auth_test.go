@@ -26,6 +26,8 @@ func TestParseCredential(t *testing.T) {
 		{"unknown kind", []string{"Bearer oidc:5:x"}, Credential{}, "unknown token kind (want ci or pat)"},
 		{"id not a number", []string{"Bearer pat:five:x"}, Credential{}, "agent id in bearer token is not a positive integer"},
 		{"id negative", []string{"Bearer pat:-5:x"}, Credential{}, "agent id in bearer token is not a positive integer"},
+		{"id with leading zero", []string{"Bearer pat:05:x"}, Credential{}, "agent id in bearer token is not a positive integer"},
+		{"id with plus sign", []string{"Bearer pat:+5:x"}, Credential{}, "agent id in bearer token is not a positive integer"},
 		{"empty token", []string{"Bearer pat:5:"}, Credential{}, "empty token"},
 		{"short", []string{"Bear"}, Credential{}, "authorization is not a bearer token"},
 	}
