@@ -126,6 +126,9 @@ func TestProxyForwards(t *testing.T) {
 		"Content-Type":    {"application/apply-patch+yaml"},
 		"Connection":      {"X-Private"},
 		"X-Private":       {"hop"},
+		"X-Real-Ip":       {"10.0.0.1"},
+		"X-Forwarded-For": {"10.0.0.2"},
+		"Forwarded":       {"for=10.0.0.3"},
 	}
 	resp := e.do(t, http.MethodPatch, prefix+"api/v1/namespaces/a%2Fb/configmaps/cm?fieldManager=me&gitlab-agent-id=1&force=true",
 		"Bearer pat:1:plain-token", header, strings.NewReader("data: {}"))
@@ -142,7 +145,7 @@ func TestProxyForwards(t *testing.T) {
 	if got.URL.RawQuery != "fieldManager=me&force=true" {
 		t.Errorf("query %q", got.URL.RawQuery)
 	}
-	for _, k := range []string{"Authorization", "Cookie", "X-Csrf-Token", "Kas-Impersonate", "X-Private"} {
+	for _, k := range []string{"Authorization", "Cookie", "X-Csrf-Token", "Kas-Impersonate", "X-Private", "X-Real-Ip", "X-Forwarded-For", "Forwarded"} {
 		if v := got.Header.Get(k); v != "" {
 			t.Errorf("%s reached the agent: %q", k, v)
 		}

@@ -26,6 +26,14 @@ func TestOutboundHeader(t *testing.T) {
 		"Impersonate-User":    {"root"},
 		"Impersonate-Group":   {"system:masters"},
 		"Impersonate-Extra-X": {"y"},
+		"X-Real-Ip":           {"10.0.0.1"},
+		"X-Forwarded-For":     {"10.0.0.2, 10.0.0.3"},
+		"X-Forwarded-Host":    {"kas.example.com"},
+		"X-Forwarded-Proto":   {"https"},
+		"X-Forwarded-Port":    {"443"},
+		"X-Forwarded-Prefix":  {"/k8s"},
+		"Forwarded":           {"for=10.0.0.4;proto=https"},
+		"x-forwarded-for":     {"10.0.0.5"}, // not canonical: a map built by hand
 	}
 	tests := []struct {
 		name              string
