@@ -20,7 +20,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
-	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -55,6 +54,16 @@ type Proxy struct {
 	// A request with any other Origin is refused with 403. Empty turns
 	// CORS handling off: Origin is ignored and no CORS headers are set.
 	AllowedOrigin string
+	// ExtraAllowedResponseHeaders names headers of the cluster's answers
+	// that reach the client besides [DefaultAllowedResponseHeaders]; every
+	// other header is dropped and logged (see
+	// [CheckExtraAllowedResponseHeaders] for names that cannot be
+	// allowed). With AllowedOrigin set, the cluster's CORS headers are
+	// dropped whatever this says.
+	ExtraAllowedResponseHeaders []string
+
+	responseHeadersOnce sync.Once
+	responseHeaders     *responseHeaders
 }
 
 // Observer is told how requests fared.
@@ -212,11 +221,11 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 // copyResponse streams the agent's answer to the client, flushing after
 // every read so that watch events and log lines arrive at once.
 func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.Response, access *Access) {
-	if p.AllowedOrigin != "" {
-		deleteCORSHeaders(resp.Header)
+	h := w.Header()
+	for k, vs := range p.allowedResponseHeader(resp.Header, access.AgentID) {
+		h[k] = append(h[k], vs...)
 	}
-	httpheader.CopyEndToEnd(w.Header(), resp.Header)
-	p.addVia(w.Header(), r)
+	p.addVia(h, r)
 	w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(w)
 	if resp.Body == http.NoBody {
@@ -248,6 +257,23 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 			panic(http.ErrAbortHandler)
 		}
 	}
+}
+
+// allowedResponseHeader returns the headers of the cluster's answer that
+// may reach the client, and logs the others.
+func (p *Proxy) allowedResponseHeader(h http.Header, agentID int64) http.Header {
+	p.responseHeadersOnce.Do(func() {
+		p.responseHeaders = newResponseHeaders(p.ExtraAllowedResponseHeaders, func(name string, agentID int64, count int) {
+			// The name only: a value may be anything, a secret included.
+			p.log().Warn("Blocked Kubernetes API proxy response header",
+				zap.String("header", name), zap.Int64("agent_id", agentID), zap.Int("count", count))
+		})
+	})
+	if p.AllowedOrigin != "" {
+		h = h.Clone()
+		deleteCORSHeaders(h) // ours are set already; not the cluster's to block
+	}
+	return p.responseHeaders.filter(h, agentID)
 }
 
 // addVia appends this proxy's Via element to h, with the protocol the

@@ -332,6 +332,7 @@ func TestVia(t *testing.T) {
 		w.Header().Add("Via", "1.1 cluster-gateway")
 		io.WriteString(w, "ok")
 	}))
+	e.proxy.Config.Handler.(*Proxy).ExtraAllowedResponseHeaders = []string{"x-via-seen"}
 	resp := e.do(t, http.MethodGet, prefix+"api", "Bearer pat:1:plain-token", http.Header{"Via": {"1.0 corporate-proxy"}}, nil)
 	if got := resp.Header.Get("X-Via-Seen"); got != "1.0 corporate-proxy, 1.1 caddy-kas/test" {
 		t.Errorf("the cluster got Via %q", got)

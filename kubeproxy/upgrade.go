@@ -62,7 +62,8 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel
 		return
 	}
 	defer conn.Close()
-	switched := resp.Header.Clone()
+	switched := p.allowedResponseHeader(resp.Header, access.AgentID)
+	switched.Set("Upgrade", resp.Header.Get("Upgrade"))
 	p.addVia(switched, r)
 	if err := writeSwitchingProtocols(brw.Writer, switched); err != nil {
 		toAgent.CloseWithError(err)
@@ -112,8 +113,8 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel
 	}
 }
 
-// writeSwitchingProtocols writes the 101 response with the headers the
-// cluster's 101 had.
+// writeSwitchingProtocols writes the 101 response with the allowed headers
+// of the cluster's 101 and its Upgrade.
 func writeSwitchingProtocols(w *bufio.Writer, clusterHeader http.Header) error {
 	h := clusterHeader.Clone()
 	upgrade := h.Get("Upgrade")
