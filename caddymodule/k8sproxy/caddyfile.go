@@ -32,6 +32,7 @@ func parseCaddyfile(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error)
 //	    path_prefix    <path>
 //	    wait_for_agent <duration>
 //	    allowed_origin <origin>
+//	    extra_allowed_response_headers <name>...
 //	    user <name> {
 //	        token       <token or placeholder>
 //	        token_file  <path>
@@ -70,6 +71,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&h.AllowedOrigin) {
 				return d.ArgErr()
 			}
+		case "extra_allowed_response_headers":
+			names := d.RemainingArgs()
+			if len(names) == 0 {
+				return d.ArgErr()
+			}
+			h.ExtraAllowedResponseHeaders = append(h.ExtraAllowedResponseHeaders, names...)
 		case "user":
 			u, err := parseUser(d)
 			if err != nil {

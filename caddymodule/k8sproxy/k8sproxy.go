@@ -50,6 +50,24 @@ type Handler struct {
 	// mode; none in standalone mode, where Origin is ignored.
 	AllowedOrigin string `json:"allowed_origin,omitempty"`
 
+	// ExtraAllowedResponseHeaders names headers of the cluster's answers
+	// that reach the client besides the default allowlist, as GitLab's
+	// extra_allowed_response_headers does; names are compared without
+	// case. The default allowlist holds what a kube-apiserver sends:
+	// Content-Type, Content-Length, Content-Encoding, Content-Range,
+	// Accept-Ranges, Cache-Control, Expires, ETag, Last-Modified, Vary,
+	// Date, Location, Retry-After, Warning, Via, X-Content-Type-Options,
+	// Audit-Id, X-Kubernetes-Pf-Flowschema-Uid,
+	// X-Kubernetes-Pf-Prioritylevel-Uid, and for exec, attach and
+	// port-forward X-Stream-Protocol-Version,
+	// X-Accepted-Stream-Protocol-Versions, Sec-WebSocket-Accept,
+	// Sec-WebSocket-Protocol and Sec-WebSocket-Extensions. Every other
+	// header is dropped and logged as "Blocked Kubernetes API proxy
+	// response header" (at most once a minute per name). Hop-by-hop
+	// headers, Gitlab-Unauthorized and Kas-* cannot be allowed. Default:
+	// none.
+	ExtraAllowedResponseHeaders []string `json:"extra_allowed_response_headers,omitempty"`
+
 	// Users are the tokens that may use the proxy (standalone mode). Leave
 	// it empty in GitLab mode, where GitLab authenticates CI jobs and
 	// users.
@@ -137,6 +155,8 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 			Logger:        logger,
 			AllowedOrigin: origin,
 			Via:           via(),
+
+			ExtraAllowedResponseHeaders: h.ExtraAllowedResponseHeaders,
 		}
 		return nil
 	}
@@ -170,6 +190,8 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 		Logger:        logger,
 		AllowedOrigin: h.AllowedOrigin,
 		Via:           via(),
+
+		ExtraAllowedResponseHeaders: h.ExtraAllowedResponseHeaders,
 	}
 	return nil
 }
@@ -184,6 +206,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.WaitForAgent < 0 {
 		return errors.New("k8s_proxy: wait_for_agent must not be negative")
+	}
+	if err := kubeproxy.CheckExtraAllowedResponseHeaders(h.ExtraAllowedResponseHeaders); err != nil {
+		return fmt.Errorf("k8s_proxy: extra_allowed_response_headers: %w", err)
 	}
 	if len(h.Users) == 0 && !h.gitlabMode {
 		return errors.New("k8s_proxy: no users declared; declare users, or put the server in GitLab mode (kas global option, gitlab block)")

@@ -53,6 +53,12 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				},
 			},
 		},
+		{
+			name:  "extra_allowed_response_headers, repeated",
+			input: "k8s_proxy {\nextra_allowed_response_headers X-Custom x-other\nextra_allowed_response_headers Set-Cookie\n}",
+			want:  Handler{ExtraAllowedResponseHeaders: []string{"X-Custom", "x-other", "Set-Cookie"}},
+		},
+		{name: "extra_allowed_response_headers without names", input: "k8s_proxy {\nextra_allowed_response_headers\n}", wantErr: "wrong argument count"},
 		{name: "path_prefix subdirective", input: "k8s_proxy {\npath_prefix /p/\n}", want: Handler{PathPrefix: "/p/"}},
 		{name: "bad agent id", input: "k8s_proxy {\nuser a {\nagents 1 x\n}\n}", wantErr: `agent id "x" is not a positive integer`},
 		{name: "no agents args", input: "k8s_proxy {\nuser a {\nagents\n}\n}", wantErr: "wrong argument count"},
@@ -101,6 +107,9 @@ func TestSetup(t *testing.T) {
 		{"no token", Handler{Users: []User{{Name: "a", Agents: []int64{1}}}}, `user "a": no token configured`},
 		{"nested", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{Username: "x"}, AllowImpersonation: true}}}, "nested impersonation"},
 		{"uid without username", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{UID: "1"}}}}, "impersonation without a username"},
+		{"extra allowed header", Handler{ExtraAllowedResponseHeaders: []string{"X-Custom"}, Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, ""},
+		{"extra allowed KAS header", Handler{ExtraAllowedResponseHeaders: []string{"X-Custom", "gitlab-unauthorized"}, Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, "extra_allowed_response_headers: gitlab-unauthorized cannot be allowed"},
+		{"extra allowed bad name", Handler{ExtraAllowedResponseHeaders: []string{"X Custom"}, Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, `"X Custom" is not a valid header name`},
 		{"negative wait", Handler{WaitForAgent: -1, Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, "must not be negative"},
 	}
 	for _, tt := range tests {
@@ -112,6 +121,9 @@ func TestSetup(t *testing.T) {
 				}
 				if tt.h.PathPrefix != DefaultPathPrefix || time.Duration(tt.h.WaitForAgent) != 20*time.Second {
 					t.Errorf("defaults not applied: %+v", tt.h)
+				}
+				if !reflect.DeepEqual(tt.h.proxy.ExtraAllowedResponseHeaders, tt.h.ExtraAllowedResponseHeaders) {
+					t.Errorf("the proxy allows %q, want %q", tt.h.proxy.ExtraAllowedResponseHeaders, tt.h.ExtraAllowedResponseHeaders)
 				}
 				return
 			}
