@@ -111,7 +111,7 @@ func hasPrefixFold(s, prefix string) bool {
 // that reach the client: what a kube-apiserver sends, in any of its
 // answers, and what the 101 of exec, attach and port-forward carries, over
 // SPDY and WebSocket. Every other header is dropped, as GitLab's KAS
-// does since 18.3: the answer comes from a cluster that only the agent's
+// does since 18.3 (behind a feature flag until 18.7): the answer comes from a cluster that only the agent's
 // owner controls, yet the client reads it on GitLab's origin, so a
 // Set-Cookie, Strict-Transport-Security or Alt-Svc would act on GitLab,
 // Gitlab-Unauthorized would make a cluster's 401 look like a refusal of
