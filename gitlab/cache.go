@@ -93,7 +93,8 @@ func CacheKey(parts ...string) string {
 // by a timeout, because other callers may be waiting for the same call:
 // when ctx ends, Get returns ctx's error at once and the call carries on
 // for the others (and the cache). Errors that say a context was canceled
-// are never cached, as they are not the backend's answer.
+// or that the call was not made for the rate limit ([ErrRateLimited]) are
+// never cached, as they are not the backend's answer.
 func (c *Cache[V]) Get(ctx context.Context, key string, fetch func(context.Context) (V, error)) (V, error) {
 	if c == nil {
 		return fetch(ctx)
@@ -165,7 +166,10 @@ func (c *Cache[V]) finish(key string, call *cacheCall[V]) {
 	ttl := c.ttl
 	if call.err != nil {
 		ttl = c.errorTTL
-		if errors.Is(call.err, context.Canceled) {
+		if errors.Is(call.err, context.Canceled) || errors.Is(call.err, ErrRateLimited) {
+			// Not the backend's answer: the call was cut short, or not
+			// made at all because the rate limit was reached (the next
+			// Get should ask once the limit allows).
 			ttl = 0
 		}
 	}

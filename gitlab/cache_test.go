@@ -101,6 +101,7 @@ func TestCacheTTL(t *testing.T) {
 		{"error at error ttl", errBackend, 10 * time.Second, true},
 		{"canceled never cached", context.Canceled, 0, true},
 		{"wrapped canceled never cached", fmt.Errorf("call: %w", context.Canceled), 0, true},
+		{"rate limited never cached", fmt.Errorf("call: %w", &RateLimitError{Path: PathAgentInfo, Wait: time.Second}), 0, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -68,6 +68,11 @@ type Client struct {
 	Now func() time.Time
 	// Observer, if set, is told about every call, for metrics.
 	Observer Observer
+	// Limiter, if set, bounds the rate of calls: a call it has no token
+	// for is not made, and fails with a [*RateLimitError]. Only the calls
+	// themselves count; answers a [Cache] gives cost nothing. nil means no
+	// limit.
+	Limiter *RateLimiter
 }
 
 // Observer is told about the calls a [Client] makes.
@@ -75,6 +80,9 @@ type Observer interface {
 	// GitLabCall reports one call to path (a Path* constant): GitLab's
 	// HTTP status, or 0 if no answer came, and how long it took.
 	GitLabCall(path string, code int, took time.Duration)
+	// GitLabRateLimited reports a call to path that was not made because
+	// the [Client.Limiter] had no token for it.
+	GitLabRateLimited(path string)
 }
 
 // Error is a non-2xx answer of GitLab.
@@ -192,6 +200,12 @@ func checkCredential(what, v string) error {
 func (c *Client) do(ctx context.Context, method, path string, h http.Header, body any, withJWT bool, out any) error {
 	if c.BaseURL == nil {
 		return errors.New("gitlab client has no base URL")
+	}
+	if ok, wait := c.Limiter.Take(); !ok {
+		if c.Observer != nil {
+			c.Observer.GitLabRateLimited(path)
+		}
+		return &RateLimitError{Path: path, Wait: wait}
 	}
 	u := c.BaseURL.JoinPath(path)
 	u.RawQuery, u.Fragment, u.RawFragment = "", "", ""

@@ -282,6 +282,13 @@ func (r *callRecorder) GitLabCall(path string, code int, _ time.Duration) {
 	r.calls = append(r.calls, recordedCall{path, code})
 }
 
+// GitLabRateLimited records a call not made as code -1.
+func (r *callRecorder) GitLabRateLimited(path string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, recordedCall{path, -1})
+}
+
 func TestClientObserver(t *testing.T) {
 	f := newFakeGitLab(t, "")
 	f.handle(PathAgentInfo, jsonAnswer(http.StatusUnauthorized, `{"message":"401 Unauthorized"}`))

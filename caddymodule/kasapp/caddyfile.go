@@ -1,6 +1,9 @@
 package kasapp
 
 import (
+	"math"
+	"strconv"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -35,6 +38,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	        allowed_agents_cache_ttl       <duration>
 //	        allowed_agents_cache_error_ttl <duration>
 //	        usage_reporting_period         <duration>
+//	        api_rate_limit <refill per second> <bucket size>
 //	    }
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -102,6 +106,20 @@ func (g *GitLab) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&g.APICertFile, &g.APIKeyFile) {
 				return d.ArgErr()
 			}
+		case name == "api_rate_limit":
+			var rate, size string
+			if !d.AllArgs(&rate, &size) {
+				return d.ArgErr()
+			}
+			r, err := strconv.ParseFloat(rate, 64)
+			if err != nil || !(r > 0) || math.IsInf(r, 0) {
+				return d.Errf("api_rate_limit: refill rate %q is not a positive number of calls per second", rate)
+			}
+			n, err := strconv.Atoi(size)
+			if err != nil || n <= 0 {
+				return d.Errf("api_rate_limit: bucket size %q is not a positive integer", size)
+			}
+			g.APIRateLimit = &RateLimit{RefillRatePerSecond: r, BucketSize: n}
 		default:
 			return d.Errf("unrecognized gitlab option %q", name)
 		}

@@ -88,6 +88,44 @@ type GitLab struct {
 	// GitLab's usage_metrics API. Zero disables reporting. Default: 1m,
 	// as GitLab's observability.usage_reporting_period.
 	UsageReportingPeriod *caddy.Duration `json:"usage_reporting_period,omitempty"`
+
+	// APIRateLimit bounds the rate of calls to GitLab's internal API, so
+	// that clients with made-up tokens cannot make the agent server flood
+	// GitLab with checks. Only calls count: answers the caches give are
+	// free. A check the limit has no room for is not made, and its client
+	// is told to retry later (429 with Retry-After). Default: 50 calls a
+	// second, in bursts of up to 250, as GitLab's gitlab.api_rate_limit.
+	APIRateLimit *RateLimit `json:"api_rate_limit,omitempty"`
+}
+
+// RateLimit is a token bucket: it holds up to BucketSize calls, and
+// regains RefillRatePerSecond calls a second. The names are those of
+// GitLab's agent server configuration.
+type RateLimit struct {
+	// RefillRatePerSecond is how many calls the bucket regains each
+	// second, in calls per second; it may be a fraction, such as 0.5 for
+	// one call every two seconds. Zero means the default, 50.
+	RefillRatePerSecond float64 `json:"refill_rate_per_second,omitempty"`
+
+	// BucketSize is the most calls that can be made at once after a
+	// quiet time, in calls; the bucket starts full. Zero means the
+	// default, 250.
+	BucketSize int `json:"bucket_size,omitempty"`
+}
+
+// limiter returns the token bucket r describes, with GitLab's defaults
+// for what r (which may be nil) leaves out.
+func (r *RateLimit) limiter() (*gitlab.RateLimiter, error) {
+	rate, size := float64(gitlab.DefaultAPIRefillRatePerSecond), gitlab.DefaultAPIBucketSize
+	if r != nil {
+		if r.RefillRatePerSecond != 0 {
+			rate = r.RefillRatePerSecond
+		}
+		if r.BucketSize != 0 {
+			size = r.BucketSize
+		}
+	}
+	return gitlab.NewRateLimiter(rate, size)
 }
 
 // Defaults of the GitLab settings, as GitLab's own agent server has them
@@ -173,12 +211,17 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("gitlab: %w", err)
 	}
+	limiter, err := cfg.APIRateLimit.limiter()
+	if err != nil {
+		return fmt.Errorf("gitlab: api_rate_limit: %w", err)
+	}
 	client := &gitlab.Client{
 		BaseURL:    base,
 		HTTPClient: httpClient,
 		Secret:     secret,
 		UserAgent:  userAgent(),
 		Observer:   metrics.GitLab{},
+		Limiter:    limiter,
 	}
 	v, _, err := usages.LoadOrNew(usageKey, func() (caddy.Destructor, error) {
 		return pooledUsage{gitlab.NewUsage()}, nil

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -40,18 +41,25 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 					allowed_agents_cache_ttl 90s
 					allowed_agents_cache_error_ttl 5s
 					usage_reporting_period 0
+					api_rate_limit 12.5 100
 				}
 			}`,
 			want: `{"gitlab":{"url":"http://127.0.0.1:8181","secret_file":"/etc/gitlab/gitlab_kas_secret","ca_file":"/etc/gitlab/ca.pem",` +
 				`"external_url":"https://gitlab.example.com","api_listen":"127.0.0.1:8153","api_cert_file":"/etc/kas/api.crt","api_key_file":"/etc/kas/api.key",` +
 				`"agent_info_cache_ttl":120000000000,"agent_info_cache_error_ttl":30000000000,"allowed_agents_cache_ttl":90000000000,` +
-				`"allowed_agents_cache_error_ttl":5000000000,"usage_reporting_period":0}}`,
+				`"allowed_agents_cache_error_ttl":5000000000,"usage_reporting_period":0,` +
+				`"api_rate_limit":{"refill_rate_per_second":12.5,"bucket_size":100}}}`,
 		},
 		{name: "empty", input: `kas`, want: `{}`},
 		{name: "unknown option", input: "kas {\n redis localhost\n}", wantErr: `unrecognized kas option "redis"`},
 		{name: "unknown gitlab option", input: "kas {\n gitlab {\n address x\n }\n}", wantErr: `unrecognized gitlab option "address"`},
 		{name: "bad duration", input: "kas {\n gitlab {\n agent_info_cache_ttl soon\n }\n}", wantErr: "is not a duration"},
 		{name: "api_tls with one file", input: "kas {\n gitlab {\n api_tls a.crt\n }\n}", wantErr: "wrong argument count"},
+		{name: "api_rate_limit with one number", input: "kas {\n gitlab {\n api_rate_limit 50\n }\n}", wantErr: "wrong argument count"},
+		{name: "api_rate_limit refill zero", input: "kas {\n gitlab {\n api_rate_limit 0 250\n }\n}", wantErr: `refill rate "0" is not a positive number`},
+		{name: "api_rate_limit refill not a number", input: "kas {\n gitlab {\n api_rate_limit fast 250\n }\n}", wantErr: `refill rate "fast"`},
+		{name: "api_rate_limit bucket fractional", input: "kas {\n gitlab {\n api_rate_limit 50 2.5\n }\n}", wantErr: `bucket size "2.5" is not a positive integer`},
+		{name: "api_rate_limit bucket negative", input: "kas {\n gitlab {\n api_rate_limit 50 -1\n }\n}", wantErr: `bucket size "-1"`},
 		{name: "gitlab twice", input: "kas {\n gitlab {\n }\n gitlab {\n }\n}", wantErr: "gitlab given twice"},
 	}
 	for _, tt := range tests {
@@ -100,6 +108,8 @@ func TestProvisionGitLabRefuses(t *testing.T) {
 		{"missing ca file", GitLab{URL: "https://gitlab", SecretFile: good, CAFile: filepath.Join(dir, "ca.pem")}, "ca_file"},
 		{"ca file without PEM", GitLab{URL: "https://gitlab", SecretFile: good, CAFile: short}, "no PEM certificate"},
 		{"half of api tls", GitLab{URL: "http://gitlab", SecretFile: good, APIListen: "127.0.0.1:0", APICertFile: "a.crt"}, "go together"},
+		{"negative api rate", GitLab{URL: "http://gitlab", SecretFile: good, APIRateLimit: &RateLimit{RefillRatePerSecond: -1}}, "api_rate_limit: rate limit: refill rate"},
+		{"negative api bucket", GitLab{URL: "http://gitlab", SecretFile: good, APIRateLimit: &RateLimit{BucketSize: -1}}, "api_rate_limit: rate limit: bucket size"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -188,5 +198,40 @@ func TestAgentRecheckKeepsGitLabStatus(t *testing.T) {
 	}
 	if agentRecheck(ttl) <= 0 {
 		t.Error("no re-check")
+	}
+}
+
+// TestAPIRateLimitDefaults: what api_rate_limit leaves out is GitLab's
+// default: a bucket of 250 that regains 50 calls a second.
+func TestAPIRateLimitDefaults(t *testing.T) {
+	tests := []struct {
+		name     string
+		cfg      *RateLimit
+		wantSize int
+		wantWait time.Duration // for the first call the full bucket has no room for
+	}{
+		{"not set", nil, 250, 20 * time.Millisecond},
+		{"empty", &RateLimit{}, 250, 20 * time.Millisecond},
+		{"rate only", &RateLimit{RefillRatePerSecond: 2}, 250, 500 * time.Millisecond},
+		{"bucket only", &RateLimit{BucketSize: 3}, 3, 20 * time.Millisecond},
+		{"both", &RateLimit{RefillRatePerSecond: 0.25, BucketSize: 1}, 1, 4 * time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) { // no time passes: no refill
+				l, err := tt.cfg.limiter()
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range tt.wantSize {
+					if ok, _ := l.Take(); !ok {
+						t.Fatalf("call %d of a full bucket of %d refused", i+1, tt.wantSize)
+					}
+				}
+				if ok, wait := l.Take(); ok || wait != tt.wantWait {
+					t.Errorf("call past the bucket: ok=%v wait=%v, want refused with wait %v", ok, wait, tt.wantWait)
+				}
+			})
+		})
 	}
 }

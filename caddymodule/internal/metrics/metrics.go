@@ -55,7 +55,12 @@ var (
 		Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 	}, []string{"path", "code"})
 
-	collectors = []prometheus.Collector{agentTunnels, agentConnects, agentRefusals, routingDuration, proxyRefusals, gitlabCalls}
+	gitlabRateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: "gitlab", Name: "rate_limited_total",
+		Help: "Calls to GitLab's internal API not made because the api_rate_limit was reached, by API path.",
+	}, []string{"path"})
+
+	collectors = []prometheus.Collector{agentTunnels, agentConnects, agentRefusals, routingDuration, proxyRefusals, gitlabCalls, gitlabRateLimited}
 )
 
 // Register adds the collectors to the registry of ctx's configuration.
@@ -116,6 +121,9 @@ type GitLab struct{}
 func (GitLab) GitLabCall(path string, code int, took time.Duration) {
 	gitlabCalls.WithLabelValues(path, strconv.Itoa(code)).Observe(took.Seconds())
 }
+
+// GitLabRateLimited implements [gitlab.Observer].
+func (GitLab) GitLabRateLimited(path string) { gitlabRateLimited.WithLabelValues(path).Inc() }
 
 // Interface guards
 var (

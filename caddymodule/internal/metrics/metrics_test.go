@@ -36,6 +36,7 @@ func TestMetrics(t *testing.T) {
 	var g GitLab
 	g.GitLabCall("/api/v4/internal/kubernetes/agent_info", 200, 3*time.Millisecond)
 	g.GitLabCall("/api/v4/internal/kubernetes/agent_info", 0, 30*time.Second)
+	g.GitLabRateLimited("/api/v4/internal/kubernetes/authorize_proxy_user")
 	after := gather(t, reg)
 
 	tests := []struct {
@@ -50,6 +51,7 @@ func TestMetrics(t *testing.T) {
 		{`caddy_kas_k8s_proxy_routing_duration_seconds_count{result="not_found"}`, 1},
 		{`caddy_kas_gitlab_request_duration_seconds_count{code="200",path="/api/v4/internal/kubernetes/agent_info"}`, 1},
 		{`caddy_kas_gitlab_request_duration_seconds_count{code="0",path="/api/v4/internal/kubernetes/agent_info"}`, 1},
+		{`caddy_kas_gitlab_rate_limited_total{path="/api/v4/internal/kubernetes/authorize_proxy_user"}`, 1},
 	}
 	for _, tt := range tests {
 		if got := after[tt.series] - before[tt.series]; got != tt.delta {
