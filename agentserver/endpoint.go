@@ -140,13 +140,18 @@ func (hs *handshake) refuse(code int, reason, message string, fields ...zap.Fiel
 }
 
 // authenticate checks an agent token with the endpoint's Authenticator.
-// If it gives no agent, the handshake is answered (401, or 503 when the
-// token cannot be checked now) and ok is false.
+// If it gives no agent, the handshake is answered (401; 429 when a rate
+// limit kept the token from being checked; 503 when it cannot be checked
+// now) and ok is false.
 func (hs *handshake) authenticate(token string) (agent Agent, ok bool) {
 	agent, err := hs.e.Auth.AuthenticateAgent(hs.r.Context(), token)
+	var limited *RateLimitedError
 	switch {
 	case errors.Is(err, ErrUnknownToken):
 		hs.refuse(http.StatusUnauthorized, "unknown agent token", "unauthenticated")
+		return Agent{}, false
+	case errors.As(err, &limited):
+		hs.refuseRetryLater("authentication rate limited", limited)
 		return Agent{}, false
 	case err != nil:
 		hs.log.Error("cannot authenticate agent now", zap.Error(err))

@@ -59,6 +59,7 @@ type grpcAdmission struct {
 func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.AgentInfo, error) {
 	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr))
 	agent, err := a.e.Auth.AuthenticateAgent(ctx, token)
+	var limited *RateLimitedError
 	switch {
 	case errors.Is(err, ErrUnknownToken):
 		log.Warn("agent refused", zap.String("reason", "unknown agent token"), zap.String("protocol", a.protocol))
@@ -66,6 +67,23 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 			a.e.Observer.AgentRefused("unknown agent token")
 		}
 		return tunnel.AgentInfo{}, status.Error(codes.Unauthenticated, "unauthenticated")
+	case errors.As(err, &limited):
+		log.Warn("agent refused", zap.String("reason", "authentication rate limited"), zap.String("protocol", a.protocol),
+			zap.Duration("retry_after", limited.RetryAfter), zap.Error(limited.Err))
+		if a.e.Observer != nil {
+			a.e.Observer.AgentRefused("authentication rate limited")
+		}
+		// Unavailable, as GitLab's KAS answers when agent_info fails for
+		// anything but a refused token: the check could not be made, and
+		// not because of this agent (other clients spent the budget of
+		// calls to GitLab), which ResourceExhausted, the answer of the
+		// per-token connection limit, would suggest. gRPC defines
+		// Unavailable as transient, to be retried with backoff, and
+		// GitLab's agentk does back off: each of its loops (the reverse
+		// tunnel's Connect streams, Register, GetConfiguration) waits
+		// before it retries a failed call, whatever the code; the tunnel
+		// 1 s, growing by 1.6 up to 20 s, with jitter.
+		return tunnel.AgentInfo{}, status.Error(codes.Unavailable, "cannot authenticate the agent now (rate limited); retry later")
 	case err != nil:
 		log.Error("cannot authenticate agent now", zap.Error(err))
 		if a.e.Observer != nil {

@@ -42,8 +42,9 @@ func NewAgentAuthenticator(c *Client, ttl, errorTTL time.Duration) *AgentAuthent
 
 // AuthenticateAgent implements [agentserver.Authenticator]. A token GitLab
 // answers 401 for (unknown or revoked) gives an error wrapping
-// [agentserver.ErrUnknownToken]; any other failure means the answer is not
-// known now. That includes GitLab refusing the agent server's own JWT (a
+// [agentserver.ErrUnknownToken]; a check the rate limit of calls to GitLab
+// had no room for gives an [*agentserver.RateLimitedError]; any other
+// failure means the answer is not known now. That includes GitLab refusing the agent server's own JWT (a
 // 401 too): a wrong shared secret must not look like revoked tokens, which
 // would close every agent's tunnel.
 func (a *AgentAuthenticator) AuthenticateAgent(ctx context.Context, token string) (agentserver.Agent, error) {
@@ -53,6 +54,10 @@ func (a *AgentAuthenticator) AuthenticateAgent(ctx context.Context, token string
 	info, err := a.Cache.Get(ctx, CacheKey("agent_info", token), func(ctx context.Context) (*AgentInfo, error) {
 		return a.Client.AgentInfo(ctx, token)
 	})
+	if wait, ok := rateLimited(err); ok {
+		// GitLab was not asked: the agent comes back later.
+		return agentserver.Agent{}, &agentserver.RateLimitedError{RetryAfter: wait, Err: fmt.Errorf("checking the agent token with GitLab: %w", err)}
+	}
 	switch {
 	case jwtRejected(err):
 		// Every agent would be refused: the shared secret is wrong, not

@@ -57,6 +57,7 @@ const (
 	msgUserFailed         = "Failed to authorize user session"
 	msgUnsupportedAccess  = "Unsupported access_as in the agent's configuration"
 	msgAuthorizationError = "Internal error authorizing the request"
+	msgRateLimited        = "Too many requests: GitLab cannot be asked to authorize the request now; retry later"
 )
 
 // ProxyAuthenticator authenticates Kubernetes API proxy requests in GitLab
@@ -193,6 +194,10 @@ func (a *ProxyAuthenticator) ciAccess(ctx context.Context, agentID int64, jobTok
 	})
 	if err != nil {
 		e := &kubeproxy.Error{AgentID: agentID, Reason: "allowed_agents: " + err.Error()}
+		if wait, ok := rateLimited(err); ok {
+			e.Code, e.Message, e.RetryAfter = http.StatusTooManyRequests, msgRateLimited, wait
+			return nil, e
+		}
 		switch statusCode(err) {
 		case http.StatusUnauthorized:
 			e.Code, e.Message = http.StatusUnauthorized, msgCIUnauthorized
@@ -241,6 +246,11 @@ func (a *ProxyAuthenticator) userAccess(ctx context.Context, kind AccessKind, re
 		return a.Client.AuthorizeProxyUser(ctx, req)
 	})
 	if err != nil {
+		if wait, ok := rateLimited(err); ok {
+			// Not the user's answer: GitLab was not asked (api_rate_limit).
+			return nil, &kubeproxy.Error{Code: http.StatusTooManyRequests, Message: msgRateLimited, AgentID: req.AgentID,
+				Reason: "authorize_proxy_user (" + req.AccessType + "): " + err.Error(), RetryAfter: wait}
+		}
 		switch code := statusCode(err); {
 		case jwtRejected(err):
 			// The agent server's fault, not the user's (kas-spec §2.2).

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/caddy-kas/caddy-kas/agentserver"
+	"github.com/caddy-kas/caddy-kas/kubeproxy"
 )
 
 func TestRateLimiter(t *testing.T) {
@@ -131,5 +134,72 @@ func TestClientRateLimit(t *testing.T) {
 	want := []recordedCall{{PathAgentInfo, 401}, {PathAgentInfo, 401}, {PathAgentInfo, -1}, {PathUsageMetrics, -1}}
 	if !reflect.DeepEqual(rec.calls, want) {
 		t.Errorf("observed %v, want %v", rec.calls, want)
+	}
+}
+
+// TestAuthenticatorsRateLimited: a check the rate limit had no room for
+// is refused with a wait, not as the credential's answer, and is not
+// cached: once the limit allows, GitLab is asked.
+func TestAuthenticatorsRateLimited(t *testing.T) {
+	tests := []struct {
+		name   string
+		header http.Header // a proxy request's; nil: an agent token
+		path   string
+	}{
+		{"personal access token", http.Header{"Authorization": {"Bearer pat:1:tok"}}, PathAuthorizeProxyUser},
+		{"session cookie", http.Header{"Cookie": {"_gitlab_kas=tok"}, "Gitlab-Agent-Id": {"1"}, "X-Csrf-Token": {"c"}}, PathAuthorizeProxyUser},
+		{"ci job token", http.Header{"Authorization": {"Bearer ci:5:job"}}, PathAllowedAgents},
+		{"agent token", nil, PathAgentInfo},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFakeGitLab(t, "")
+			f.handle(tt.path, jsonAnswer(http.StatusUnauthorized, `{"message":"401 Unauthorized"}`))
+			c := f.client()
+			var err error
+			if c.Limiter, err = NewRateLimiter(1e-4, 1); err != nil {
+				t.Fatal(err)
+			}
+			c.Limiter.Take() // the only token
+			proxy := NewProxyAuthenticator(c, nil, nil)
+			agents := NewAgentAuthenticator(c, 0, 0)
+			check := func() error {
+				if tt.header == nil {
+					_, err := agents.AuthenticateAgent(context.Background(), "agent-token")
+					return err
+				}
+				_, err := proxy.Authenticate(newRequest("/api", tt.header.Clone()))
+				return err
+			}
+			for range 2 {
+				err := check()
+				if tt.header == nil {
+					var limited *agentserver.RateLimitedError
+					if !errors.As(err, &limited) || limited.RetryAfter < time.Hour || !errors.Is(err, ErrRateLimited) || errors.Is(err, agentserver.ErrUnknownToken) {
+						t.Fatalf("error %v, want a RateLimitedError with a wait of hours", err)
+					}
+					continue
+				}
+				var e *kubeproxy.Error
+				if !errors.As(err, &e) || e.Code != http.StatusTooManyRequests || e.RetryAfter < time.Hour || e.Message != msgRateLimited {
+					t.Fatalf("error %#v, want 429 with a wait of hours", err)
+				}
+			}
+			if n := f.callCount(tt.path); n != 0 {
+				t.Fatalf("GitLab got %d calls past the rate limit", n)
+			}
+			c.Limiter = nil // the limit lifts; the refusal must not be cached
+			err = check()
+			if tt.header == nil {
+				if !errors.Is(err, agentserver.ErrUnknownToken) {
+					t.Errorf("once the limit allows: %v, want GitLab's 401 as an unknown token", err)
+				}
+			} else if e := (*kubeproxy.Error)(nil); !errors.As(err, &e) || e.Code != http.StatusUnauthorized {
+				t.Errorf("once the limit allows: %v, want GitLab's 401", err)
+			}
+			if n := f.callCount(tt.path); n != 1 {
+				t.Errorf("GitLab got %d calls once the limit allowed, want 1", n)
+			}
+		})
 	}
 }

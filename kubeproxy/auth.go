@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddy-kas/caddy-kas/identity"
 )
@@ -34,7 +35,8 @@ type Authenticator interface {
 
 // Error is a refusal with the HTTP status the client gets.
 type Error struct {
-	// Code is the HTTP status: 400, 401 or 403.
+	// Code is the HTTP status, such as 400, 401, 403, or 429 when the
+	// request could not be checked now (see RetryAfter).
 	Code int
 	// Message is shown to the client. It must not help an attacker tell
 	// a wrong token from an unknown agent.
@@ -44,6 +46,11 @@ type Error struct {
 	Reason string
 	// AgentID is the agent the request named, if it got that far.
 	AgentID int64
+	// RetryAfter, if positive, is how long the client should wait before
+	// it tries again; it is sent as Retry-After and the Status's
+	// retryAfterSeconds, in whole seconds rounded up. client-go waits
+	// that long and retries a 429 by itself.
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("%d %s: %s", e.Code, e.Message, e.Reason) }

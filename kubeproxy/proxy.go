@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -315,5 +316,9 @@ func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 		// Tells a KAS refusal from a 401 of the cluster (kas-spec §1.2).
 		w.Header().Set("Gitlab-Unauthorized", "true")
 	}
-	kubestatus.Error(w, e.Code, e.Message)
+	s := kubestatus.New(e.Code, e.Message)
+	if e.RetryAfter > 0 {
+		s.Details = &kubestatus.StatusDetails{RetryAfterSeconds: httpheader.RetryAfterSeconds(e.RetryAfter)}
+	}
+	kubestatus.Write(w, s)
 }

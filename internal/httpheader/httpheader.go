@@ -5,6 +5,7 @@ package httpheader
 import (
 	"net/http"
 	"strings"
+	"time"
 )
 
 // hopByHop belong to one connection, not to the request (RFC 9110
@@ -49,4 +50,11 @@ func CopyEndToEnd(dst, src http.Header) {
 	for k, vs := range end {
 		dst[k] = append(dst[k], vs...)
 	}
+}
+
+// RetryAfterSeconds is the value of a Retry-After header (RFC 9110
+// §10.2.3) that asks a client to wait at least d: whole seconds, rounded
+// up, and at least 1 (a Retry-After of 0 invites an immediate retry).
+func RetryAfterSeconds(d time.Duration) int {
+	return max(int((d+time.Second-1)/time.Second), 1)
 }

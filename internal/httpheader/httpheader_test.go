@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"reflect"
 	"testing"
+	"time"
 )
 
 func TestHasToken(t *testing.T) {
@@ -41,5 +42,20 @@ func TestRemoveHopByHopAndCopy(t *testing.T) {
 	RemoveHopByHop(src)
 	if !reflect.DeepEqual(src, http.Header{"Content-Type": {"application/json"}, "Sec-Websocket-Accept": {"abc"}}) {
 		t.Errorf("RemoveHopByHop left %v", src)
+	}
+}
+
+func TestRetryAfterSeconds(t *testing.T) {
+	tests := []struct {
+		d    time.Duration
+		want int
+	}{
+		{0, 1}, {-time.Second, 1}, {time.Nanosecond, 1}, {20 * time.Millisecond, 1}, {time.Second, 1},
+		{time.Second + time.Nanosecond, 2}, {59500 * time.Millisecond, 60}, {time.Minute, 60},
+	}
+	for _, tt := range tests {
+		if got := RetryAfterSeconds(tt.d); got != tt.want {
+			t.Errorf("RetryAfterSeconds(%v) = %d, want %d", tt.d, got, tt.want)
+		}
 	}
 }
