@@ -73,6 +73,15 @@ type Endpoint struct {
 	// connected while its token was used in the last 8 minutes
 	// (kas-spec §7): each check is a use of the token.
 	Recheck time.Duration
+	// Connections, if set, counts the connections of every agent token,
+	// and those beyond ConnectionsPerMinute in a minute are refused
+	// (connections_per_token_per_minute, kas-spec §1.1): our agentk's
+	// handshakes, with 429 and Retry-After; every gRPC call of GitLab's
+	// agentk, as GitLab's KAS counts them, with ResourceExhausted.
+	Connections ConnectionCounter
+	// ConnectionsPerMinute is the limit of Connections; zero means
+	// [DefaultConnectionsPerTokenPerMinute].
+	ConnectionsPerMinute uint64
 }
 
 // recheckTimeout bounds one re-check of a connected agent's token.

@@ -95,6 +95,32 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 		RemoteAddr: a.remoteAddr, Credential: sha256.Sum256([]byte(token))}, nil
 }
 
+// CountCall implements [grpctunnel.Admission]: every call counts against
+// the endpoint's connections per token, as in GitLab's KAS.
+func (a *grpcAdmission) CountCall(ctx context.Context, token string) error {
+	err := a.e.countConnection(ctx, token)
+	if err == nil {
+		return nil
+	}
+	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr), zap.String("protocol", a.protocol))
+	var limited *RateLimitedError
+	if errors.As(err, &limited) {
+		log.Warn("agent refused", zap.String("reason", "connection rate limit"), zap.Duration("retry_after", limited.RetryAfter))
+		if a.e.Observer != nil {
+			a.e.Observer.AgentRefused("connection rate limit")
+		}
+		// GitLab's KAS's answer to a token over the limit, word for
+		// word. agentk backs off as after any failed call (see
+		// Authenticate).
+		return status.Error(codes.ResourceExhausted, "new connection rate limit exhausted for this agent, try again later")
+	}
+	log.Error("cannot count the agent's connections now", zap.Error(err))
+	if a.e.Observer != nil {
+		a.e.Observer.AgentRefused("connection count unavailable")
+	}
+	return status.Error(codes.Unavailable, "cannot admit the agent now; retry later")
+}
+
 // Admit implements [grpctunnel.Admission].
 func (a *grpcAdmission) Admit(t tunnel.Tunnel, token string) {
 	info := t.Agent()

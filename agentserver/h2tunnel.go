@@ -29,7 +29,7 @@ func (e *Endpoint) serveH2Tunnel(hs *handshake) {
 		return
 	}
 	agent, ok := hs.authenticate(token)
-	if !ok {
+	if !ok || !hs.countConnection(token) {
 		return
 	}
 	meta, err := h2tunnel.MetaFromHeaders(hs.r.Header)

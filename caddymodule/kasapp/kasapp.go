@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/agentserver"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 )
@@ -67,6 +68,10 @@ type pooledTunnels struct {
 	// across reloads like our tunnels.
 	grpc  *grpctunnel.Server
 	modes *modeTracker
+	// connections counts each agent token's connections per minute for
+	// every kubernetes_agent handler, across reloads as GitLab's KAS
+	// counts them across its nodes.
+	connections *agentserver.MemoryConnectionCounter
 }
 
 // modeTracker remembers the authentication mode the store's tunnels
@@ -107,7 +112,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	v, _, err := tunnelPools.LoadOrNew(localTunnelsKey, func() (caddy.Destructor, error) {
 		store := tunnel.NewStore()
-		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), grpc: grpctunnel.NewServer(a.logger), modes: new(modeTracker)}, nil
+		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), grpc: grpctunnel.NewServer(a.logger), modes: new(modeTracker),
+			connections: new(agentserver.MemoryConnectionCounter)}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("tunnel store: %w", err)
@@ -138,6 +144,11 @@ func (a *App) Router() *tunnel.Router { return a.tunnels.router }
 
 // GRPCTunnels returns the server of GitLab's agentk connections.
 func (a *App) GRPCTunnels() *grpctunnel.Server { return a.tunnels.grpc }
+
+// ConnectionCounter returns the counter of agent tokens' connections per
+// minute. It counts in this process's memory; once several nodes share
+// their tunnels through Redis, a counter in Redis takes its place here.
+func (a *App) ConnectionCounter() agentserver.ConnectionCounter { return a.tunnels.connections }
 
 // DeclareAgents adds the agents a handler accepts. Handlers call it while
 // they are provisioned.

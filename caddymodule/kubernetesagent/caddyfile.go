@@ -30,6 +30,7 @@ func parseCaddyfile(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error)
 //	    path               <path>
 //	    keepalive_interval <duration>
 //	    keepalive_timeout  <duration>
+//	    connections_per_token_per_minute <n>
 //	    agent <id> <name> {
 //	        token      <token or placeholder>
 //	        token_file <path>
@@ -64,6 +65,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				h.KeepaliveTimeout = caddy.Duration(dur)
 			}
+		case "connections_per_token_per_minute":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := strconv.ParseUint(v, 10, 64)
+			if err != nil {
+				return d.Errf("connections_per_token_per_minute: %q is not a whole number of connections (0: the default, 40000)", v)
+			}
+			h.ConnectionsPerTokenPerMinute = n
 		case "agent":
 			a, err := parseAgent(d)
 			if err != nil {

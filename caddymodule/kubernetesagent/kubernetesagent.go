@@ -53,6 +53,17 @@ type Handler struct {
 	// tunnel is closed and requests on it fail. Default: 5s.
 	KeepaliveTimeout caddy.Duration `json:"keepalive_timeout,omitempty"`
 
+	// ConnectionsPerTokenPerMinute is how many connections one agent
+	// token may open in a minute of the clock; more are refused until the
+	// next minute: our agentk's handshakes with 429 and Retry-After, and
+	// GitLab's agentk, each of whose gRPC calls counts (as GitLab's KAS
+	// counts them), with ResourceExhausted. Connections are counted per
+	// token across all kubernetes_agent handlers of the process, once the
+	// token is known to be valid. Zero means the default, 40000, as
+	// GitLab's connections_per_token_per_minute, which cannot be turned
+	// off either.
+	ConnectionsPerTokenPerMinute uint64 `json:"connections_per_token_per_minute,omitempty"`
+
 	endpoint   *agentserver.Endpoint
 	agents     *agentserver.StaticAgents // nil in GitLab mode
 	gitlabMode bool
@@ -91,7 +102,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := h.setup(app.Store(), app.GRPCTunnels(), app.GitLabMode(), ctx.Logger()); err != nil {
+	if err := h.setup(app.Store(), app.GRPCTunnels(), app.ConnectionCounter(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
 	if h.agents != nil {
@@ -103,7 +114,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // setup is Provision once the app is found; gitlab is nil in standalone
 // mode.
-func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
+func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, conns agentserver.ConnectionCounter, gitlab *kasapp.GitLabMode, logger *zap.Logger) error {
 	if h.Path == "" {
 		h.Path = DefaultPath
 	}
@@ -117,12 +128,14 @@ func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, git
 		}
 		h.gitlabMode = true
 		h.endpoint = &agentserver.Endpoint{
-			Auth:     gitlab.Agents,
-			Store:    store,
-			H2Tunnel: options,
-			GRPC:     grpcTunnels,
-			Logger:   logger,
-			Recheck:  gitlab.AgentRecheck,
+			Auth:                 gitlab.Agents,
+			Store:                store,
+			H2Tunnel:             options,
+			GRPC:                 grpcTunnels,
+			Logger:               logger,
+			Recheck:              gitlab.AgentRecheck,
+			Connections:          conns,
+			ConnectionsPerMinute: h.ConnectionsPerTokenPerMinute,
 		}
 		return nil
 	}
@@ -145,11 +158,13 @@ func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, git
 	}
 	h.agents = auth
 	h.endpoint = &agentserver.Endpoint{
-		Auth:     auth,
-		Store:    store,
-		H2Tunnel: options,
-		GRPC:     grpcTunnels,
-		Logger:   logger,
+		Auth:                 auth,
+		Store:                store,
+		H2Tunnel:             options,
+		GRPC:                 grpcTunnels,
+		Logger:               logger,
+		Connections:          conns,
+		ConnectionsPerMinute: h.ConnectionsPerTokenPerMinute,
 	}
 	return nil
 }

@@ -16,7 +16,9 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/agentserver"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 )
 
 func TestUnmarshalCaddyfile(t *testing.T) {
@@ -31,6 +33,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			input: `kubernetes_agent /agents/ {
 				keepalive_interval 30s
 				keepalive_timeout 10s
+				connections_per_token_per_minute 600
 				agent 1 prod {
 					token_file /etc/kas/prod.token
 				}
@@ -39,9 +42,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				}
 			}`,
 			want: Handler{
-				Path:              "/agents/",
-				KeepaliveInterval: caddy.Duration(30 * time.Second),
-				KeepaliveTimeout:  caddy.Duration(10 * time.Second),
+				Path:                         "/agents/",
+				KeepaliveInterval:            caddy.Duration(30 * time.Second),
+				KeepaliveTimeout:             caddy.Duration(10 * time.Second),
+				ConnectionsPerTokenPerMinute: 600,
 				Agents: []Agent{
 					{ID: 1, Name: "prod", TokenFile: "/etc/kas/prod.token"},
 					{ID: 2, Name: "staging", Token: "{env.STAGING_TOKEN}"},
@@ -56,6 +60,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "unknown in agent", input: "kubernetes_agent {\nagent 1 a {\ntokn x\n}\n}", wantErr: `unrecognized agent subdirective "tokn"`},
 		{name: "bad duration", input: "kubernetes_agent {\nkeepalive_interval soon\n}", wantErr: "keepalive_interval"},
 		{name: "two paths", input: "kubernetes_agent /a/ /b/", wantErr: "wrong argument count"},
+		{name: "connection limit zero is the default", input: "kubernetes_agent {\nconnections_per_token_per_minute 0\n}", want: Handler{}},
+		{name: "connection limit negative", input: "kubernetes_agent {\nconnections_per_token_per_minute -1\n}", wantErr: `"-1" is not a whole number`},
+		{name: "connection limit not a number", input: "kubernetes_agent {\nconnections_per_token_per_minute lots\n}", wantErr: `"lots" is not a whole number`},
+		{name: "connection limit missing", input: "kubernetes_agent {\nconnections_per_token_per_minute\n}", wantErr: "wrong argument count"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -79,7 +87,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 
 func provision(t *testing.T, h *Handler) error {
 	t.Helper()
-	if err := h.setup(tunnel.NewStore(), nil, nil, zap.NewNop()); err != nil {
+	if err := h.setup(tunnel.NewStore(), nil, new(agentserver.MemoryConnectionCounter), nil, zap.NewNop()); err != nil {
 		return err
 	}
 	return h.Validate()
@@ -151,5 +159,34 @@ func TestServeHTTPPassesOtherPaths(t *testing.T) {
 		if rec.Code != tt.want {
 			t.Errorf("%s: status %d, want %d", tt.path, rec.Code, tt.want)
 		}
+	}
+}
+
+// TestConnectionLimitApplied: the handler's endpoint counts the
+// connections of a valid token against connections_per_token_per_minute.
+// A handshake counts once its token is valid, before its metadata is
+// read, so handshakes with malformed metadata (400, no hijacking needed)
+// show the count.
+func TestConnectionLimitApplied(t *testing.T) {
+	h := &Handler{Agents: []Agent{{ID: 1, Name: "a", Token: "agent-token"}}, ConnectionsPerTokenPerMinute: 2}
+	if err := provision(t, h); err != nil {
+		t.Fatal(err)
+	}
+	var codes []int
+	for range 3 {
+		r := httptest.NewRequest(http.MethodGet, DefaultPath, nil)
+		r.Header = http.Header{
+			"Connection": {"Upgrade"}, "Upgrade": {"websocket"}, "Sec-Websocket-Version": {"13"},
+			"Sec-Websocket-Key": {"dGhlIHNhbXBsZSBub25jZQ=="}, "Sec-Websocket-Protocol": {h2tunnel.Subprotocol},
+			"Authorization": {"Bearer agent-token"}, h2tunnel.HeaderPodID: {"not a number"},
+		}
+		rec := httptest.NewRecorder()
+		if err := h.ServeHTTP(rec, r, nil); err != nil {
+			t.Fatal(err)
+		}
+		codes = append(codes, rec.Code)
+	}
+	if want := []int{http.StatusBadRequest, http.StatusBadRequest, http.StatusTooManyRequests}; !reflect.DeepEqual(codes, want) {
+		t.Errorf("answers %v, want %v", codes, want)
 	}
 }

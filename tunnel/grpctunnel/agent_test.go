@@ -48,10 +48,13 @@ type admission struct {
 	token string
 	agent tunnel.AgentInfo
 
-	mu       sync.Mutex // guards admitted and checks
+	mu       sync.Mutex // guards the fields below
 	admitted []tunnel.Tunnel
 	checks   int
-	ready    chan tunnel.Tunnel // receives every admitted tunnel
+	calls    int // counted by CountCall
+	// callLimit, if positive, is how many calls CountCall lets through.
+	callLimit int
+	ready     chan tunnel.Tunnel // receives every admitted tunnel
 }
 
 func newAdmission(token string, agentID int64) *admission {
@@ -66,6 +69,16 @@ func (a *admission) Authenticate(_ context.Context, token string) (tunnel.AgentI
 		return tunnel.AgentInfo{}, status.Error(codes.Unauthenticated, "unknown agent token")
 	}
 	return a.agent, nil
+}
+
+func (a *admission) CountCall(context.Context, string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.callLimit > 0 && a.calls >= a.callLimit {
+		return status.Error(codes.ResourceExhausted, "call limit reached")
+	}
+	a.calls++
+	return nil
 }
 
 func (a *admission) Admit(t tunnel.Tunnel, token string) {

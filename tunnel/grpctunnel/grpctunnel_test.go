@@ -16,6 +16,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/reversetunnelrpc"
 )
 
 const agentToken = "gitlab-agent-token"
@@ -315,6 +316,47 @@ func TestWrongTokenRefused(t *testing.T) {
 	}
 	if n := adm.numChecks(); n != 2 {
 		t.Errorf("%d token checks, want 2: a connection's known token is not checked again per call", n)
+	}
+}
+
+// TestCallsCounted: every call of an authenticated agent is counted
+// before it is served, and one the admission refuses is not served.
+func TestCallsCounted(t *testing.T) {
+	srv := grpctunnel.NewServer(nil)
+	defer srv.Close()
+	adm := newAdmission(agentToken, 5)
+	adm.callLimit = 2
+	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: "wrong"}
+	if err := a.register(context.Background(), 1); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("Register with a wrong token = %v, want Unauthenticated", err)
+	}
+	a.token = agentToken
+	for i := range 2 {
+		if err := a.register(context.Background(), 1); err != nil {
+			t.Fatalf("call %d within the limit: %v", i+1, err)
+		}
+	}
+	if err := a.register(context.Background(), 1); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("call over the limit = %v, want the admission's ResourceExhausted", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := reversetunnelrpc.NewReverseTunnelClient(a.conn).Connect(a.ctx(ctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("tunnel stream over the limit = %v, want ResourceExhausted", err)
+	}
+	select {
+	case tun := <-adm.ready:
+		t.Errorf("admitted %v with a stream over the limit", tun)
+	default:
+	}
+	adm.mu.Lock()
+	defer adm.mu.Unlock()
+	if adm.calls != 2 {
+		t.Errorf("%d calls counted, want 2: a refused token is not counted", adm.calls)
 	}
 }
 

@@ -48,6 +48,12 @@ type Admission interface {
 	// agent (agentk backs off), Unavailable when the token cannot be
 	// checked now.
 	Authenticate(ctx context.Context, token string) (tunnel.AgentInfo, error)
+	// CountCall is told of every call whose token authenticated, before
+	// the call is served, and returns an error that is a gRPC status for
+	// the agent if the call may not go on: ResourceExhausted for a token
+	// over its limit of calls per minute (GitLab's KAS counts every call
+	// against connections_per_token_per_minute).
+	CountCall(ctx context.Context, token string) error
 	// Admit takes a tunnel whose agent is known and keeps it for as long
 	// as it lives, re-checking token meanwhile. It is called once per
 	// connection.

@@ -34,8 +34,8 @@ type services struct {
 	srv *Server
 }
 
-// authorize authenticates the call's agent token and returns the
-// connection, admitting its tunnel on the first authenticated call.
+// authorize authenticates the call's agent token, has the admission count
+// the call, and returns the connection.
 func (s *services) authorize(ctx context.Context) (*agentConn, error) {
 	c, err := connFrom(ctx)
 	if err != nil {
@@ -46,6 +46,9 @@ func (s *services) authorize(ctx context.Context) (*agentConn, error) {
 		return nil, err
 	}
 	if err := c.authorize(ctx, token); err != nil {
+		return nil, err
+	}
+	if err := c.admission.CountCall(ctx, token); err != nil {
 		return nil, err
 	}
 	return c, nil
