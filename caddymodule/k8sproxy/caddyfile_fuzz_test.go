@@ -1,12 +1,9 @@
 package k8sproxy
 
 import (
-	"encoding/json"
-	"reflect"
-	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/caddyfiletest"
 )
 
 // FuzzUnmarshalCaddyfile checks that parsing the k8s_proxy directive
@@ -37,35 +34,6 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, input string) {
-		if !tokenizes(input) {
-			return
-		}
-		var h Handler
-		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
-			return
-		}
-		b, err := json.Marshal(h)
-		if err != nil {
-			t.Fatalf("accepted %q, but its JSON config cannot be written: %v", input, err)
-		}
-		var again Handler
-		if err := json.Unmarshal(b, &again); err != nil {
-			t.Fatalf("accepted %q, but its JSON config %s cannot be read: %v", input, b, err)
-		}
-		if !reflect.DeepEqual(h, again) {
-			t.Fatalf("accepted %q as\n%+v\nbut its JSON config %s reads as\n%+v", input, h, b, again)
-		}
+		caddyfiletest.CheckRoundTrip[Handler](t, input)
 	})
-}
-
-// tokenizes reports whether NewTestDispenser can read input: it exits the
-// process on a Caddyfile that does not tokenize (an open quote, say), and
-// it first substitutes {$ENV} placeholders, whose values depend on the
-// machine.
-func tokenizes(input string) bool {
-	if strings.Contains(input, "{$") {
-		return false
-	}
-	_, err := caddyfile.Tokenize([]byte(input), "Testfile")
-	return err == nil
 }
