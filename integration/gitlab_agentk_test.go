@@ -15,8 +15,9 @@ import (
 )
 
 // GitLab's own agentk (v16.5, unchanged) dials Caddy over a WebSocket with
-// the subprotocol ws-tunnel and runs gRPC inside it. These helpers run it
-// as its README says, beside our agentk (agentk_test.go).
+// the subprotocol ws-tunnel and runs gRPC inside it, or, given a grpcs://
+// address, makes its gRPC calls on the site's own HTTP/2. These helpers run
+// it as its README says, beside our agentk (agentk_test.go).
 
 const (
 	// gitlabAgentkEnv names GitLab's agentk binary.
@@ -30,6 +31,9 @@ const (
 	// wsTunnelProtocol is the "protocol" field of Caddy's log entries about
 	// GitLab's agentk's tunnels.
 	wsTunnelProtocol = "ws-tunnel"
+	// grpcProtocol is that field for GitLab's agentk dialing grpcs://, its
+	// gRPC calls on the site's own HTTP/2 connection.
+	grpcProtocol = "grpc"
 )
 
 // gitlabAgentkBin returns the path of GitLab's agentk. When there is none,
@@ -67,6 +71,27 @@ type gitlabAgentkOptions struct {
 	token       string // empty: the agent's token from the Caddy config
 	kubeContext string // context of the cluster's kubeconfig; empty: adminUser
 	podName     string // POD_NAME; empty: gitlab-agentk-<agent id>
+	kubeconfig  string // the cluster's kubeconfig; empty: the test kube-apiserver's
+	// grpc makes it dial grpcs://localhost:<port>, gRPC on the site's own
+	// HTTP/2, instead of the WebSocket (wss://…/-/kubernetes-agent/).
+	grpc bool
+}
+
+// kasAddress is the --kas-address of a GitLab's agentk with these options.
+func (o gitlabAgentkOptions) kasAddress(c *caddyServer) string {
+	if o.grpc {
+		return fmt.Sprintf("grpcs://localhost:%d", c.httpsPort)
+	}
+	return c.agentURL()
+}
+
+// protocol is the "protocol" field of Caddy's log entries about the
+// tunnels of a GitLab's agentk with these options.
+func (o gitlabAgentkOptions) protocol() string {
+	if o.grpc {
+		return grpcProtocol
+	}
+	return wsTunnelProtocol
 }
 
 // gitlabAgentk is one running GitLab's agentk connected (or trying to
@@ -76,8 +101,9 @@ type gitlabAgentk struct {
 	options          gitlabAgentkOptions
 	proc             *kubetest.Process
 	observabilityURL string
-	// connectedBefore is how many ws-tunnel "agent connected" entries for
-	// the agent Caddy had logged before this process started.
+	// connectedBefore is how many "agent connected" entries for the agent
+	// with its protocol (gitlabAgentkOptions.protocol) Caddy had logged
+	// before this process started.
 	connectedBefore int
 }
 
@@ -100,16 +126,16 @@ func (c *caddyServer) startGitLabAgentk(t testing.TB, options gitlabAgentkOption
 		caddy:            c,
 		options:          options,
 		observabilityURL: "http://" + observabilityAddress,
-		connectedBefore:  countAgentLogEntries(c.proc.Stderr(), "agent connected", options.agentID, wsTunnelProtocol),
+		connectedBefore:  countAgentLogEntries(c.proc.Stderr(), "agent connected", options.agentID, options.protocol()),
 	}
 	a.proc = startOwnedProcess(t, kubetest.ProcessSpec{
 		Name:   name,
 		Binary: bin,
 		Args: []string{
-			"--kas-address", c.agentURL(),
+			"--kas-address", options.kasAddress(c),
 			"--token-file", tokenFile,
 			"--ca-cert-file", c.rootCAFile(),
-			"--kubeconfig", c.suite.cluster.Kubeconfig,
+			"--kubeconfig", cmp.Or(options.kubeconfig, c.suite.cluster.Kubeconfig),
 			"--context", options.kubeContext,
 			"--cache-dir", cacheDir,
 			"--observability-listen-address", observabilityAddress,
@@ -129,8 +155,9 @@ func (a *gitlabAgentk) restart(t testing.TB) *gitlabAgentk {
 }
 
 // waitConnected waits until Caddy has logged that it admitted this
-// agentk's ws-tunnel tunnel, and then until a GET of the cluster's
-// /version with the authorization header probe succeeds through Caddy.
+// agentk's tunnel (ws-tunnel, or grpc with gitlabAgentkOptions.grpc), and
+// then until a GET of the cluster's /version with the authorization header
+// probe succeeds through Caddy.
 // With another agentk of the same agent connected, the probe may take the
 // other tunnel.
 func (a *gitlabAgentk) waitConnected(t testing.TB, probe string) {
@@ -140,8 +167,8 @@ func (a *gitlabAgentk) waitConnected(t testing.TB, probe string) {
 		if !a.proc.Running() {
 			return kubetest.Permanent(fmt.Errorf("%s exited: %w", a.proc.Name, a.proc.ExitError()))
 		}
-		if n := countAgentLogEntries(c.proc.Stderr(), "agent connected", a.options.agentID, wsTunnelProtocol); n <= a.connectedBefore {
-			return fmt.Errorf("caddy logged no new \"agent connected\" with protocol %s for agent %d", wsTunnelProtocol, a.options.agentID)
+		if n := countAgentLogEntries(c.proc.Stderr(), "agent connected", a.options.agentID, a.options.protocol()); n <= a.connectedBefore {
+			return fmt.Errorf("caddy logged no new \"agent connected\" with protocol %s for agent %d", a.options.protocol(), a.options.agentID)
 		}
 		return nil
 	})
