@@ -455,20 +455,14 @@ func TestRefusedWebSocketFallsBackThroughTunnel(t *testing.T) {
 // exec ends the session at the source (cat there only ends with its
 // stdin), so nothing is left running behind a client that went away.
 //
-// Not through GitLab's agentk, where this fails on the server side: Caddy
-// passes the end of the killed kubectl's connection on as a half-close
-// (close_send after the last upgrade data) and waits for the cluster to end
-// its side, without a bound. GitLab's agentk (v16.5) ignores a half-close of
-// a switched connection: it neither half-closes its connection to the
-// cluster nor ends the call, and ends the call only when the cluster ends
-// its side. The session at the source (a cat waiting for stdin) so stays
-// open until Caddy or that agentk stops. With our agentk the half-close
-// reaches the cluster, which ends the session.
+// Through our agentk the end of kubectl's connection reaches the cluster
+// as a half-close, which ends the session at once. GitLab's agentk (v16.5)
+// ignores a half-close of a switched connection (close_send after the last
+// upgrade data), so there the session ends when Caddy cancels the request
+// once the cluster has not ended its side within its grace (kubeproxy's
+// halfCloseGrace, well within streamWait).
 func TestExecInterruptedThroughTunnel(t *testing.T) {
 	forEachAgent(t, streamingAgents, func(t *testing.T, agent streamingAgent) {
-		if agent.gitlab {
-			t.Skip("fails on the server side with GitLab's agentk: the session at the source outlives the killed kubectl (see the test's comment)")
-		}
 		st := newAgentStreamingSetup(t, agent, fakecluster.Options{})
 		for _, m := range remoteCommandModes {
 			t.Run(m.name, func(t *testing.T) {

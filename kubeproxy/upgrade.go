@@ -22,6 +22,17 @@ import (
 // closes by then is gone or stuck.
 const upgradeDrainTimeout = time.Minute
 
+// halfCloseGrace is how long the cluster may keep its side of a switched
+// connection open after the client ended its own. kubectl never
+// half-closes while it works (stdin's end travels inside SPDY and
+// WebSocket); the end of its connection means it is gone. The half-close
+// is passed on, and an agent that passes it to the cluster (ours) ends
+// the session at once; one that does not (GitLab's agentk v16.5 ignores
+// the end of what KAS sends on a switched connection) would leave the
+// session running at the source, a shell waiting for input, say. After
+// this grace the request is cancelled, which ends it in either agent.
+const halfCloseGrace = 10 * time.Second
+
 // upgradeRequested returns the protocol a request asks to switch to
 // (RFC 9110 §7.8: "Connection: Upgrade" and an Upgrade header), or "".
 func upgradeRequested(h http.Header) string {
@@ -78,6 +89,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel
 	buffered, _ := brw.Reader.Peek(brw.Reader.Buffered())
 	fromClient := io.MultiReader(bytes.NewReader(buffered), conn)
 	clientDone := make(chan struct{})
+	clusterDone := make(chan struct{}) // closed once the cluster's side is copied
 	go func() {
 		defer close(clientDone)
 		_, err := io.Copy(toAgent, fromClient)
@@ -90,12 +102,22 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel
 			// for the client, the end of the cluster's output
 			// (RFC 9293 §3.6; "lingering close").
 			io.Copy(io.Discard, fromClient)
+			return
+		}
+		grace := time.NewTimer(halfCloseGrace)
+		defer grace.Stop()
+		select {
+		case <-clusterDone:
+		case <-grace.C:
+			p.log().Debug("cancelling a switched connection the client has left", zap.Int64("agent_id", access.AgentID))
+			resp.Body.Close() // cancels the request at the agent
 		}
 	}()
 
 	// Cluster to client, in this goroutine; every write goes straight to
 	// the socket.
 	_, err = io.Copy(conn, resp.Body)
+	close(clusterDone)
 	switch {
 	case err != nil:
 		if r.Context().Err() == nil {
