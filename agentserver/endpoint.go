@@ -183,7 +183,8 @@ func (hs *handshake) authenticate(token string) (agent Agent, ok bool) {
 // docs/benchmarks.md).
 func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 	info := t.Agent()
-	remove := e.Store.Add(t)
+	// Logged and counted before the tunnel is routable, so that whoever
+	// finds it finds it announced.
 	if e.Observer != nil {
 		e.Observer.AgentConnected(info)
 	}
@@ -191,6 +192,7 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 	log.Info("agent connected", zap.Int64("connection_id", meta.ConnectionID), zap.Int64("pod_id", meta.PodID),
 		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),
 		zap.String("pod_name", meta.PodName), zap.String("kubernetes_version", meta.KubernetesVersion))
+	remove := e.Store.Add(t)
 	var rc *recheck
 	if e.Recheck > 0 {
 		rc = &recheck{e: e, tunnel: t, token: token}
