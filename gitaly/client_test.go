@@ -756,10 +756,10 @@ func TestRateLimit(t *testing.T) {
 }
 
 func TestLimiterWaits(t *testing.T) {
-	l := newLimiter(RateLimit{PerSecond: 50, Burst: 1}, time.Now)
+	l := newLimiter(RateLimit{PerSecond: 50, Burst: 1})
 	start := time.Now()
 	for range 3 {
-		if err := l.wait(context.Background()); err != nil {
+		if err := waitLimit(context.Background(), l); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -770,12 +770,12 @@ func TestLimiterWaits(t *testing.T) {
 	// A cancelled wait gives its token back.
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	before := l.tokens
-	if err := l.wait(ctx); !errors.Is(err, context.Canceled) {
+	before := l.Tokens()
+	if err := waitLimit(ctx, l); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled wait: %v", err)
 	}
-	if l.tokens < before-0.001 {
-		t.Errorf("tokens %v after a cancelled wait, were %v", l.tokens, before)
+	if after := l.Tokens(); after < before-0.001 {
+		t.Errorf("tokens %v after a cancelled wait, were %v", after, before)
 	}
 }
 

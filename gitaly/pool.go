@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -64,7 +65,7 @@ type Options struct {
 	// the default (DefaultGlobalRateLimit, DefaultPerServerRateLimit); a
 	// PerSecond of +Inf turns the limit off.
 	GlobalRateLimit, PerServerRateLimit RateLimit
-	// Now tells the time for tokens and rate limits; nil means time.Now.
+	// Now tells the time for Gitaly tokens; nil means time.Now.
 	Now func() time.Time
 	// DialOptions are added to those of every connection, after the
 	// Pool's own.
@@ -75,7 +76,7 @@ type Options struct {
 // Clients of the same address and token. It is safe for concurrent use.
 type Pool struct {
 	opts   Options
-	global *limiter
+	global *rate.Limiter
 
 	mu      sync.Mutex
 	closed  bool
@@ -101,8 +102,8 @@ type sharedConn struct {
 // serverLimiter is the rate limit of one address, shared by the
 // connections to it (one per token).
 type serverLimiter struct {
-	*limiter
-	conns int // guarded by Pool.mu
+	limiter *rate.Limiter
+	conns   int // guarded by Pool.mu
 }
 
 // NewPool returns a Pool; Close it when done.
@@ -130,7 +131,7 @@ func NewPool(opts Options) (*Pool, error) {
 	}
 	return &Pool{
 		opts:    opts,
-		global:  newLimiter(opts.GlobalRateLimit, opts.Now),
+		global:  newLimiter(opts.GlobalRateLimit),
 		conns:   make(map[connKey]*sharedConn),
 		servers: make(map[string]*serverLimiter),
 	}, nil
@@ -239,13 +240,13 @@ func (p *Pool) dial(key connKey) (*sharedConn, error) {
 	}
 	server := p.servers[key.address]
 	if server == nil {
-		server = &serverLimiter{limiter: newLimiter(p.opts.PerServerRateLimit, p.opts.Now)}
+		server = &serverLimiter{limiter: newLimiter(p.opts.PerServerRateLimit)}
 	}
 	limit := func(ctx context.Context) error {
-		if err := p.global.wait(ctx); err != nil {
+		if err := waitLimit(ctx, p.global); err != nil {
 			return err
 		}
-		return server.wait(ctx)
+		return waitLimit(ctx, server.limiter)
 	}
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),

@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"sync"
-	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // RateLimit is a token bucket: calls may be made at PerSecond on average,
@@ -22,25 +22,13 @@ var (
 	DefaultPerServerRateLimit = RateLimit{PerSecond: 15, Burst: 40}
 )
 
-// limiter is a token bucket that callers wait on. A nil *limiter does not
-// limit.
-type limiter struct {
-	rate  float64 // tokens per second
-	burst float64
-	now   func() time.Time
-
-	mu     sync.Mutex
-	tokens float64 // may go negative: tokens reserved by waiting calls
-	last   time.Time
-}
-
-// newLimiter returns a limiter for l, or nil if l does not limit
-// (PerSecond is infinite).
-func newLimiter(l RateLimit, now func() time.Time) *limiter {
+// newLimiter returns a token bucket for l that starts full, or nil if l
+// does not limit (PerSecond is infinite).
+func newLimiter(l RateLimit) *rate.Limiter {
 	if math.IsInf(l.PerSecond, 1) {
 		return nil
 	}
-	return &limiter{rate: l.PerSecond, burst: float64(l.Burst), tokens: float64(l.Burst), now: now, last: now()}
+	return rate.NewLimiter(rate.Limit(l.PerSecond), l.Burst)
 }
 
 func (l RateLimit) validate() error {
@@ -53,40 +41,19 @@ func (l RateLimit) validate() error {
 	return nil
 }
 
-// wait takes one token, waiting for it as long as ctx allows. It fails at
-// once, taking nothing, if ctx's deadline comes before the token would.
-func (l *limiter) wait(ctx context.Context) error {
+// waitLimit takes one token of l, waiting for it as long as ctx allows. It
+// fails at once, taking nothing, if ctx's deadline comes before the token
+// would; a wait cut short gives its token back. A nil l does not limit.
+func waitLimit(ctx context.Context, l *rate.Limiter) error {
 	if l == nil {
 		return ctx.Err()
 	}
-	l.mu.Lock()
-	now := l.now()
-	if elapsed := now.Sub(l.last); elapsed > 0 {
-		l.tokens = math.Min(l.burst, l.tokens+elapsed.Seconds()*l.rate)
-		l.last = now
+	if err := l.Wait(ctx); err != nil {
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return ctxErr
+		}
+		// The deadline is nearer than the token.
+		return fmt.Errorf("gitaly rate limit: %w: %w", err, context.DeadlineExceeded)
 	}
-	l.tokens--
-	if l.tokens >= 0 {
-		l.mu.Unlock()
-		return nil
-	}
-	delay := time.Duration(-l.tokens / l.rate * float64(time.Second))
-	if deadline, ok := ctx.Deadline(); ok && deadline.Sub(now) < delay {
-		l.tokens++
-		l.mu.Unlock()
-		return fmt.Errorf("gitaly rate limit: waiting %v would pass the deadline: %w", delay, context.DeadlineExceeded)
-	}
-	l.mu.Unlock()
-
-	t := time.NewTimer(delay)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		l.mu.Lock()
-		l.tokens++
-		l.mu.Unlock()
-		return ctx.Err()
-	}
+	return nil
 }

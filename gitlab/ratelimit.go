@@ -4,8 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"sync"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // GitLab's defaults of gitlab.api_rate_limit (kas-spec §8.1): the calls
@@ -56,12 +57,7 @@ func rateLimited(err error) (wait time.Duration, ok bool) {
 // flood of requests with made-up tokens the waiters would only pile up.
 // A nil *RateLimiter allows every call. It is safe for concurrent use.
 type RateLimiter struct {
-	rate float64 // tokens regained per second
-	size float64 // the most tokens the bucket holds
-
-	mu     sync.Mutex // guards tokens and last
-	tokens float64
-	last   time.Time // when tokens was last brought up to date
+	bucket *rate.Limiter
 }
 
 // NewRateLimiter returns a full bucket of bucketSize tokens that regains
@@ -73,7 +69,7 @@ func NewRateLimiter(refillPerSecond float64, bucketSize int) (*RateLimiter, erro
 	if bucketSize <= 0 {
 		return nil, fmt.Errorf("rate limit: bucket size %d must be a positive integer", bucketSize)
 	}
-	return &RateLimiter{rate: refillPerSecond, size: float64(bucketSize), tokens: float64(bucketSize), last: time.Now()}, nil
+	return &RateLimiter{bucket: rate.NewLimiter(rate.Limit(refillPerSecond), bucketSize)}, nil
 }
 
 // Take takes a token if there is one. If there is none, it takes nothing
@@ -83,16 +79,9 @@ func (l *RateLimiter) Take() (ok bool, wait time.Duration) {
 		return true, 0
 	}
 	now := time.Now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if elapsed := now.Sub(l.last); elapsed > 0 {
-		l.tokens = min(l.size, l.tokens+elapsed.Seconds()*l.rate)
-	}
-	l.last = now
-	if l.tokens >= 1 {
-		l.tokens--
+	if l.bucket.AllowN(now, 1) {
 		return true, 0
 	}
-	missing := (1 - l.tokens) / l.rate // seconds
+	missing := (1 - l.bucket.TokensAt(now)) / float64(l.bucket.Limit()) // seconds
 	return false, max(time.Duration(math.Ceil(missing*float64(time.Second))), time.Nanosecond)
 }
