@@ -57,12 +57,8 @@ func (p *Proxy) handleCORS(w http.ResponseWriter, r *http.Request) (answered boo
 	return true
 }
 
-// deleteCORSHeaders removes the cluster's own CORS headers from a
-// response: the proxy's policy is the only one the browser may see.
-func deleteCORSHeaders(h http.Header) {
-	for k := range h {
-		if len(k) >= len("Access-Control-") && strings.EqualFold(k[:len("Access-Control-")], "Access-Control-") {
-			delete(h, k)
-		}
-	}
+// isCORSHeader reports whether k is a CORS response header
+// (Access-Control-*).
+func isCORSHeader(k string) bool {
+	return len(k) >= len("Access-Control-") && strings.EqualFold(k[:len("Access-Control-")], "Access-Control-")
 }

@@ -223,9 +223,7 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 // every read so that watch events and log lines arrive at once.
 func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.Response, access *Access) {
 	h := w.Header()
-	for k, vs := range p.allowedResponseHeader(resp.Header, access.AgentID) {
-		h[k] = append(h[k], vs...)
-	}
+	p.copyAllowedResponseHeader(h, resp.Header, access.AgentID)
 	p.addVia(h, r)
 	w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(w)
@@ -260,9 +258,9 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 	}
 }
 
-// allowedResponseHeader returns the headers of the cluster's answer that
-// may reach the client, and logs the others.
-func (p *Proxy) allowedResponseHeader(h http.Header, agentID int64) http.Header {
+// copyAllowedResponseHeader adds to dst the headers of the cluster's answer
+// h that may reach the client, and logs the others.
+func (p *Proxy) copyAllowedResponseHeader(dst, h http.Header, agentID int64) {
 	p.responseHeadersOnce.Do(func() {
 		p.responseHeaders = newResponseHeaders(p.ExtraAllowedResponseHeaders, func(name string, agentID int64, count int) {
 			// The name only: a value may be anything, a secret included.
@@ -270,11 +268,7 @@ func (p *Proxy) allowedResponseHeader(h http.Header, agentID int64) http.Header 
 				zap.String("header", name), zap.Int64("agent_id", agentID), zap.Int("count", count))
 		})
 	})
-	if p.AllowedOrigin != "" {
-		h = h.Clone()
-		deleteCORSHeaders(h) // ours are set already; not the cluster's to block
-	}
-	return p.responseHeaders.filter(h, agentID)
+	p.responseHeaders.copyAllowed(dst, h, agentID, p.AllowedOrigin != "")
 }
 
 // addVia appends this proxy's Via element to h, with the protocol the

@@ -186,23 +186,23 @@ func newResponseHeaders(extra []string, log func(name string, agentID int64, cou
 	return r
 }
 
-// filter returns the headers of h that may reach the client: its
+// copyAllowed adds to dst the headers of h that may reach the client: its
 // end-to-end headers (RFC 9110 §7.6.1) that are allowed, under their
-// canonical names. Every other end-to-end header is counted as blocked for
-// agentID; h is not changed.
-func (r *responseHeaders) filter(h http.Header, agentID int64) http.Header {
-	end := h.Clone()
-	httpheader.RemoveHopByHop(end)
-	out := make(http.Header, len(end))
-	for k, vs := range end {
+// canonical names, less the cluster's CORS headers when dropCORS (ours are
+// set already: not the cluster's to block). Every other end-to-end header
+// is counted as blocked for agentID. h is not changed, and nothing is
+// copied but what reaches dst: this runs for every proxied response.
+func (r *responseHeaders) copyAllowed(dst, h http.Header, agentID int64, dropCORS bool) {
+	for k, vs := range h {
 		k = http.CanonicalHeaderKey(k)
-		if r.allowed[k] {
-			out[k] = append(out[k], vs...)
-			continue
+		switch {
+		case httpheader.IsHopByHop(h, k), dropCORS && isCORSHeader(k):
+		case r.allowed[k]:
+			dst[k] = append(dst[k], vs...)
+		default:
+			r.blocked.add(k, agentID)
 		}
-		r.blocked.add(k, agentID)
 	}
-	return out
 }
 
 // blockedLogInterval is how often at most one header name is logged as

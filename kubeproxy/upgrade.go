@@ -73,7 +73,8 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, req *tunnel
 		return
 	}
 	defer conn.Close()
-	switched := p.allowedResponseHeader(resp.Header, access.AgentID)
+	switched := make(http.Header, len(resp.Header))
+	p.copyAllowedResponseHeader(switched, resp.Header, access.AgentID)
 	switched.Set("Upgrade", resp.Header.Get("Upgrade"))
 	p.addVia(switched, r)
 	if err := writeSwitchingProtocols(brw.Writer, switched); err != nil {

@@ -43,6 +43,17 @@ func RemoveHopByHop(h http.Header) {
 	}
 }
 
+// IsHopByHop reports whether the header name is hop-by-hop in h: one of
+// RFC 9110 §7.6.1's, or one that h's Connection header names.
+func IsHopByHop(h http.Header, name string) bool {
+	for _, k := range hopByHop {
+		if strings.EqualFold(k, name) {
+			return true
+		}
+	}
+	return HasToken(h, "Connection", name)
+}
+
 // CopyEndToEnd adds src's headers to dst, less the hop-by-hop ones.
 func CopyEndToEnd(dst, src http.Header) {
 	end := src.Clone()

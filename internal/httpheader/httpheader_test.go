@@ -59,3 +59,15 @@ func TestRetryAfterSeconds(t *testing.T) {
 		}
 	}
 }
+
+func TestIsHopByHop(t *testing.T) {
+	h := http.Header{"Connection": {"X-Hop, keep-alive"}}
+	for name, want := range map[string]bool{
+		"Transfer-Encoding": true, "upgrade": true, "X-Hop": true, "x-hop": true,
+		"Content-Type": false, "X-Other": false,
+	} {
+		if got := IsHopByHop(h, name); got != want {
+			t.Errorf("IsHopByHop(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
