@@ -86,7 +86,7 @@ func TestEndpointGitLabAgentk(t *testing.T) {
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	store := tunnel.NewStore()
-	srv := grpctunnel.NewServer(nil)
+	srv := grpctunnel.NewServer()
 	client := servePipe(t, &Endpoint{Auth: auth, Store: store, GRPC: srv, Logger: zap.New(core)})
 	t.Cleanup(func() {
 		store.Close()

@@ -59,7 +59,7 @@ func TestEndpointAuthenticationRateLimited(t *testing.T) {
 	})
 	t.Run("GitLab's agentk", func(t *testing.T) {
 		core, logs := observer.New(zapcore.DebugLevel)
-		srv := grpctunnel.NewServer(nil)
+		srv := grpctunnel.NewServer()
 		store := tunnel.NewStore()
 		client := servePipe(t, &Endpoint{Auth: rateLimitedAuth{wait: time.Second}, Store: store, GRPC: srv, Logger: zap.New(core)})
 		t.Cleanup(func() {
@@ -228,7 +228,7 @@ func TestEndpointGRPCCallsCounted(t *testing.T) {
 				t.Fatal(err)
 			}
 			core, logs := observer.New(zapcore.DebugLevel)
-			srv := grpctunnel.NewServer(nil)
+			srv := grpctunnel.NewServer()
 			store := tunnel.NewStore()
 			client := servePipe(t, &Endpoint{Auth: auth, Store: store, GRPC: srv, Logger: zap.New(core), Connections: tt.counter})
 			t.Cleanup(func() {

@@ -78,7 +78,7 @@ type Pool struct {
 	opts   Options
 	global *rate.Limiter
 
-	mu      sync.Mutex
+	mu      sync.Mutex // guards closed, conns, servers and the refs and idle of every sharedConn
 	closed  bool
 	conns   map[connKey]*sharedConn
 	servers map[string]*serverLimiter // by address

@@ -112,7 +112,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	v, _, err := tunnelPools.LoadOrNew(localTunnelsKey, func() (caddy.Destructor, error) {
 		store := tunnel.NewStore()
-		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), grpc: grpctunnel.NewServer(a.logger), modes: new(modeTracker),
+		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), grpc: grpctunnel.NewServer(), modes: new(modeTracker),
 			connections: new(agentserver.MemoryConnectionCounter)}, nil
 	})
 	if err != nil {

@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -30,7 +29,6 @@ type agentConn struct {
 	closeConn   func() error
 	remoteAddr  string
 	admission   Admission
-	logger      *zap.Logger
 	connectedAt time.Time
 	// connectionID tells this connection's tunnel apart in logs and, until
 	// agentk registers its pod id, in the agent tracker.
@@ -53,12 +51,11 @@ type agentConn struct {
 	authorized [sha256.Size]byte
 }
 
-func newAgentConn(closeConn func() error, remoteAddr string, admission Admission, logger *zap.Logger) *agentConn {
+func newAgentConn(closeConn func() error, remoteAddr string, admission Admission) *agentConn {
 	return &agentConn{
 		closeConn:    closeConn,
 		remoteAddr:   remoteAddr,
 		admission:    admission,
-		logger:       logger,
 		connectedAt:  time.Now(),
 		connectionID: rand.Int64(),
 		idleAdded:    make(chan struct{}),

@@ -35,7 +35,7 @@ type env struct {
 // h, and waits for its tunnel.
 func newEnv(t *testing.T, h http.Handler, streams int) *env {
 	t.Helper()
-	srv := grpctunnel.NewServer(nil)
+	srv := grpctunnel.NewServer()
 	t.Cleanup(func() { srv.Close() })
 	adm := newAdmission(agentToken, 5)
 	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: agentToken, handler: h, echoUpgrades: true}
@@ -277,7 +277,7 @@ func TestCancelledRequestEndsWait(t *testing.T) {
 // tunnel yet; its first idle stream admits it, with the metadata Register
 // gave.
 func TestAdmittedWithFirstStream(t *testing.T) {
-	srv := grpctunnel.NewServer(nil)
+	srv := grpctunnel.NewServer()
 	defer srv.Close()
 	adm := newAdmission(agentToken, 5)
 	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: agentToken, handler: http.NotFoundHandler()}
@@ -299,7 +299,7 @@ func TestAdmittedWithFirstStream(t *testing.T) {
 }
 
 func TestWrongTokenRefused(t *testing.T) {
-	srv := grpctunnel.NewServer(nil)
+	srv := grpctunnel.NewServer()
 	defer srv.Close()
 	adm := newAdmission(agentToken, 5)
 	a := &fakeAgent{t: t, conn: connect(t, srv, adm), token: "wrong"}
@@ -322,7 +322,7 @@ func TestWrongTokenRefused(t *testing.T) {
 // TestCallsCounted: every call of an authenticated agent is counted
 // before it is served, and one the admission refuses is not served.
 func TestCallsCounted(t *testing.T) {
-	srv := grpctunnel.NewServer(nil)
+	srv := grpctunnel.NewServer()
 	defer srv.Close()
 	adm := newAdmission(agentToken, 5)
 	adm.callLimit = 2
@@ -385,7 +385,7 @@ func TestCloseEndsTunnel(t *testing.T) {
 // once the agent's calls are gone.
 func TestOverSiteHTTP2(t *testing.T) {
 	defer grpctunnel.SetH2ConnLinger(50 * time.Millisecond)()
-	srv := grpctunnel.NewServer(nil)
+	srv := grpctunnel.NewServer()
 	defer srv.Close()
 	adm := newAdmission(agentToken, 5)
 	a := &fakeAgent{t: t, conn: connectHTTP2(t, srv, adm), token: agentToken,

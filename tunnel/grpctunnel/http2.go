@@ -72,7 +72,7 @@ func (s *Server) h2ConnFor(remoteAddr string, admission Admission) *h2Conn {
 	}
 	c := &h2Conn{}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	c.agentConn = newAgentConn(func() error { c.cancel(); return nil }, remoteAddr, admission, s.logger)
+	c.agentConn = newAgentConn(func() error { c.cancel(); return nil }, remoteAddr, admission)
 	c.calls = 1
 	s.h2Conns[remoteAddr] = c
 	c.AfterDone(func() {

@@ -6,7 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	_ "google.golang.org/grpc/encoding/gzip" // GitLab's agentk compresses every call with gzip (gitlab-wire §B.1)
@@ -64,9 +63,8 @@ type Admission interface {
 // them, which outlives configuration reloads as the tunnels do. Each
 // connection remembers the [Admission] of the endpoint that accepted it.
 type Server struct {
-	grpc   *grpc.Server
-	lis    *connListener
-	logger *zap.Logger
+	grpc *grpc.Server
+	lis  *connListener
 
 	mu sync.Mutex // guards h2Conns
 	// h2Conns are the agent connections whose calls come as requests on
@@ -77,13 +75,9 @@ type Server struct {
 	serveDone chan struct{} // closed when the goroutine of grpc.Serve returns
 }
 
-// NewServer starts a server; [Server.Close] stops it. logger receives the
-// server's own failures; nil means none.
-func NewServer(logger *zap.Logger) *Server {
-	if logger == nil {
-		logger = zap.NewNop()
-	}
-	s := &Server{lis: newConnListener(), logger: logger, serveDone: make(chan struct{}), h2Conns: make(map[string]*h2Conn)}
+// NewServer starts a server; [Server.Close] stops it.
+func NewServer() *Server {
+	s := &Server{lis: newConnListener(), serveDone: make(chan struct{}), h2Conns: make(map[string]*h2Conn)}
 	s.grpc = grpc.NewServer(
 		grpc.StatsHandler(connTracker{}),
 		grpc.MaxRecvMsgSize(maxMessageSize),
@@ -108,7 +102,7 @@ func NewServer(logger *zap.Logger) *Server {
 // the server owns nc from then on. The connection's tunnel is admitted with
 // admission once a call has authenticated its agent.
 func (s *Server) Serve(nc net.Conn, remoteAddr string, admission Admission) {
-	c := newAgentConn(nc.Close, remoteAddr, admission, s.logger)
+	c := newAgentConn(nc.Close, remoteAddr, admission)
 	if !s.lis.push(&taggedConn{Conn: nc, addr: &connAddr{conn: c}}) {
 		c.Close()
 	}
