@@ -51,9 +51,7 @@ func (a *AgentAuthenticator) AuthenticateAgent(ctx context.Context, token string
 	if token == "" {
 		return agentserver.Agent{}, fmt.Errorf("%w: empty token", agentserver.ErrUnknownToken)
 	}
-	info, err := a.Cache.Get(ctx, CacheKey("agent_info", token), func(ctx context.Context) (*AgentInfo, error) {
-		return a.Client.AgentInfo(ctx, token)
-	})
+	info, err := a.Info(ctx, token)
 	if wait, ok := rateLimited(err); ok {
 		// GitLab was not asked: the agent comes back later.
 		return agentserver.Agent{}, &agentserver.RateLimitedError{RetryAfter: wait, Err: fmt.Errorf("checking the agent token with GitLab: %w", err)}
@@ -71,6 +69,16 @@ func (a *AgentAuthenticator) AuthenticateAgent(ctx context.Context, token string
 		return agentserver.Agent{}, errors.New("checking the agent token with GitLab: agent_info has no agent id")
 	}
 	return agentserver.Agent{ID: info.AgentID, Name: info.AgentName, ProjectID: info.ProjectID}, nil
+}
+
+// Info returns GitLab's agent_info answer for token, from the cache that
+// AuthenticateAgent fills: where the agent's configuration project lives,
+// for reading its configuration file. It holds the Gitaly token: never log
+// it.
+func (a *AgentAuthenticator) Info(ctx context.Context, token string) (*AgentInfo, error) {
+	return a.Cache.Get(ctx, CacheKey("agent_info", token), func(ctx context.Context) (*AgentInfo, error) {
+		return a.Client.AgentInfo(ctx, token)
+	})
 }
 
 var _ agentserver.Authenticator = (*AgentAuthenticator)(nil)

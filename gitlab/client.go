@@ -23,6 +23,7 @@ const (
 	PathAllowedAgents      = "/api/v4/job/allowed_agents"
 	PathAuthorizeProxyUser = "/api/v4/internal/kubernetes/authorize_proxy_user"
 	PathUsageMetrics       = "/api/v4/internal/kubernetes/usage_metrics"
+	PathAgentConfiguration = "/api/v4/internal/kubernetes/agent_configuration"
 )
 
 // maxResponseBody bounds how much of a GitLab answer is read. Every answer
@@ -180,6 +181,19 @@ func (c *Client) AuthorizeProxyUser(ctx context.Context, req AuthorizeProxyUserR
 // answers 204; any 2xx is success.
 func (c *Client) SendUsageMetrics(ctx context.Context, u *UsageMetrics) error {
 	return c.do(ctx, http.MethodPost, PathUsageMetrics, nil, u, true, nil)
+}
+
+// PostAgentConfiguration tells GitLab of an agent's new configuration, so
+// that Rails refreshes the agent's ci_access and user_access
+// authorizations from it (kas-spec §3.1). body is the JSON of
+// agentconfig.RailsBody. GitLab answers 204; its 404, for an agent deleted
+// since, is not an error, as GitLab's own agent server ignores it.
+func (c *Client) PostAgentConfiguration(ctx context.Context, body json.RawMessage) error {
+	err := c.do(ctx, http.MethodPost, PathAgentConfiguration, nil, body, true, nil)
+	if statusCode(err) == http.StatusNotFound {
+		return nil
+	}
+	return err
 }
 
 // checkCredential refuses a credential that cannot be sent in a header, so

@@ -242,6 +242,34 @@ func TestSendUsageMetrics(t *testing.T) {
 	}
 }
 
+func TestPostAgentConfiguration(t *testing.T) {
+	const body = `{"agent_id":5,"agent_config":{"user_access":{"projects":[{"id":"group/app"}]}}}`
+	for _, tt := range []struct {
+		status  int
+		wantErr bool
+	}{
+		{http.StatusNoContent, false},
+		{http.StatusNotFound, false}, // the agent was deleted meanwhile
+		{http.StatusBadRequest, true},
+		{http.StatusInternalServerError, true},
+	} {
+		f := newFakeGitLab(t, "")
+		f.handle(PathAgentConfiguration, func(w http.ResponseWriter, r *http.Request) {
+			if got := r.Header.Get("Content-Type"); got != "application/json" {
+				t.Errorf("Content-Type %q", got)
+			}
+			if got := string(readBody(t, r)); got != body {
+				t.Errorf("body %s, want %s", got, body)
+			}
+			w.WriteHeader(tt.status)
+		})
+		err := f.client().PostAgentConfiguration(context.Background(), json.RawMessage(body))
+		if (err != nil) != tt.wantErr {
+			t.Errorf("status %d: error %v", tt.status, err)
+		}
+	}
+}
+
 func TestClientNow(t *testing.T) {
 	// The injected clock signs the JWT. A plain server records the token:
 	// the fake GitLab would (rightly) refuse a token from another time.

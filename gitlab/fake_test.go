@@ -109,6 +109,10 @@ func (f *fakeGitLab) serve(w http.ResponseWriter, r *http.Request) {
 		f.checkJWT(r, path)
 		f.checkNoCredentialHeaders(r, path)
 		f.checkUsageBody(r, path)
+	case PathAgentConfiguration:
+		f.checkMethod(r, path, http.MethodPost)
+		f.checkJWT(r, path)
+		f.checkNoCredentialHeaders(r, path)
 	default:
 		t.Errorf("request to unexpected path %s", path)
 		http.NotFound(w, r)
