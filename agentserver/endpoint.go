@@ -23,6 +23,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/configwatch"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
@@ -82,6 +83,15 @@ type Endpoint struct {
 	// ConnectionsPerMinute is the limit of Connections; zero means
 	// [DefaultConnectionsPerTokenPerMinute].
 	ConnectionsPerMinute uint64
+	// Configs, if set, keeps the configuration of every agent with a
+	// tunnel here current for as long as it has one (GitLab mode: read
+	// from the agent's configuration project and handed to GitLab), and
+	// GitLab's agentk gets it through GetConfiguration. Nil: agents have
+	// no configuration, and GetConfiguration stays silent.
+	Configs *configwatch.Watcher
+	// GitLabExternalURL is GitLab's external URL, part of the
+	// configuration GitLab's agentk gets; empty if not known.
+	GitLabExternalURL string
 }
 
 // recheckTimeout bounds one re-check of a connected agent's token.
@@ -193,6 +203,10 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 		zap.String("agent_version", meta.Version), zap.String("pod_namespace", meta.PodNamespace),
 		zap.String("pod_name", meta.PodName), zap.String("kubernetes_version", meta.KubernetesVersion))
 	remove := e.Store.Add(t)
+	unwatch := func() {}
+	if e.Configs != nil {
+		unwatch = e.Configs.Watch(info.ID, token)
+	}
 	var rc *recheck
 	if e.Recheck > 0 {
 		rc = &recheck{e: e, tunnel: t, token: token}
@@ -203,6 +217,7 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 			rc.stop()
 		}
 		remove()
+		unwatch()
 		if e.Observer != nil {
 			e.Observer.AgentDisconnected(info)
 		}

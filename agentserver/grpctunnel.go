@@ -11,8 +11,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/caddy-kas/caddy-kas/agentconfig"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentconfigurationrpc"
 	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
@@ -126,4 +128,20 @@ func (a *grpcAdmission) Admit(t tunnel.Tunnel, token string) {
 	info := t.Agent()
 	a.e.admit(t, token, a.e.logger().With(zap.String("remote_addr", a.remoteAddr),
 		zap.Int64("agent_id", info.ID), zap.String("agent_name", info.Name), zap.String("protocol", a.protocol)))
+}
+
+// Configuration implements [grpctunnel.Admission] with the endpoint's
+// configuration watcher.
+func (a *grpcAdmission) Configuration(agentID int64) (*agentconfigurationrpc.ConfigurationResponse, <-chan struct{}) {
+	if a.e.Configs == nil {
+		return nil, nil
+	}
+	cfg, changed := a.e.Configs.Configuration(agentID)
+	if cfg == nil {
+		return nil, changed
+	}
+	return &agentconfigurationrpc.ConfigurationResponse{
+		Configuration: agentconfig.ToAgentConfiguration(cfg.File, cfg.AgentID, cfg.ProjectID, cfg.ProjectPath, a.e.GitLabExternalURL),
+		CommitId:      cfg.CommitID,
+	}, changed
 }

@@ -101,11 +101,15 @@ type Config struct {
 type Watcher struct {
 	wg sync.WaitGroup // the agents' poll loops
 
-	mu        sync.Mutex // guards opts, closed, agents, published and the fields of every agent marked so
+	mu        sync.Mutex // guards opts, closed, agents, published, starts and the fields of every agent marked so
 	opts      Options
 	closed    bool
 	agents    map[int64]*agent
 	published map[int64]string // agent id -> commit GitLab last accepted
+	// starts holds, for agents that are not watched, a channel closed
+	// when a watch begins: GitLab's agentk asks for its configuration
+	// before its tunnel is admitted.
+	starts map[int64]chan struct{}
 }
 
 // agent is the watch of one agent, held by its tunnels on this node.
@@ -123,7 +127,7 @@ type agent struct {
 
 // New returns a Watcher. Close it when done.
 func New(opts Options) *Watcher {
-	return &Watcher{opts: opts, agents: make(map[int64]*agent), published: make(map[int64]string)}
+	return &Watcher{opts: opts, agents: make(map[int64]*agent), published: make(map[int64]string), starts: make(map[int64]chan struct{})}
 }
 
 // SetOptions replaces the options, for a new server configuration; the
@@ -172,6 +176,10 @@ func (w *Watcher) Watch(agentID int64, token string) (release func()) {
 		ctx, cancel := context.WithCancel(context.Background())
 		a = &agent{id: agentID, poke: make(chan struct{}, 1), cancel: cancel, changed: make(chan struct{})}
 		w.agents[agentID] = a
+		if ch := w.starts[agentID]; ch != nil {
+			close(ch)
+			delete(w.starts, agentID)
+		}
 		w.wg.Add(1)
 		go func() {
 			defer w.wg.Done()
@@ -238,15 +246,24 @@ func (a *agent) pokeNow() {
 }
 
 // Configuration returns the current configuration of agentID, nil if none
-// has been read yet (or the agent is not watched), and a channel that is
-// closed when that changes. For an agent that is not watched the channel
-// is nil, and never closes.
+// has been read yet or the agent is not watched, and a channel that is
+// closed when that changes: when a new configuration is read, the watch
+// ends, or, for an agent that is not watched, a watch begins. Once the
+// Watcher is closed the channel is nil, and never closes.
 func (w *Watcher) Configuration(agentID int64) (*Config, <-chan struct{}) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.closed {
+		return nil, nil
+	}
 	a := w.agents[agentID]
 	if a == nil {
-		return nil, nil
+		ch := w.starts[agentID]
+		if ch == nil {
+			ch = make(chan struct{})
+			w.starts[agentID] = ch
+		}
+		return nil, ch
 	}
 	return a.cfg, a.changed
 }
@@ -263,6 +280,10 @@ func (w *Watcher) Agents() int {
 func (w *Watcher) Close() {
 	w.mu.Lock()
 	w.closed = true
+	for id, ch := range w.starts {
+		close(ch)
+		delete(w.starts, id)
+	}
 	for id, a := range w.agents {
 		delete(w.agents, id)
 		a.cancel()

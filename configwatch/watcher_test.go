@@ -403,7 +403,8 @@ func TestWatchLifetime(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the end of the watch did not close the changed channel")
 	}
-	if cfg, ch := h.watcher.Configuration(agentID); cfg != nil || ch != nil || h.watcher.Agents() != 0 {
+	cfg, started := h.watcher.Configuration(agentID)
+	if cfg != nil || h.watcher.Agents() != 0 {
 		t.Fatal("the agent is still watched after its last tunnel went")
 	}
 
@@ -411,6 +412,11 @@ func TestWatchLifetime(t *testing.T) {
 	// which has this commit, is not told again.
 	release3 := h.watcher.Watch(agentID, agentToken)
 	defer release3()
+	select {
+	case <-started:
+	default:
+		t.Fatal("a new watch did not close the channel Configuration gave while the agent was not watched")
+	}
 	h.waitConfig(c1)
 	h.noPost()
 

@@ -28,6 +28,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/entity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentconfigurationrpc"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentregistrarrpc"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/grpctool"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/kubernetesapirpc"
@@ -55,10 +56,30 @@ type admission struct {
 	// callLimit, if positive, is how many calls CountCall lets through.
 	callLimit int
 	ready     chan tunnel.Tunnel // receives every admitted tunnel
+	config    *agentconfigurationrpc.ConfigurationResponse
+	changed   chan struct{} // closed by setConfig
+}
+
+// setConfig makes cfg the agent's configuration.
+func (a *admission) setConfig(cfg *agentconfigurationrpc.ConfigurationResponse) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.config = cfg
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+func (a *admission) Configuration(agentID int64) (*agentconfigurationrpc.ConfigurationResponse, <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if agentID != a.agent.ID {
+		panic(fmt.Sprintf("configuration of agent %d asked for on a connection of agent %d", agentID, a.agent.ID))
+	}
+	return a.config, a.changed
 }
 
 func newAdmission(token string, agentID int64) *admission {
-	return &admission{token: token, agent: tunnel.AgentInfo{ID: agentID, Name: "agent"}, ready: make(chan tunnel.Tunnel, 4)}
+	return &admission{token: token, agent: tunnel.AgentInfo{ID: agentID, Name: "agent"}, ready: make(chan tunnel.Tunnel, 4), changed: make(chan struct{})}
 }
 
 func (a *admission) Authenticate(_ context.Context, token string) (tunnel.AgentInfo, error) {

@@ -16,6 +16,8 @@ import (
 	"github.com/caddy-kas/caddy-kas/identity"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentcfg"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentconfigurationrpc"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/reversetunnelrpc"
 )
 
@@ -112,6 +114,58 @@ func TestRegisterFeedsTracker(t *testing.T) {
 	m := e.t.Agent().Meta
 	if m.PodID != 8817 || m.Version != "v16.5.0" || m.PodName != "agentk-0" || m.KubernetesVersion != "v1.32.13" || m.KubernetesPlatform != "linux/amd64" || m.ConnectionID == 0 {
 		t.Errorf("meta after Register: %+v", m)
+	}
+}
+
+func TestGetConfigurationStreamsEachNewCommit(t *testing.T) {
+	e := newEnv(t, http.NotFoundHandler(), 1)
+	cfg := func(commit string) *agentconfigurationrpc.ConfigurationResponse {
+		return &agentconfigurationrpc.ConfigurationResponse{CommitId: commit, Configuration: &agentcfg.AgentConfiguration{AgentId: 5, ProjectPath: "group/agents"}}
+	}
+	e.adm.setConfig(cfg("c1"))
+	client := agentconfigurationrpc.NewAgentConfigurationClient(e.agent.conn)
+
+	// agentk that has c1 already is sent nothing until c2.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := client.GetConfiguration(e.agent.ctx(ctx), &agentconfigurationrpc.ConfigurationRequest{CommitId: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *agentconfigurationrpc.ConfigurationResponse)
+	go func() {
+		defer close(got)
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			got <- resp
+		}
+	}()
+	e.adm.setConfig(cfg("c1")) // same commit again: nothing to send
+	e.adm.setConfig(cfg("c2"))
+	if resp := <-got; resp.GetCommitId() != "c2" || resp.GetConfiguration().GetProjectPath() != "group/agents" {
+		t.Fatalf("got %v", resp)
+	}
+
+	// A new stream without a commit gets the current one at once.
+	stream2, err := client.GetConfiguration(e.agent.ctx(ctx), &agentconfigurationrpc.ConfigurationRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := stream2.Recv(); err != nil || resp.GetCommitId() != "c2" {
+		t.Fatalf("got %v, %v", resp, err)
+	}
+
+	// The tunnel's end ends the streams.
+	e.agentMayFail = true
+	e.t.Close()
+	if _, ok := <-got; ok {
+		t.Fatal("a configuration after the tunnel closed")
+	}
+	if _, err := stream2.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("stream after close: %v", err)
 	}
 }
 

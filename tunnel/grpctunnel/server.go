@@ -57,6 +57,10 @@ type Admission interface {
 	// as it lives, re-checking token meanwhile. It is called once per
 	// connection.
 	Admit(t tunnel.Tunnel, token string)
+	// Configuration returns the configuration of the agent as
+	// GetConfiguration streams it, nil while none is known, and a channel
+	// that is closed when that changes; a nil channel never is.
+	Configuration(agentID int64) (*agentconfigurationrpc.ConfigurationResponse, <-chan struct{})
 }
 
 // Server serves GitLab's agentk connections: one gRPC server for all of

@@ -138,19 +138,36 @@ func (s *services) Register(ctx context.Context, req *agentregistrarrpc.Register
 	return &agentregistrarrpc.RegisterResponse{}, nil
 }
 
-// GetConfiguration holds the stream open: the agent's configuration is not
-// read from GitLab yet, and agentk tolerates a silent stream, leaving the
-// modules that need it idle.
-func (s *services) GetConfiguration(_ *agentconfigurationrpc.ConfigurationRequest, stream grpc.ServerStreamingServer[agentconfigurationrpc.ConfigurationResponse]) error {
+// GetConfiguration streams the agent's configuration (gitlab-wire §B.5):
+// the current one, unless agentk says it has that commit already, then
+// each new one, until the stream or the connection ends. While none is
+// known (standalone mode, or not read yet) the stream stays silent, which
+// agentk tolerates, leaving the modules that need it idle.
+func (s *services) GetConfiguration(req *agentconfigurationrpc.ConfigurationRequest, stream grpc.ServerStreamingServer[agentconfigurationrpc.ConfigurationResponse]) error {
 	c, err := s.authorize(stream.Context())
 	if err != nil {
 		return err
 	}
-	select {
-	case <-stream.Context().Done():
-		return status.FromContextError(stream.Context().Err()).Err()
-	case <-c.Done():
-		return status.Error(codes.Unavailable, "connection closing")
+	// A configuration is a few hundred bytes, sent once per commit:
+	// compressing it is not worth the CPU.
+	_ = grpc.SetSendCompressor(stream.Context(), encoding.Identity)
+	id := c.Agent().ID
+	sent := req.GetCommitId()
+	for {
+		resp, changed := c.admission.Configuration(id)
+		if resp != nil && resp.GetCommitId() != sent {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			sent = resp.GetCommitId()
+		}
+		select {
+		case <-stream.Context().Done():
+			return status.FromContextError(stream.Context().Err()).Err()
+		case <-c.Done():
+			return status.Error(codes.Unavailable, "connection closing")
+		case <-changed:
+		}
 	}
 }
 
