@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
 
+	"github.com/caddy-kas/caddy-kas/gitaly"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/configprojectrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
@@ -75,9 +76,14 @@ type Server struct {
 	Version string
 	// GitRef is the commit we were built from.
 	GitRef string
-	// OnGitPush, if set, is called for every Git push Rails reports, for
-	// usage metrics. It must return quickly: Rails waits for the answer.
+	// OnGitPush, if set, is called for every Git push Rails reports: to
+	// poll the configuration of the agents of that project at once, and
+	// for usage metrics. It must return quickly: Rails waits for the
+	// answer.
 	OnGitPush func(projectID int64, fullPath string)
+	// Gitaly reads the repositories ListAgentConfigFiles lists. Nil
+	// answers ListAgentConfigFiles with Unavailable.
+	Gitaly *gitaly.Pool
 	// Logger receives the logs; nil means no logs.
 	Logger *zap.Logger
 }

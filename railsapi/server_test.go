@@ -3,6 +3,8 @@ package railsapi
 import (
 	"context"
 	"net"
+	"os/exec"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +17,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/caddy-kas/caddy-kas/gitaly"
+	"github.com/caddy-kas/caddy-kas/integration/fakegitaly"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/configprojectrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/entity"
@@ -320,41 +324,79 @@ func TestGitPushEventNoCallback(t *testing.T) {
 }
 
 func TestListAgentConfigFiles(t *testing.T) {
-	c := start(t, &Server{})
-	repo := func(f func(*entity.GitalyRepository)) *entity.GitalyRepository {
-		r := &entity.GitalyRepository{
-			StorageName:   "default",
-			RelativePath:  "@hashed/6b/86/6b86b273.git",
-			GlRepository:  "project-1",
-			GlProjectPath: "group/project",
-		}
-		if f != nil {
-			f(r)
-		}
-		return r
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Skip("git is not installed")
 	}
-	gitaly := &entity.GitalyInfo{Address: "tcp://gitaly:8075", Token: "secret", Features: map[string]string{"gitaly-feature-foo": "true"}}
+	g := fakegitaly.Start(t, fakegitaly.Options{Token: "gitaly-secret"})
+	pool, err := gitaly.NewPool(gitaly.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pool.Close() })
+	c := start(t, &Server{Gitaly: pool})
+
+	agents := g.AddRepository(fakegitaly.RepoOptions{GlRepository: "project-1", GlProjectPath: "group/project"})
+	for path, content := range map[string]string{
+		".gitlab/agents/prod/config.yaml":      "ci_access: {}\n",
+		".gitlab/agents/staging-2/config.yaml": "",
+		".gitlab/agents/Upper/config.yaml":     "", // not a DNS label
+		".gitlab/agents/dev/config.yml":        "", // not config.yaml
+		".gitlab/agents/nested/x/config.yaml":  "",
+		".gitlab/agents/nofile/README.md":      "",
+		"config.yaml":                          "",
+	} {
+		agents.WriteFile(path, content)
+	}
+	agents.Commit("agents")
+	agents.Git("checkout", "--quiet", "-b", "other")
+	agents.WriteFile(".gitlab/agents/only-on-other/config.yaml", "")
+	agents.Commit("another agent on another branch")
+	agents.Git("checkout", "--quiet", "main")
+	empty := g.AddRepository(fakegitaly.RepoOptions{GlRepository: "project-2", GlProjectPath: "group/empty"})
+	none := g.AddRepository(fakegitaly.RepoOptions{GlRepository: "project-3", GlProjectPath: "group/none"})
+	none.WriteFile("README.md", "no agents here")
+	none.Commit("readme")
+
+	repo := func(r *fakegitaly.Repo, f func(*entity.GitalyRepository)) *entity.GitalyRepository {
+		pr := &entity.GitalyRepository{StorageName: r.StorageName, RelativePath: r.RelativePath, GlRepository: r.GlRepository, GlProjectPath: r.GlProjectPath}
+		if f != nil {
+			f(pr)
+		}
+		return pr
+	}
+	info := &entity.GitalyInfo{Address: g.Address(), Token: g.Token(), Features: map[string]string{"gitaly-feature-foo": "true"}}
 	tests := []struct {
 		name string
 		req  *configprojectrpc.ListAgentConfigFilesRequest
 		want codes.Code
+		// files are the agent names listed, in Gitaly's order.
+		files []string
 	}{
-		{"valid", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(nil), GitalyInfo: gitaly}, codes.OK},
-		{"with branch", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(nil), GitalyInfo: gitaly, DefaultBranch: "main"}, codes.OK},
-		{"no repository", &configprojectrpc.ListAgentConfigFilesRequest{GitalyInfo: gitaly}, codes.InvalidArgument},
-		{"no storage", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(func(r *entity.GitalyRepository) { r.StorageName = "" }), GitalyInfo: gitaly}, codes.InvalidArgument},
-		{"no relative path", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(func(r *entity.GitalyRepository) { r.RelativePath = "" }), GitalyInfo: gitaly}, codes.InvalidArgument},
-		{"no gl_repository", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(func(r *entity.GitalyRepository) { r.GlRepository = "" }), GitalyInfo: gitaly}, codes.InvalidArgument},
-		{"no project path", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(func(r *entity.GitalyRepository) { r.GlProjectPath = "" }), GitalyInfo: gitaly}, codes.InvalidArgument},
-		{"no gitaly info", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(nil)}, codes.InvalidArgument},
-		{"no gitaly address", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(nil), GitalyInfo: &entity.GitalyInfo{Token: "secret"}}, codes.InvalidArgument},
+		{"default branch", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, nil), GitalyInfo: info}, codes.OK, []string{"prod", "staging-2"}},
+		{"named branch", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, nil), GitalyInfo: info, DefaultBranch: "other"}, codes.OK, []string{"only-on-other", "prod", "staging-2"}},
+		{"empty repository", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(empty, nil), GitalyInfo: info}, codes.OK, nil},
+		{"no agents directory", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(none, nil), GitalyInfo: info}, codes.OK, nil},
+		{"no repository", &configprojectrpc.ListAgentConfigFilesRequest{GitalyInfo: info}, codes.InvalidArgument, nil},
+		{"no storage", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, func(r *entity.GitalyRepository) { r.StorageName = "" }), GitalyInfo: info}, codes.InvalidArgument, nil},
+		{"no relative path", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, func(r *entity.GitalyRepository) { r.RelativePath = "" }), GitalyInfo: info}, codes.InvalidArgument, nil},
+		{"no gl_repository", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, func(r *entity.GitalyRepository) { r.GlRepository = "" }), GitalyInfo: info}, codes.InvalidArgument, nil},
+		{"no project path", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, func(r *entity.GitalyRepository) { r.GlProjectPath = "" }), GitalyInfo: info}, codes.InvalidArgument, nil},
+		{"no gitaly info", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, nil)}, codes.InvalidArgument, nil},
+		{"no gitaly address", &configprojectrpc.ListAgentConfigFilesRequest{Repository: repo(agents, nil), GitalyInfo: &entity.GitalyInfo{Token: "secret"}}, codes.InvalidArgument, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			resp, err := c.config.ListAgentConfigFiles(railsCtx(t), tt.req)
 			wantCode(t, err, tt.want)
-			if err == nil && len(resp.GetConfigFiles()) != 0 {
-				t.Errorf("config files = %v, want none", resp.GetConfigFiles())
+			var got []string
+			for _, f := range resp.GetConfigFiles() {
+				got = append(got, f.GetAgentName())
+				if want := ".gitlab/agents/" + f.GetAgentName() + "/config.yaml"; f.GetName() != want {
+					t.Errorf("name %q, want %q", f.GetName(), want)
+				}
+			}
+			if !slices.Equal(got, tt.files) {
+				t.Errorf("agents %v, want %v", got, tt.files)
 			}
 		})
 	}

@@ -2,11 +2,13 @@ package railsapi
 
 import (
 	"context"
+	"errors"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/caddy-kas/caddy-kas/gitaly"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/configprojectrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/serverinfo"
@@ -61,13 +63,14 @@ type configProject struct {
 	s *Server
 }
 
-// ListAgentConfigFiles validates the request and answers with an empty
-// list. Listing the files means reading the repository's tree from Gitaly
-// (gitlab-wire D), which a later change will add. Until then Rails' list of
-// configured agents is empty, while agents that are registered in GitLab
-// keep working.
-func (c *configProject) ListAgentConfigFiles(_ context.Context, req *configprojectrpc.ListAgentConfigFilesRequest) (*configprojectrpc.ListAgentConfigFilesResponse, error) {
-	repo, gitaly := req.GetRepository(), req.GetGitalyInfo()
+// ListAgentConfigFiles lists the agent configuration files of a
+// repository from its Gitaly server: the files .gitlab/agents/<name>/
+// config.yaml of its default branch (or of the branch the request names),
+// as GitLab's agent server lists them (gitlab-wire §A.5, kas-spec §3.1).
+// A repository without such files, or without commits, has none. Rails
+// shows the list as the project's configured agents.
+func (c *configProject) ListAgentConfigFiles(ctx context.Context, req *configprojectrpc.ListAgentConfigFilesRequest) (*configprojectrpc.ListAgentConfigFilesResponse, error) {
+	repo, info := req.GetRepository(), req.GetGitalyInfo()
 	var missing string
 	switch {
 	case repo == nil:
@@ -80,15 +83,56 @@ func (c *configProject) ListAgentConfigFiles(_ context.Context, req *configproje
 		missing = "repository.gl_repository"
 	case repo.GetGlProjectPath() == "":
 		missing = "repository.gl_project_path"
-	case gitaly == nil:
+	case info == nil:
 		missing = "gitaly_info"
-	case gitaly.GetAddress() == "":
+	case info.GetAddress() == "":
 		missing = "gitaly_info.address"
 	}
 	if missing != "" {
 		return nil, status.Errorf(codes.InvalidArgument, "%s is required", missing)
 	}
-	c.s.logger().Debug("listing agent configuration files (not implemented: empty list)",
-		zap.String("project_path", repo.GetGlProjectPath()))
-	return &configprojectrpc.ListAgentConfigFilesResponse{}, nil
+	if c.s.Gitaly == nil {
+		return nil, status.Error(codes.Unavailable, "no Gitaly client is configured")
+	}
+	client, err := c.s.Gitaly.Client(gitaly.Info{Address: info.GetAddress(), Token: info.GetToken(), Features: info.GetFeatures()})
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "gitaly_info: %v", err)
+	}
+	defer client.Release()
+	revision := "HEAD"
+	if b := req.GetDefaultBranch(); b != "" {
+		revision = "refs/heads/" + b
+	}
+	files, err := client.AgentConfigFiles(ctx, gitaly.Repository{
+		StorageName:                   repo.GetStorageName(),
+		RelativePath:                  repo.GetRelativePath(),
+		GitObjectDirectory:            repo.GetGitObjectDirectory(),
+		GitAlternateObjectDirectories: repo.GetGitAlternateObjectDirectories(),
+		GlRepository:                  repo.GetGlRepository(),
+		GlProjectPath:                 repo.GetGlProjectPath(),
+	}, revision)
+	if err != nil {
+		c.s.logger().Warn("cannot list agent configuration files", zap.String("project_path", repo.GetGlProjectPath()), zap.Error(err))
+		return nil, status.Errorf(gitalyCode(err), "listing agent configuration files: %v", err)
+	}
+	resp := &configprojectrpc.ListAgentConfigFilesResponse{}
+	for _, f := range files {
+		resp.ConfigFiles = append(resp.ConfigFiles, &configprojectrpc.AgentConfigFile{Name: f.Path, AgentName: f.AgentName})
+	}
+	return resp, nil
+}
+
+// gitalyCode is the gRPC code to answer Rails with for a failed Gitaly
+// call.
+func gitalyCode(err error) codes.Code {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		return codes.Canceled
+	case errors.Is(err, gitaly.ErrUnavailable):
+		return codes.Unavailable
+	default:
+		return codes.Unknown
+	}
 }
