@@ -336,6 +336,10 @@ func (w *Watcher) poll(ctx context.Context, a *agent, st *pollState) time.Durati
 	if token == "" {
 		return period // released; the loop is being stopped
 	}
+	if opts.Locate == nil || opts.Publish == nil {
+		// Not configured yet: SetOptions pokes every agent.
+		return period
+	}
 	ctx, cancel := context.WithTimeout(ctx, pollTimeout)
 	defer cancel()
 

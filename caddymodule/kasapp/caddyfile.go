@@ -39,6 +39,10 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	        allowed_agents_cache_error_ttl <duration>
 //	        usage_reporting_period         <duration>
 //	        api_rate_limit <refill per second> <bucket size>
+//	        agent_configuration_poll_period <duration>
+//	        gitaly_ca_file <path>
+//	        gitaly_global_rate_limit     <refill per second> <bucket size>
+//	        gitaly_per_server_rate_limit <refill per second> <bucket size>
 //	    }
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -68,17 +72,24 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 func (g *GitLab) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	durations := map[string]*caddy.Duration{
-		"agent_info_cache_ttl":           &g.AgentInfoCacheTTL,
-		"agent_info_cache_error_ttl":     &g.AgentInfoCacheErrorTTL,
-		"allowed_agents_cache_ttl":       &g.AllowedAgentsCacheTTL,
-		"allowed_agents_cache_error_ttl": &g.AllowedAgentsCacheErrorTTL,
+		"agent_info_cache_ttl":            &g.AgentInfoCacheTTL,
+		"agent_info_cache_error_ttl":      &g.AgentInfoCacheErrorTTL,
+		"allowed_agents_cache_ttl":        &g.AllowedAgentsCacheTTL,
+		"allowed_agents_cache_error_ttl":  &g.AllowedAgentsCacheErrorTTL,
+		"agent_configuration_poll_period": &g.AgentConfigurationPollPeriod,
 	}
 	texts := map[string]*string{
-		"url":          &g.URL,
-		"secret_file":  &g.SecretFile,
-		"ca_file":      &g.CAFile,
-		"external_url": &g.ExternalURL,
-		"api_listen":   &g.APIListen,
+		"url":            &g.URL,
+		"secret_file":    &g.SecretFile,
+		"ca_file":        &g.CAFile,
+		"external_url":   &g.ExternalURL,
+		"api_listen":     &g.APIListen,
+		"gitaly_ca_file": &g.GitalyCAFile,
+	}
+	rateLimits := map[string]**RateLimit{
+		"api_rate_limit":               &g.APIRateLimit,
+		"gitaly_global_rate_limit":     &g.GitalyGlobalRateLimit,
+		"gitaly_per_server_rate_limit": &g.GitalyPerServerRateLimit,
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		name := d.Val()
@@ -106,20 +117,20 @@ func (g *GitLab) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&g.APICertFile, &g.APIKeyFile) {
 				return d.ArgErr()
 			}
-		case name == "api_rate_limit":
+		case rateLimits[name] != nil:
 			var rate, size string
 			if !d.AllArgs(&rate, &size) {
 				return d.ArgErr()
 			}
 			r, err := strconv.ParseFloat(rate, 64)
 			if err != nil || !(r > 0) || math.IsInf(r, 0) {
-				return d.Errf("api_rate_limit: refill rate %q is not a positive number of calls per second", rate)
+				return d.Errf("%s: refill rate %q is not a positive number of calls per second", name, rate)
 			}
 			n, err := strconv.Atoi(size)
 			if err != nil || n <= 0 {
-				return d.Errf("api_rate_limit: bucket size %q is not a positive integer", size)
+				return d.Errf("%s: bucket size %q is not a positive integer", name, size)
 			}
-			g.APIRateLimit = &RateLimit{RefillRatePerSecond: r, BucketSize: n}
+			*rateLimits[name] = &RateLimit{RefillRatePerSecond: r, BucketSize: n}
 		default:
 			return d.Errf("unrecognized gitlab option %q", name)
 		}

@@ -21,10 +21,14 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/caddy-kas/caddy-kas/agentconfig"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
+	"github.com/caddy-kas/caddy-kas/configwatch"
+	"github.com/caddy-kas/caddy-kas/gitaly"
 	"github.com/caddy-kas/caddy-kas/gitlab"
 	"github.com/caddy-kas/caddy-kas/internal/buildinfo"
 	"github.com/caddy-kas/caddy-kas/railsapi"
+	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel/pb/agentcfg"
 )
 
 // GitLab puts the agent server in front of a GitLab instance: agents,
@@ -96,6 +100,30 @@ type GitLab struct {
 	// is told to retry later (429 with Retry-After). Default: 50 calls a
 	// second, in bursts of up to 250, as GitLab's gitlab.api_rate_limit.
 	APIRateLimit *RateLimit `json:"api_rate_limit,omitempty"`
+
+	// AgentConfigurationPollPeriod is how often the configuration project
+	// of each agent with a tunnel on this node is polled through Gitaly
+	// for a new .gitlab/agents/<name>/config.yaml, which is then handed to
+	// GitLab so that it grants CI and user access from it. A push that
+	// GitLab reports through the gRPC API (api_listen) makes the poll
+	// happen at once. Default: 20s, what GitLab's Linux package sets
+	// GitLab's agent.configuration.poll_period to (its own default is
+	// 300s).
+	AgentConfigurationPollPeriod caddy.Duration `json:"agent_configuration_poll_period,omitempty"`
+
+	// GitalyCAFile is the path of a PEM file of certificate authorities
+	// to trust, in addition to the system's, for Gitaly servers at tls://
+	// addresses (GitLab names each agent's Gitaly server). Default: the
+	// system's only.
+	GitalyCAFile string `json:"gitaly_ca_file,omitempty"`
+
+	// GitalyGlobalRateLimit bounds the calls to all Gitaly servers
+	// together, and GitalyPerServerRateLimit those to each Gitaly server;
+	// a call waits for room. Default: 30 calls a second in bursts of up
+	// to 70, and 15 a second in bursts of up to 40, as GitLab's
+	// gitaly.global_api_rate_limit and gitaly.per_server_api_rate_limit.
+	GitalyGlobalRateLimit    *RateLimit `json:"gitaly_global_rate_limit,omitempty"`
+	GitalyPerServerRateLimit *RateLimit `json:"gitaly_per_server_rate_limit,omitempty"`
 }
 
 // RateLimit is a token bucket: it holds up to BucketSize calls, and
@@ -128,6 +156,20 @@ func (r *RateLimit) limiter() (*gitlab.RateLimiter, error) {
 	return gitlab.NewRateLimiter(rate, size)
 }
 
+// gitaly returns the Gitaly rate limit r describes, with def for what r
+// (which may be nil) leaves out.
+func (r *RateLimit) gitaly(def gitaly.RateLimit) gitaly.RateLimit {
+	if r != nil {
+		if r.RefillRatePerSecond != 0 {
+			def.PerSecond = r.RefillRatePerSecond
+		}
+		if r.BucketSize != 0 {
+			def.Burst = r.BucketSize
+		}
+	}
+	return def
+}
+
 // Defaults of the GitLab settings, as GitLab's own agent server has them
 // (kas-spec §2.1, §2.5, §7).
 const (
@@ -154,6 +196,11 @@ type GitLabMode struct {
 	// AllowedOrigin is GitLab's external origin, for CORS; empty if not
 	// configured.
 	AllowedOrigin string
+	// Configs keeps the configuration of every agent with a tunnel on
+	// this node current, and tells GitLab of it.
+	Configs *configwatch.Watcher
+	// ExternalURL is GitLab's external URL, as configured; empty if not.
+	ExternalURL string
 }
 
 // gitlabRuntime is the running part of GitLab mode for one configuration:
@@ -166,6 +213,11 @@ type gitlabRuntime struct {
 	usage    *gitlab.Usage
 	api      *railsapi.Server
 	apiCreds credentials.TransportCredentials // nil: plain HTTP/2
+	configs  *pooledConfigs
+	gitaly   *pooledGitaly
+	// watchOptions are the options of configs' watcher under this
+	// configuration, set when it starts.
+	watchOptions configwatch.Options
 
 	mu       sync.Mutex // guards the fields below
 	grpc     *grpc.Server
@@ -185,11 +237,64 @@ type pooledUsage struct{ *gitlab.Usage }
 
 func (pooledUsage) Destruct() error { return nil }
 
+// configWatchers holds the watcher of agent configurations across
+// configuration reloads, like the tunnels whose agents it watches: a
+// tunnel admitted under an old configuration keeps its watch. Each
+// configuration hands it its own options when it starts.
+var configWatchers = caddy.NewUsagePool()
+
+const configWatcherKey = "configwatch"
+
+type pooledConfigs struct{ *configwatch.Watcher }
+
+func (p pooledConfigs) Destruct() error {
+	p.Close()
+	return nil
+}
+
+// gitalyPools holds the Gitaly connections across reloads, keyed by the
+// settings they were made with: a reload that keeps them keeps the
+// connections.
+var gitalyPools = caddy.NewUsagePool()
+
+type pooledGitaly struct {
+	*gitaly.Pool
+	key string
+}
+
+func (p *pooledGitaly) Destruct() error { return p.Close() }
+
+// loadGitalyPool takes a reference to the Gitaly pool of cfg's settings.
+func loadGitalyPool(cfg *GitLab) (*pooledGitaly, error) {
+	global := cfg.GitalyGlobalRateLimit.gitaly(gitaly.DefaultGlobalRateLimit)
+	perServer := cfg.GitalyPerServerRateLimit.gitaly(gitaly.DefaultPerServerRateLimit)
+	key := fmt.Sprintf("gitaly ca=%q global=%v per_server=%v", cfg.GitalyCAFile, global, perServer)
+	v, _, err := gitalyPools.LoadOrNew(key, func() (caddy.Destructor, error) {
+		opts := gitaly.Options{UserAgent: userAgent(), GlobalRateLimit: global, PerServerRateLimit: perServer}
+		if cfg.GitalyCAFile != "" {
+			roots, err := certPool(cfg.GitalyCAFile)
+			if err != nil {
+				return nil, fmt.Errorf("gitaly_ca_file: %w", err)
+			}
+			opts.ExtraRootCAs = roots
+		}
+		p, err := gitaly.NewPool(opts)
+		if err != nil {
+			return nil, err
+		}
+		return &pooledGitaly{Pool: p, key: key}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*pooledGitaly), nil
+}
+
 // provisionGitLab checks and loads the GitLab configuration.
 func (a *App) provisionGitLab(ctx caddy.Context) error {
 	cfg := a.GitLab
 	repl := caddy.NewReplacer()
-	for _, f := range []*string{&cfg.URL, &cfg.SecretFile, &cfg.CAFile, &cfg.ExternalURL, &cfg.APIListen, &cfg.APICertFile, &cfg.APIKeyFile} {
+	for _, f := range []*string{&cfg.URL, &cfg.SecretFile, &cfg.CAFile, &cfg.ExternalURL, &cfg.APIListen, &cfg.APICertFile, &cfg.APIKeyFile, &cfg.GitalyCAFile} {
 		*f = repl.ReplaceKnown(*f, "")
 	}
 	base, err := url.Parse(cfg.URL)
@@ -232,21 +337,51 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 	usage := v.(pooledUsage).Usage
 	a.usageTaken = true
 
+	if cfg.AgentConfigurationPollPeriod < 0 {
+		return errors.New("gitlab: agent_configuration_poll_period must not be negative")
+	}
+	gitalyPool, err := loadGitalyPool(cfg)
+	if err != nil {
+		return fmt.Errorf("gitlab: %w", err)
+	}
+	a.gitalyPool = gitalyPool
+	v, _, err = configWatchers.LoadOrNew(configWatcherKey, func() (caddy.Destructor, error) {
+		return pooledConfigs{configwatch.New(configwatch.Options{})}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("gitlab: configuration watcher: %w", err)
+	}
+	configs := v.(pooledConfigs)
+	a.configsTaken = true
+
 	agentTTL := durationOr(cfg.AgentInfoCacheTTL, defaultAgentInfoCacheTTL)
 	proxyAuth := gitlab.NewProxyAuthenticator(client, usage, a.logger.Named("gitlab"))
 	proxyAuth.AllowedAgentsCache = gitlab.NewCache[*gitlab.AllowedAgents](
 		durationOr(cfg.AllowedAgentsCacheTTL, defaultAllowedAgentsCacheTTL),
 		durationOr(cfg.AllowedAgentsCacheErrorTTL, defaultAllowedAgentsCacheErrorTTL))
+	agents := gitlab.NewAgentAuthenticator(client, agentTTL, durationOr(cfg.AgentInfoCacheErrorTTL, defaultAgentInfoCacheErrorTTL))
+	configLog := a.logger.Named("agent_configuration")
 	rt := &gitlabRuntime{
-		cfg:    cfg,
-		secret: secret,
-		client: client,
-		usage:  usage,
+		cfg:     cfg,
+		secret:  secret,
+		client:  client,
+		usage:   usage,
+		configs: &configs,
+		gitaly:  gitalyPool,
 		mode: &GitLabMode{
-			Agents:        gitlab.NewAgentAuthenticator(client, agentTTL, durationOr(cfg.AgentInfoCacheErrorTTL, defaultAgentInfoCacheErrorTTL)),
+			Agents:        agents,
 			Proxy:         proxyAuth,
 			AgentRecheck:  agentRecheck(agentTTL),
 			AllowedOrigin: origin,
+			Configs:       configs.Watcher,
+			ExternalURL:   cfg.ExternalURL,
+		},
+		watchOptions: configwatch.Options{
+			Locate:     locator(agents),
+			Publish:    publisher(client),
+			Gitaly:     gitalyPool.Pool,
+			PollPeriod: time.Duration(cfg.AgentConfigurationPollPeriod),
+			Logger:     configLog,
 		},
 	}
 	if cfg.APIListen != "" {
@@ -255,8 +390,12 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 			Connections: a.tunnels.store,
 			Version:     buildinfo.Version(),
 			GitRef:      buildinfo.Commit(),
-			OnGitPush:   func(projectID int64, _ string) { usage.GitPushNotification(projectID) },
-			Logger:      a.logger.Named("rails_api"),
+			OnGitPush: func(projectID int64, fullPath string) {
+				usage.GitPushNotification(projectID)
+				configs.Poke(fullPath)
+			},
+			Gitaly: gitalyPool.Pool,
+			Logger: a.logger.Named("rails_api"),
 		}
 		switch {
 		case cfg.APICertFile != "" && cfg.APIKeyFile != "":
@@ -285,10 +424,12 @@ func (a *App) modeKey() string {
 	return "gitlab " + a.gitlab.cfg.URL + " " + hex.EncodeToString(sum[:8])
 }
 
-// start starts the gRPC API and the usage reporter.
+// start starts the gRPC API and the usage reporter, and hands the
+// configuration watcher this configuration's GitLab and Gitaly.
 func (rt *gitlabRuntime) start(logger *zap.Logger) error {
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
+	rt.configs.SetOptions(rt.watchOptions)
 	if rt.api != nil {
 		addr, err := caddy.ParseNetworkAddress(rt.cfg.APIListen)
 		if err != nil {
@@ -364,6 +505,45 @@ func (rt *gitlabRuntime) stopRuntime() {
 	rt.wg.Wait()
 }
 
+// locator returns where an agent's configuration lives, from GitLab's
+// agent_info for its token, through the authenticator's cache.
+func locator(agents *gitlab.AgentAuthenticator) func(context.Context, string) (configwatch.Location, error) {
+	return func(ctx context.Context, token string) (configwatch.Location, error) {
+		info, err := agents.Info(ctx, token)
+		if err != nil {
+			return configwatch.Location{}, err
+		}
+		r := info.GitalyRepository
+		return configwatch.Location{
+			AgentID:     info.AgentID,
+			AgentName:   info.AgentName,
+			ProjectID:   info.ProjectID,
+			ProjectPath: r.GlProjectPath,
+			Gitaly:      gitaly.Info{Address: info.GitalyInfo.Address, Token: info.GitalyInfo.Token, Features: info.GitalyInfo.Features},
+			Repository: gitaly.Repository{
+				StorageName:                   r.StorageName,
+				RelativePath:                  r.RelativePath,
+				GitObjectDirectory:            r.GitObjectDirectory,
+				GitAlternateObjectDirectories: r.GitAlternateObjectDirectories,
+				GlRepository:                  r.GlRepository,
+				GlProjectPath:                 r.GlProjectPath,
+			},
+			DefaultBranch: info.DefaultBranch,
+		}, nil
+	}
+}
+
+// publisher returns what tells GitLab of an agent's new configuration.
+func publisher(client *gitlab.Client) func(context.Context, int64, *agentcfg.ConfigurationFile) error {
+	return func(ctx context.Context, agentID int64, f *agentcfg.ConfigurationFile) error {
+		body, err := agentconfig.RailsBody(agentID, f)
+		if err != nil {
+			return err
+		}
+		return client.PostAgentConfiguration(ctx, body)
+	}
+}
+
 // externalOrigin returns the browser origin of GitLab's external URL.
 func externalOrigin(external string) (string, error) {
 	if external == "" {
@@ -410,6 +590,20 @@ func gitlabHTTPClient(caFile string) (*http.Client, error) {
 		// points. GitLab's internal API does not redirect.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}, nil
+}
+
+// certPool reads the PEM certificates of file (for Gitaly, which trusts
+// them besides the system's roots).
+func certPool(file string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s: no PEM certificate in it", file)
+	}
+	return pool, nil
 }
 
 // agentRecheck is how often a connected agent's token is checked again for

@@ -42,13 +42,19 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 					allowed_agents_cache_error_ttl 5s
 					usage_reporting_period 0
 					api_rate_limit 12.5 100
+					agent_configuration_poll_period 5m
+					gitaly_ca_file /etc/gitlab/gitaly-ca.pem
+					gitaly_global_rate_limit 60 140
+					gitaly_per_server_rate_limit 30 80
 				}
 			}`,
 			want: `{"gitlab":{"url":"http://127.0.0.1:8181","secret_file":"/etc/gitlab/gitlab_kas_secret","ca_file":"/etc/gitlab/ca.pem",` +
 				`"external_url":"https://gitlab.example.com","api_listen":"127.0.0.1:8153","api_cert_file":"/etc/kas/api.crt","api_key_file":"/etc/kas/api.key",` +
 				`"agent_info_cache_ttl":120000000000,"agent_info_cache_error_ttl":30000000000,"allowed_agents_cache_ttl":90000000000,` +
 				`"allowed_agents_cache_error_ttl":5000000000,"usage_reporting_period":0,` +
-				`"api_rate_limit":{"refill_rate_per_second":12.5,"bucket_size":100}}}`,
+				`"api_rate_limit":{"refill_rate_per_second":12.5,"bucket_size":100},"agent_configuration_poll_period":300000000000,` +
+				`"gitaly_ca_file":"/etc/gitlab/gitaly-ca.pem","gitaly_global_rate_limit":{"refill_rate_per_second":60,"bucket_size":140},` +
+				`"gitaly_per_server_rate_limit":{"refill_rate_per_second":30,"bucket_size":80}}}`,
 		},
 		{name: "empty", input: `kas`, want: `{}`},
 		{name: "unknown option", input: "kas {\n redis localhost\n}", wantErr: `unrecognized kas option "redis"`},
@@ -60,6 +66,8 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 		{name: "api_rate_limit refill not a number", input: "kas {\n gitlab {\n api_rate_limit fast 250\n }\n}", wantErr: `refill rate "fast"`},
 		{name: "api_rate_limit bucket fractional", input: "kas {\n gitlab {\n api_rate_limit 50 2.5\n }\n}", wantErr: `bucket size "2.5" is not a positive integer`},
 		{name: "api_rate_limit bucket negative", input: "kas {\n gitlab {\n api_rate_limit 50 -1\n }\n}", wantErr: `bucket size "-1"`},
+		{name: "gitaly rate limit refill zero", input: "kas {\n gitlab {\n gitaly_per_server_rate_limit 0 40\n }\n}", wantErr: `gitaly_per_server_rate_limit: refill rate "0"`},
+		{name: "bad poll period", input: "kas {\n gitlab {\n agent_configuration_poll_period often\n }\n}", wantErr: `agent_configuration_poll_period: "often" is not a duration`},
 		{name: "gitlab twice", input: "kas {\n gitlab {\n }\n gitlab {\n }\n}", wantErr: "gitlab given twice"},
 	}
 	for _, tt := range tests {
@@ -110,6 +118,10 @@ func TestProvisionGitLabRefuses(t *testing.T) {
 		{"half of api tls", GitLab{URL: "http://gitlab", SecretFile: good, APIListen: "127.0.0.1:0", APICertFile: "a.crt"}, "go together"},
 		{"negative api rate", GitLab{URL: "http://gitlab", SecretFile: good, APIRateLimit: &RateLimit{RefillRatePerSecond: -1}}, "api_rate_limit: rate limit: refill rate"},
 		{"negative api bucket", GitLab{URL: "http://gitlab", SecretFile: good, APIRateLimit: &RateLimit{BucketSize: -1}}, "api_rate_limit: rate limit: bucket size"},
+		{"negative poll period", GitLab{URL: "http://gitlab", SecretFile: good, AgentConfigurationPollPeriod: -1}, "agent_configuration_poll_period must not be negative"},
+		{"missing gitaly ca file", GitLab{URL: "http://gitlab", SecretFile: good, GitalyCAFile: filepath.Join(dir, "gitaly.pem")}, "gitaly_ca_file"},
+		{"gitaly ca file without PEM", GitLab{URL: "http://gitlab", SecretFile: good, GitalyCAFile: short}, "gitaly_ca_file: " + short + ": no PEM certificate"},
+		{"negative gitaly rate", GitLab{URL: "http://gitlab", SecretFile: good, GitalyGlobalRateLimit: &RateLimit{RefillRatePerSecond: -1}}, "gitaly global rate limit"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -36,6 +36,10 @@ type App struct {
 	logger     *zap.Logger
 	gitlab     *gitlabRuntime // nil in standalone mode
 	usageTaken bool           // whether this config holds a reference to the usage counters
+	// configsTaken and gitalyPool say whether this config holds a
+	// reference to the configuration watcher and which Gitaly pool.
+	configsTaken bool
+	gitalyPool   *pooledGitaly
 
 	mu        sync.Mutex // guards agentSets
 	agentSets []AgentSet // what this config's kubernetes_agent handlers accept
@@ -215,12 +219,22 @@ func (a *App) Stop() error {
 	return nil
 }
 
-// Cleanup drops this config's references to the tunnel store and the usage
-// counters.
+// Cleanup drops this config's references to the tunnel store, the usage
+// counters, the configuration watcher and the Gitaly connections.
 func (a *App) Cleanup() error {
 	var errs []error
 	if a.usageTaken {
 		if _, err := usages.Delete(usageKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if a.configsTaken {
+		if _, err := configWatchers.Delete(configWatcherKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if a.gitalyPool != nil {
+		if _, err := gitalyPools.Delete(a.gitalyPool.key); err != nil {
 			errs = append(errs, err)
 		}
 	}

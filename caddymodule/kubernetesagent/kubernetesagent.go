@@ -136,6 +136,8 @@ func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, con
 			Recheck:              gitlab.AgentRecheck,
 			Connections:          conns,
 			ConnectionsPerMinute: h.ConnectionsPerTokenPerMinute,
+			Configs:              gitlab.Configs,
+			GitLabExternalURL:    gitlab.ExternalURL,
 		}
 		return nil
 	}
