@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+
+	"github.com/caddy-kas/caddy-kas/integration/fakegitaly"
 )
 
 // Agent is an agent registered in the fake GitLab, with one of its tokens.
@@ -18,7 +20,8 @@ type Agent struct {
 	// Name is the agent's name and Token the agent token agentk presents.
 	Name, Token string
 	// ProjectPath is the configuration project's full path, such as
-	// "group/project"; default "group/project-<ProjectID>".
+	// "group/project": that of the project ProjectID if it was added,
+	// else "group/project-<ProjectID>" unless given.
 	ProjectPath string
 }
 
@@ -34,11 +37,17 @@ func (s *Server) AddAgent(a Agent) {
 	if a.ID <= 0 || a.ProjectID <= 0 || a.Name == "" || a.Token == "" {
 		s.t.Fatalf("fakegitlab: AddAgent needs a positive ID and ProjectID, a Name and a Token")
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p := s.projectByIDLocked(a.ProjectID); p != nil {
+		if a.ProjectPath != "" && !strings.EqualFold(a.ProjectPath, p.Path) {
+			s.t.Fatalf("fakegitlab: AddAgent with project path %q for project %d, which is %q", a.ProjectPath, p.ID, p.Path)
+		}
+		a.ProjectPath = p.Path
+	}
 	if a.ProjectPath == "" {
 		a.ProjectPath = fmt.Sprintf("group/project-%d", a.ProjectID)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.findAgentLocked(a.Token) != nil {
 		s.t.Fatalf("fakegitlab: AddAgent with a token that is already registered")
 	}
@@ -87,9 +96,13 @@ func (s *Server) agentInfo(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	at := s.findAgentLocked(token)
 	var a Agent
+	var repo *fakegitaly.Repo
 	active := at != nil && !at.revoked
 	if active {
 		a = at.agent
+		if p := s.projectByIDLocked(a.ProjectID); p != nil {
+			repo = p.Repo
+		}
 	}
 	s.mu.Unlock()
 	if !active {
@@ -98,7 +111,15 @@ func (s *Server) agentInfo(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusUnauthorized, "401 Unauthorized")
 		return
 	}
-	writeJSON(w, http.StatusOK, agentInfoResponse(a))
+	info := agentInfoResponse(a)
+	if repo != nil {
+		info.GitalyInfo = gitalyInfoJSON{Address: s.gitaly.Address(), Token: s.gitaly.Token(), Features: map[string]string{"gitaly-feature-test-flag": "true"}}
+		info.GitalyRepository.StorageName = repo.StorageName
+		info.GitalyRepository.RelativePath = repo.RelativePath
+		info.GitalyRepository.GLRepository = repo.GlRepository
+		info.GitalyRepository.GLProjectPath = repo.GlProjectPath
+	}
+	writeJSON(w, http.StatusOK, info)
 }
 
 // agentTokenFrom takes the agent token from "Authorization: Bearer <token>"
@@ -165,6 +186,8 @@ type (
 
 // agentInfoResponse is what Rails answers for an agent on an Omnibus
 // install: Gitaly on its default socket, the project in hashed storage.
+// For a project with a repository, agentInfo puts in that of the Gitaly
+// double.
 func agentInfoResponse(a Agent) agentInfoJSON {
 	sum := sha256.Sum256(fmt.Appendf(nil, "%d", a.ProjectID))
 	hash := hex.EncodeToString(sum[:])

@@ -27,6 +27,9 @@
 //     header (Rails would ignore both, so the answer is as usual). An
 //     unknown job token is a legitimate 401; a missing one is a contract
 //     violation.
+//   - POST agent_configuration takes exactly {agent_id, agent_config},
+//     agent_config being the agent's configuration file as a JSON object;
+//     it is answered 204, or 404 for an agent GitLab does not have.
 //   - POST authorize_proxy_user takes exactly {agent_id, access_type,
 //     access_key, csrf_token} as JSON, csrf_token being required for
 //     session cookies and empty or absent for personal access tokens.
@@ -39,6 +42,22 @@
 //     each report (UsageReports).
 //   - Any other path is answered 404 and any other method 405, and both fail
 //     the test; so does a query string, which none of the endpoints takes.
+//
+// Access is decided as Rails decides it, never granted by a test: the
+// Server holds groups, projects, users with their memberships, personal
+// access tokens and sessions (AddGroup, AddProject, AddUser, AddMember,
+// AddPersonalAccessToken, AddSession), agents and jobs, and the last
+// configuration KAS posted for each agent. authorize_proxy_user grants a
+// user who is a member, Developer or above, of a project or group the
+// agent's user_access lists, with that section's access_as; allowed_agents
+// lists the agents whose ci_access names the job's project or one of its
+// groups (environments filtering), and the agents of the job's own
+// project. Entries naming projects or groups outside the root namespace of
+// the agent's configuration project count for nothing. An agent whose
+// configuration KAS never posted authorizes nobody but its own project's
+// jobs. Agents of projects added with a repository (Options.Gitaly) are
+// answered in agent_info with the Gitaly double's address and token, so
+// that KAS reads their configuration from a real git repository.
 //
 // Calls counts, per endpoint, the requests that met the contract (whatever
 // the answer), and SetFailure makes an endpoint answer with an error status

@@ -361,33 +361,143 @@ func TestAgentInfo(t *testing.T) {
 	}
 }
 
-// TestAllowedAgents checks allowed_agents (kas-spec §2.5): the job token in
-// Job-Token, the exact answer with and without an environment, an unknown
-// token as a legitimate 401, and the violations, the KAS JWT among them.
+// world fills the fixture with a small GitLab: groups platform (23),
+// platform/apps (25) and other (40); the agents' configuration projects
+// platform/deployments (3) and platform/agents2 (4), the projects
+// platform/apps/web (150), platform/apps/api (151) and other/thing (160);
+// agents 5 (of project 3), 9 (of project 4) and 12 (of project 3, no
+// configuration posted); users and their memberships, tokens and
+// sessions. Then it posts the configurations of agents 5 and 9 as KAS
+// does.
+func (f *fixture) world(t *testing.T) {
+	t.Helper()
+	f.AddGroup(Group{ID: 23, Path: "platform"})
+	f.AddGroup(Group{ID: 25, Path: "platform/apps"})
+	f.AddGroup(Group{ID: 40, Path: "other"})
+	for _, p := range []Project{{ID: 3, Path: "platform/deployments"}, {ID: 4, Path: "platform/agents2"},
+		{ID: 150, Path: "platform/apps/web"}, {ID: 151, Path: "platform/apps/api"}, {ID: 160, Path: "other/thing"}} {
+		f.AddProject(p)
+	}
+	f.AddAgent(Agent{ID: 5, ProjectID: 3, Name: "prod", Token: "agent-5-token"})
+	f.AddAgent(Agent{ID: 9, ProjectID: 4, Name: "other-agent", Token: "agent-9-token"})
+	f.AddAgent(Agent{ID: 12, ProjectID: 3, Name: "unconfigured", Token: "agent-12-token"})
+	for _, u := range []User{{1, "root"}, {2, "dev"}, {1234, "the-user"}, {1235, "web-user"}, {1236, "reporter"}} {
+		f.AddUser(u)
+	}
+	f.AddMember("root", "platform/apps/web", "maintainer")
+	f.AddMember("the-user", "platform", "developer")
+	f.AddMember("web-user", "platform/deployments", "maintainer")
+	f.AddMember("reporter", "platform", "reporter")
+	f.AddPersonalAccessToken("the-user", "glpat-1", "k8s_proxy")
+	f.AddPersonalAccessToken("the-user", "glpat-noscope", "api", "read_user")
+	f.AddPersonalAccessToken("reporter", "glpat-reporter", "k8s_proxy")
+	f.AddPersonalAccessToken("dev", "glpat-dev", "k8s_proxy")
+	f.AddSession("web-user", "cookie-1", "csrf-1")
+	f.AddSession("web-user", "cookie-expired", "csrf-x")
+	f.ExpireSession("cookie-expired")
+	f.expect(t, f.postConfig(t, `{"agent_id":5,"agent_config":{
+		"ci_access":{"projects":[{"id":"platform/apps/web","default_namespace":"ns","access_as":{"ci_job":{}}},{"id":"other/thing"},{"id":"platform/missing"}],
+		             "groups":[{"id":"platform/apps","environments":["staging","review/*"]}]},
+		"user_access":{"access_as":{"user":{}},"projects":[{"id":"platform/deployments"}],"groups":[{"id":"platform"}]}}}`), 204, "")
+	f.expect(t, f.postConfig(t, `{"agent_id":"9","agent_config":{"ci_access":{"groups":[{"id":"platform"}]},"user_access":{"projects":[{"id":"platform/deployments"}]}}}`), 204, "")
+}
+
+// postConfig posts an agent configuration body as KAS does.
+func (f *fixture) postConfig(t *testing.T, body string) response {
+	t.Helper()
+	return f.do(t, request{method: http.MethodPost, path: PathAgentConfiguration,
+		header: header(kasJWTHeader, f.kasJWT(t, nil), "Content-Type", "application/json"), body: body})
+}
+
+// TestAgentConfiguration checks agent_configuration (kas-spec §3.1): a
+// configuration as KAS posts it is answered 204 and kept, an unknown agent
+// is a legitimate 404, and a body of another shape is a violation.
+func TestAgentConfiguration(t *testing.T) {
+	f := newFixture(t, false)
+	f.world(t)
+	if got := len(f.PostedConfigurations()); got != 2 {
+		t.Fatalf("%d configurations kept, want 2", got)
+	}
+	tests := []struct {
+		name       string
+		body       string
+		wantStatus int
+		wantBody   string
+		violations []string
+	}{
+		{name: "empty configuration", body: `{"agent_id":12,"agent_config":{}}`, wantStatus: 204},
+		{name: "unknown agent", body: `{"agent_id":77,"agent_config":{}}`, wantStatus: 404, wantBody: `{"message":"404 Not found"}`},
+		{name: "no agent_config", body: `{"agent_id":12}`, wantStatus: 400, wantBody: `{"error":"agent_config is missing"}`, violations: []string{`agent_config is missing`}},
+		{name: "agent_config a string", body: `{"agent_id":12,"agent_config":"ci_access: {}"}`, wantStatus: 400, wantBody: `{"error":"agent_config is invalid"}`, violations: []string{`not a JSON object`}},
+		{name: "agent_id invalid", body: `{"agent_id":"x","agent_config":{}}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "unknown field", body: `{"agent_id":12,"agent_config":{},"commit_id":"abc"}`, wantStatus: 400, violations: []string{`unknown field "commit_id"`}},
+		{name: "ci_access entry without id", body: `{"agent_id":12,"agent_config":{"ci_access":{"projects":[{"default_namespace":"x"}]}}}`, wantStatus: 400, violations: []string{`entry without a string id`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := f.postConfig(t, tt.body)
+			wantBody := tt.wantBody
+			if wantBody == "" && tt.wantStatus == http.StatusBadRequest {
+				wantBody = string(got.body)
+			}
+			f.expect(t, got, tt.wantStatus, wantBody, tt.violations...)
+		})
+	}
+	posted := f.PostedConfigurations()
+	if len(posted) != 3 || posted[2].AgentID != 12 || string(posted[2].Body) != `{"agent_id":12,"agent_config":{}}` {
+		t.Errorf("posted %+v", posted)
+	}
+}
+
+// TestAllowedAgents checks allowed_agents (kas-spec §2.5): the agents a job
+// may use follow from the configurations posted (project entries, then
+// group entries from the innermost group out, then the agents of the
+// job's own project, each agent once, environments filtering), the roles
+// from memberships; an unknown token is a legitimate 401; and the
+// violations, the KAS JWT among them.
 func TestAllowedAgents(t *testing.T) {
 	f := newFixture(t, false)
-	f.AddJob(Job{
-		Token: "job-token", JobID: 3, PipelineID: 6, ProjectID: 150, ProjectGroups: []int64{23, 25},
-		User:        User{ID: 1, Username: "root", RolesInProject: []string{"guest", "reporter", "developer", "maintainer"}},
-		Environment: &Environment{Tier: "production", Slug: "prod"},
-		AllowedAgents: []AllowedAgent{
-			{ID: 5, ConfigProjectID: 3, DefaultNamespace: "ns", AccessAs: json.RawMessage(`{"ci_job":{}}`)},
-			{ID: 9, ConfigProjectID: 4},
-		},
-	})
-	f.AddJob(Job{Token: "bare-job-token", JobID: 4, PipelineID: 7, ProjectID: 151, User: User{ID: 2, Username: "dev"}})
+	f.world(t)
+	f.AddJob(Job{Token: "job-token", JobID: 3, PipelineID: 6, ProjectID: 150, Username: "root",
+		Environment: &Environment{Name: "production", Tier: "production", Slug: "prod"}})
+	f.AddJob(Job{Token: "bare-job-token", JobID: 4, PipelineID: 7, ProjectID: 151, Username: "dev"})
+	f.AddJob(Job{Token: "staging-job-token", JobID: 5, PipelineID: 8, ProjectID: 151, Username: "dev",
+		Environment: &Environment{Name: "review/feature-x", Tier: "development", Slug: "review-feature-x"}})
+	f.AddJob(Job{Token: "own-project-job-token", JobID: 6, PipelineID: 9, ProjectID: 3, Username: "web-user"})
+	f.AddJob(Job{Token: "other-root-job-token", JobID: 7, PipelineID: 10, ProjectID: 160, Username: "root"})
 	const fullAnswer = `{
 	  "allowed_agents": [
 	    {"id": 5, "config_project": {"id": 3}, "configuration": {"default_namespace": "ns", "access_as": {"ci_job": {}}}},
-	    {"id": 9, "config_project": {"id": 4}, "configuration": {"default_namespace": ""}}],
+	    {"id": 9, "config_project": {"id": 4}, "configuration": {}}],
 	  "job": {"id": 3}, "pipeline": {"id": 6},
 	  "project": {"id": 150, "groups": [{"id": 23}, {"id": 25}]},
 	  "user": {"id": 1, "username": "root", "roles_in_project": ["guest", "reporter", "developer", "maintainer"]},
 	  "environment": {"tier": "production", "slug": "prod"}}`
 	const bareAnswer = `{
-	  "allowed_agents": [], "job": {"id": 4}, "pipeline": {"id": 7},
-	  "project": {"id": 151, "groups": []},
+	  "allowed_agents": [{"id": 9, "config_project": {"id": 4}, "configuration": {}}],
+	  "job": {"id": 4}, "pipeline": {"id": 7},
+	  "project": {"id": 151, "groups": [{"id": 23}, {"id": 25}]},
 	  "user": {"id": 2, "username": "dev", "roles_in_project": []}}`
+	const stagingAnswer = `{
+	  "allowed_agents": [
+	    {"id": 5, "config_project": {"id": 3}, "configuration": {"environments": ["staging", "review/*"]}},
+	    {"id": 9, "config_project": {"id": 4}, "configuration": {}}],
+	  "job": {"id": 5}, "pipeline": {"id": 8},
+	  "project": {"id": 151, "groups": [{"id": 23}, {"id": 25}]},
+	  "user": {"id": 2, "username": "dev", "roles_in_project": []},
+	  "environment": {"tier": "development", "slug": "review-feature-x"}}`
+	const ownProjectAnswer = `{
+	  "allowed_agents": [
+	    {"id": 9, "config_project": {"id": 4}, "configuration": {}},
+	    {"id": 5, "config_project": {"id": 3}, "configuration": {}},
+	    {"id": 12, "config_project": {"id": 3}, "configuration": {}}],
+	  "job": {"id": 6}, "pipeline": {"id": 9},
+	  "project": {"id": 3, "groups": [{"id": 23}]},
+	  "user": {"id": 1235, "username": "web-user", "roles_in_project": ["guest", "reporter", "developer", "maintainer"]}}`
+	const otherRootAnswer = `{
+	  "allowed_agents": [], "job": {"id": 7}, "pipeline": {"id": 10},
+	  "project": {"id": 160, "groups": [{"id": 40}]},
+	  "user": {"id": 1, "username": "root", "roles_in_project": []}}`
 
 	tests := []struct {
 		name       string
@@ -399,8 +509,11 @@ func TestAllowedAgents(t *testing.T) {
 		violations []string
 		counted    bool
 	}{
-		{name: "job with environment", header: []string{"Job-Token", "job-token"}, wantStatus: 200, wantBody: fullAnswer, counted: true},
-		{name: "job without environment", header: []string{"Job-Token", "bare-job-token"}, wantStatus: 200, wantBody: bareAnswer, counted: true},
+		{name: "project entry first, then a group", header: []string{"Job-Token", "job-token"}, wantStatus: 200, wantBody: fullAnswer, counted: true},
+		{name: "group entry with environments, job without", header: []string{"Job-Token", "bare-job-token"}, wantStatus: 200, wantBody: bareAnswer, counted: true},
+		{name: "group entry with a matching environment", header: []string{"Job-Token", "staging-job-token"}, wantStatus: 200, wantBody: stagingAnswer, counted: true},
+		{name: "agents of the job's own project", header: []string{"Job-Token", "own-project-job-token"}, wantStatus: 200, wantBody: ownProjectAnswer, counted: true},
+		{name: "entries outside the root namespace do not count", header: []string{"Job-Token", "other-root-job-token"}, wantStatus: 200, wantBody: otherRootAnswer, counted: true},
 		{name: "unknown job token", header: []string{"Job-Token", "nobody"}, wantStatus: 401, wantBody: unauthorized, counted: true},
 		{name: "KAS JWT sent", header: []string{"Job-Token", "job-token"}, withJWT: true, wantStatus: 200, wantBody: fullAnswer, violations: []string{`the Gitlab-Kas-Api-Request header must not be sent to this endpoint`}, counted: true},
 		{name: "no job token", wantStatus: 401, wantBody: unauthorized, violations: []string{`GET /api/v4/job/allowed_agents: no Job-Token header`}},
@@ -430,6 +543,17 @@ func TestAllowedAgents(t *testing.T) {
 			}
 		})
 	}
+
+	// A configuration without the project's entry takes the access away.
+	f.expect(t, f.postConfig(t, `{"agent_id":5,"agent_config":{}}`), 204, "")
+	got := f.do(t, request{method: http.MethodGet, path: PathAllowedAgents, header: header("Job-Token", "job-token")})
+	var answer struct {
+		AllowedAgents []struct{ ID int64 } `json:"allowed_agents"`
+	}
+	if err := json.Unmarshal(got.body, &answer); err != nil || len(answer.AllowedAgents) != 1 || answer.AllowedAgents[0].ID != 9 {
+		t.Errorf("after agent 5's ci_access was removed: %s", got.body)
+	}
+	f.violations.take()
 }
 
 // TestAuthorizeProxyUser checks authorize_proxy_user (kas-spec §2.6): the
@@ -437,32 +561,16 @@ func TestAllowedAgents(t *testing.T) {
 // refusals Rails gives, and the violations of the request shape.
 func TestAuthorizeProxyUser(t *testing.T) {
 	f := newFixture(t, false)
-	f.AddUserAccess(UserAccess{
-		AgentID: 9999, AccessType: AccessTypePersonalAccessToken, AccessKey: "glpat-1",
-		User: User{ID: 1234, Username: "the-user"}, ConfigProjectID: 1234, AccessAs: json.RawMessage(`{"agent":{}}`),
-	})
-	f.AddUserAccess(UserAccess{
-		AgentID: 9999, AccessType: AccessTypeSessionCookie, AccessKey: "cookie-1", CSRFToken: "csrf-1",
-		User: User{ID: 1235, Username: "web-user"}, ConfigProjectID: 1234,
-		AccessAs: json.RawMessage(`{"user":{"projects":[{"id":1,"roles":["reporter","developer"]}],"groups":[{"id":2,"roles":["developer"]}]}}`),
-	})
-	f.AddUserAccess(UserAccess{
-		AgentID: 9999, AccessType: AccessTypePersonalAccessToken, AccessKey: "glpat-default",
-		User: User{ID: 1236, Username: "plain"}, ConfigProjectID: 1234,
-	})
-	for i, status := range []int{400, 403, 404} {
-		f.AddUserAccess(UserAccess{
-			AgentID: 9999, AccessType: AccessTypePersonalAccessToken, AccessKey: fmt.Sprintf("glpat-refused-%d", status),
-			Status: status, User: User{ID: int64(2000 + i), Username: "refused"}, ConfigProjectID: 1234,
-		})
-	}
+	f.world(t)
 
 	const (
-		patAnswer = `{"agent": {"id": 9999, "config_project": {"id": 1234}}, "user": {"id": 1234, "username": "the-user"},
-		  "access_as": {"agent": {}}}`
-		cookieAnswer = `{"agent": {"id": 9999, "config_project": {"id": 1234}}, "user": {"id": 1235, "username": "web-user"},
-		  "access_as": {"user": {"projects": [{"id": 1, "roles": ["reporter", "developer"]}], "groups": [{"id": 2, "roles": ["developer"]}]}}}`
-		defaultAnswer = `{"agent": {"id": 9999, "config_project": {"id": 1234}}, "user": {"id": 1236, "username": "plain"}}`
+		patAnswer = `{"agent": {"id": 5, "config_project": {"id": 3}}, "user": {"id": 1234, "username": "the-user"},
+		  "access_as": {"user": {"projects": [{"id": 3, "roles": ["guest", "reporter", "developer"]}],
+		                         "groups": [{"id": 23, "roles": ["guest", "reporter", "developer"]}]}}}`
+		cookieAnswer = `{"agent": {"id": 5, "config_project": {"id": 3}}, "user": {"id": 1235, "username": "web-user"},
+		  "access_as": {"user": {"projects": [{"id": 3, "roles": ["guest", "reporter", "developer", "maintainer"]}], "groups": []}}}`
+		defaultAnswer = `{"agent": {"id": 9, "config_project": {"id": 4}}, "user": {"id": 1234, "username": "the-user"}}`
+		forbidden     = `{"message":"403 Forbidden"}`
 	)
 	tests := []struct {
 		name        string
@@ -475,39 +583,42 @@ func TestAuthorizeProxyUser(t *testing.T) {
 		violations  []string
 		counted     bool
 	}{
-		{name: "personal access token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
-		{name: "token with empty csrf_token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1","csrf_token":""}`, wantStatus: 200, wantBody: patAnswer, counted: true},
-		{name: "session cookie", contentType: "application/json; charset=utf-8", body: `{"agent_id":9999,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":"csrf-1"}`, wantStatus: 200, wantBody: cookieAnswer, counted: true},
-		{name: "no access_as", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-default"}`, wantStatus: 200, wantBody: defaultAnswer, counted: true},
-		{name: "cookie with the wrong CSRF token", body: `{"agent_id":9999,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":"csrf-2"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
-		{name: "unknown token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-nobody"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
-		{name: "token for another agent", body: `{"agent_id":1,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
-		{name: "cookie presented as a token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"cookie-1"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
-		{name: "refused 400", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-refused-400"}`, wantStatus: 400, wantBody: `{"message":"400 Bad request - Unable to get user from request data"}`, counted: true},
-		{name: "refused 403", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-refused-403"}`, wantStatus: 403, wantBody: `{"message":"403 Forbidden"}`, counted: true},
+		{name: "personal access token", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
+		{name: "token with empty csrf_token", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1","csrf_token":""}`, wantStatus: 200, wantBody: patAnswer, counted: true},
+		{name: "session cookie", contentType: "application/json; charset=utf-8", body: `{"agent_id":5,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":"csrf-1"}`, wantStatus: 200, wantBody: cookieAnswer, counted: true},
+		{name: "configuration without access_as", body: `{"agent_id":9,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: defaultAnswer, counted: true},
+		{name: "cookie with the wrong CSRF token", body: `{"agent_id":5,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":"csrf-2"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
+		{name: "expired session", body: `{"agent_id":5,"access_type":"session_cookie","access_key":"cookie-expired","csrf_token":"csrf-x"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
+		{name: "unknown token", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-nobody"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
+		{name: "cookie presented as a token", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"cookie-1"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
+		{name: "token without the k8s_proxy scope", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-noscope"}`, wantStatus: 403, wantBody: forbidden, counted: true},
+		{name: "a reporter is not enough", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-reporter"}`, wantStatus: 403, wantBody: forbidden, counted: true},
+		{name: "a member of nothing user_access lists", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-dev"}`, wantStatus: 403, wantBody: forbidden, counted: true},
+		{name: "a maintainer of a listed project, configuration without access_as", body: `{"agent_id":9,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":"csrf-1"}`, wantStatus: 200,
+			wantBody: `{"agent": {"id": 9, "config_project": {"id": 4}}, "user": {"id": 1235, "username": "web-user"}}`, counted: true},
+		{name: "agent without a configuration", body: `{"agent_id":12,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 403, wantBody: forbidden, counted: true},
+		{name: "unknown agent", body: `{"agent_id":1,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 404, wantBody: `{"message":"404 Not found"}`, counted: true},
 		// Rails coerces agent_id with Ruby's Integer(); GitLab's KAS sends
 		// it as a string (protojson's int64).
-		{name: "agent_id as a string, as GitLab's KAS sends it", body: `{"agent_id":"9999","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
-		{name: "agent_id as a string Ruby's Integer reads", body: `{"agent_id":" +0d9_999 ","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
-		{name: "agent_id as a string of another agent", body: `{"agent_id":"1","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 401, wantBody: unauthorized, counted: true},
-		{name: "refused 404", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-refused-404"}`, wantStatus: 404, wantBody: `{"message":"404 Not found"}`, counted: true},
+		{name: "agent_id as a string, as GitLab's KAS sends it", body: `{"agent_id":"5","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
+		{name: "agent_id as a string Ruby's Integer reads", body: `{"agent_id":" +0d0_5 ","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 200, wantBody: patAnswer, counted: true},
 
-		{name: "no JWT", noJWT: true, body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 401, wantBody: jwtInvalid, violations: []string{`no Gitlab-Kas-Api-Request header`}},
-		{name: "cookie without csrf_token", body: `{"agent_id":9999,"access_type":"session_cookie","access_key":"cookie-1"}`, wantStatus: 400, wantBody: `{"error":"csrf_token is missing (required for session_cookie)"}`, violations: []string{`csrf_token is missing`}},
-		{name: "cookie with empty csrf_token", body: `{"agent_id":9999,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":""}`, wantStatus: 400, wantBody: `{"error":"csrf_token is missing (required for session_cookie)"}`, violations: []string{`csrf_token is missing`}},
-		{name: "token with a csrf_token", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1","csrf_token":"csrf-1"}`, wantStatus: 400, wantBody: `{"error":"csrf_token is set for personal_access_token (it is only for session_cookie)"}`, violations: []string{`csrf_token is set for personal_access_token`}},
-		{name: "unknown field", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1","agent_name":"x"}`, wantStatus: 400, violations: []string{`json: unknown field "agent_name"`}},
-		{name: "agent_id not an integer", body: `{"agent_id":"9999x","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
-		{name: "agent_id with a fraction", body: `{"agent_id":9999.5,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "no JWT", noJWT: true, body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 401, wantBody: jwtInvalid, violations: []string{`no Gitlab-Kas-Api-Request header`}},
+		{name: "cookie without csrf_token", body: `{"agent_id":5,"access_type":"session_cookie","access_key":"cookie-1"}`, wantStatus: 400, wantBody: `{"error":"csrf_token is missing (required for session_cookie)"}`, violations: []string{`csrf_token is missing`}},
+		{name: "cookie with empty csrf_token", body: `{"agent_id":5,"access_type":"session_cookie","access_key":"cookie-1","csrf_token":""}`, wantStatus: 400, wantBody: `{"error":"csrf_token is missing (required for session_cookie)"}`, violations: []string{`csrf_token is missing`}},
+		{name: "token with a csrf_token", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1","csrf_token":"csrf-1"}`, wantStatus: 400, wantBody: `{"error":"csrf_token is set for personal_access_token (it is only for session_cookie)"}`, violations: []string{`csrf_token is set for personal_access_token`}},
+		{name: "unknown field", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1","agent_name":"x"}`, wantStatus: 400, violations: []string{`json: unknown field "agent_name"`}},
+		{name: "agent_id not an integer", body: `{"agent_id":"5x","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "agent_id with a fraction", body: `{"agent_id":5.5,"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
 		{name: "agent_id an empty string", body: `{"agent_id":"","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
-		{name: "agent_id a list", body: `{"agent_id":[9999],"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
-		{name: "agent_id with a double underscore", body: `{"agent_id":"99__99","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
-		{name: "unknown access_type", body: `{"agent_id":9999,"access_type":"oidc","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"access_type does not have a valid value"}`, violations: []string{`access_type does not have a valid value`}},
+		{name: "agent_id a list", body: `{"agent_id":[5],"access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "agent_id with a double underscore", body: `{"agent_id":"5__5","access_type":"personal_access_token","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"agent_id is invalid"}`, violations: []string{`agent_id is invalid`}},
+		{name: "unknown access_type", body: `{"agent_id":5,"access_type":"oidc","access_key":"glpat-1"}`, wantStatus: 400, wantBody: `{"error":"access_type does not have a valid value"}`, violations: []string{`access_type does not have a valid value`}},
 		{name: "missing fields", body: `{}`, wantStatus: 400, wantBody: `{"error":"agent_id is missing, access_type is missing, access_key is missing"}`, violations: []string{`agent_id is missing, access_type is missing, access_key is missing`}},
-		{name: "empty access_key", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":""}`, wantStatus: 400, violations: []string{`access_key is empty`}},
-		{name: "data after the object", body: `{"agent_id":9999,"access_type":"personal_access_token","access_key":"glpat-1"} {}`, wantStatus: 400, violations: []string{`data after its JSON object`}},
+		{name: "empty access_key", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":""}`, wantStatus: 400, violations: []string{`access_key is empty`}},
+		{name: "data after the object", body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1"} {}`, wantStatus: 400, violations: []string{`data after its JSON object`}},
 		{name: "not an object", body: `[1]`, wantStatus: 400, violations: []string{`not a JSON object`}},
-		{name: "form content type", contentType: "application/x-www-form-urlencoded", body: `agent_id=9999`, wantStatus: 400, violations: []string{`Content-Type is "application/x-www-form-urlencoded", want application/json`}},
+		{name: "form content type", contentType: "application/x-www-form-urlencoded", body: `agent_id=5`, wantStatus: 400, violations: []string{`Content-Type is "application/x-www-form-urlencoded", want application/json`}},
 		{name: "GET", method: http.MethodGet, wantStatus: 405, wantBody: `{"message":"405 Method Not Allowed"}`, violations: []string{`GET .*authorize_proxy_user: wrong method: the endpoint takes POST`}},
 	}
 	wantCalls := 0
@@ -824,9 +935,9 @@ func TestViolationsFailTheTest(t *testing.T) {
 // for the race detector and the counts.
 func TestConcurrentCalls(t *testing.T) {
 	f := newFixture(t, false)
+	f.world(t)
 	f.AddAgent(Agent{ID: 7, ProjectID: 3, Name: "my-agent", Token: "agent-token"})
-	f.AddJob(Job{Token: "job-token", JobID: 1, PipelineID: 1, ProjectID: 3})
-	f.AddUserAccess(UserAccess{AgentID: 7, AccessType: AccessTypePersonalAccessToken, AccessKey: "glpat", ConfigProjectID: 3})
+	f.AddJob(Job{Token: "job-token", JobID: 1, PipelineID: 1, ProjectID: 3, Username: "root"})
 	const workers, rounds = 8, 10
 	jwtHeader := f.kasJWT(t, nil) // valid for 30 s, long enough
 	var wg sync.WaitGroup
@@ -840,7 +951,9 @@ func TestConcurrentCalls(t *testing.T) {
 					{request{method: "GET", path: PathAgentInfo, header: header(kasJWTHeader, jwtHeader, "Authorization", "Bearer agent-token")}, 200},
 					{request{method: "GET", path: PathAllowedAgents, header: header("Job-Token", "job-token")}, 200},
 					{request{method: "POST", path: PathAuthorizeProxyUser, header: header(kasJWTHeader, jwtHeader, "Content-Type", "application/json"),
-						body: `{"agent_id":7,"access_type":"personal_access_token","access_key":"glpat"}`}, 200},
+						body: `{"agent_id":5,"access_type":"personal_access_token","access_key":"glpat-1"}`}, 200},
+					{request{method: "POST", path: PathAgentConfiguration, header: header(kasJWTHeader, jwtHeader, "Content-Type", "application/json"),
+						body: `{"agent_id":9,"agent_config":{"ci_access":{"groups":[{"id":"platform"}]},"user_access":{"projects":[{"id":"platform/deployments"}]}}}`}, 204},
 					{request{method: "POST", path: PathUsageMetrics, header: header(kasJWTHeader, jwtHeader, "Content-Type", "application/json"),
 						body: fmt.Sprintf(`{"counters":{"gitops_sync":%d}}`, w*rounds+i)}, 204},
 				}
@@ -860,9 +973,13 @@ func TestConcurrentCalls(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	for _, path := range []string{PathAgentInfo, PathAllowedAgents, PathAuthorizeProxyUser, PathUsageMetrics} {
-		if got := f.Calls(path); got != workers*rounds {
-			t.Errorf("Calls(%s) = %d, want %d", path, got, workers*rounds)
+	for _, path := range []string{PathAgentInfo, PathAllowedAgents, PathAuthorizeProxyUser, PathUsageMetrics, PathAgentConfiguration} {
+		want := workers * rounds
+		if path == PathAgentConfiguration {
+			want += 2 // world's
+		}
+		if got := f.Calls(path); got != want {
+			t.Errorf("Calls(%s) = %d, want %d", path, got, want)
 		}
 	}
 	seen := make(map[int64]bool)

@@ -14,6 +14,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/caddy-kas/caddy-kas/integration/fakegitaly"
 )
 
 // The endpoints KAS calls, as paths on the Server.
@@ -28,6 +30,9 @@ const (
 	PathAuthorizeProxyUser = "/api/v4/internal/kubernetes/authorize_proxy_user"
 	// PathUsageMetrics is POST usage_metrics: KAS's periodic usage report.
 	PathUsageMetrics = "/api/v4/internal/kubernetes/usage_metrics"
+	// PathAgentConfiguration is POST agent_configuration: an agent's
+	// configuration file, which Rails authorizes CI jobs and users from.
+	PathAgentConfiguration = "/api/v4/internal/kubernetes/agent_configuration"
 )
 
 // SecretSize is the size of the shared secret KAS and Rails use for the KAS
@@ -39,6 +44,9 @@ type Options struct {
 	// Secret is the secret shared with KAS (the bytes the base64 secret file
 	// decodes to), exactly SecretSize bytes. NewSecret makes one.
 	Secret []byte
+	// Gitaly, if set, holds the repositories of the projects added with
+	// one: agent_info names its address and token for their agents.
+	Gitaly *fakegitaly.Server
 
 	// report, when set, receives each contract violation instead of the
 	// test's Errorf, so that the package's own tests can provoke and
@@ -66,13 +74,23 @@ type Server struct {
 	reportMu sync.Mutex
 	closed   bool
 
-	// mu guards everything below: the registered agents, jobs and user
-	// credentials, and what the Server recorded.
-	mu         sync.Mutex
-	agents     []*agentToken
-	jobs       map[string]Job // by job token
-	userAccess []UserAccess
-	calls      map[string]int // by path, requests that met the contract
+	gitaly *fakegitaly.Server // nil without Options.Gitaly
+
+	// mu guards everything below: GitLab's groups, projects, users and
+	// their credentials, agents, jobs and the configurations KAS posted,
+	// and what the Server recorded.
+	mu       sync.Mutex
+	groups   []Group
+	projects []Project
+	users    []User
+	members  []member
+	pats     []personalAccessToken
+	sessions []*session
+	agents   []*agentToken
+	jobs     map[string]Job         // by job token
+	configs  map[int64]*agentConfig // by agent id, the last valid one posted
+	posted   []PostedConfiguration
+	calls    map[string]int // by path, requests that met the contract
 	usage      []UsageReport
 	failures   map[string]int // by path, status to answer instead
 }
@@ -102,7 +120,9 @@ func start(t testing.TB, opts Options, useTLS bool) *Server {
 		secret:     append([]byte(nil), opts.Secret...),
 		report:     opts.report,
 		lateOutput: os.Stderr,
+		gitaly:     opts.Gitaly,
 		jobs:       make(map[string]Job),
+		configs:    make(map[int64]*agentConfig),
 		calls:      make(map[string]int),
 		failures:   make(map[string]int),
 	}
@@ -198,6 +218,7 @@ var endpoints = map[string]endpoint{
 	PathAllowedAgents:      {method: http.MethodGet, internal: false, handle: (*Server).allowedAgents},
 	PathAuthorizeProxyUser: {method: http.MethodPost, internal: true, handle: (*Server).authorizeProxyUser},
 	PathUsageMetrics:       {method: http.MethodPost, internal: true, handle: (*Server).usageMetrics},
+	PathAgentConfiguration: {method: http.MethodPost, internal: true, handle: (*Server).agentConfiguration},
 }
 
 // kasJWTHeader carries the KAS to GitLab JWT (kas-spec §2.2).

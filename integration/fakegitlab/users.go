@@ -10,6 +10,7 @@ import (
 	"mime"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -19,51 +20,6 @@ const (
 	AccessTypePersonalAccessToken = "personal_access_token"
 	AccessTypeSessionCookie       = "session_cookie"
 )
-
-// UserAccess is one credential authorize_proxy_user knows: a user's
-// personal access token or session cookie for one agent, and the answer.
-type UserAccess struct {
-	// AgentID is the agent the credential is presented for.
-	AgentID int64
-	// AccessType is AccessTypePersonalAccessToken or AccessTypeSessionCookie.
-	AccessType string
-	// AccessKey is the token or the (unescaped) _gitlab_kas cookie value.
-	AccessKey string
-	// CSRFToken is the CSRF token that must come with a session cookie; a
-	// different one is answered 401, as Rails does. Unused for tokens.
-	CSRFToken string
-	// Status is the answer: 0 for 200 with the JSON below, or 400, 401, 403
-	// or 404 for the refusals Rails gives.
-	Status int
-	// User is the user the credential belongs to.
-	User User
-	// ConfigProjectID is the agent's configuration project.
-	ConfigProjectID int64
-	// AccessAs is the user_access access_as as JSON, {"agent":{}} or
-	// {"user":{"projects":[...],"groups":[...]}}; nil leaves the key out,
-	// which newer Rails does when the configuration has none.
-	AccessAs json.RawMessage
-}
-
-// AddUserAccess registers a credential for authorize_proxy_user.
-func (s *Server) AddUserAccess(u UserAccess) {
-	s.t.Helper()
-	switch {
-	case u.AgentID <= 0 || u.AccessKey == "":
-		s.t.Fatalf("fakegitlab: AddUserAccess needs a positive AgentID and an AccessKey")
-	case u.AccessType != AccessTypePersonalAccessToken && u.AccessType != AccessTypeSessionCookie:
-		s.t.Fatalf("fakegitlab: AddUserAccess with access type %q", u.AccessType)
-	case u.AccessType == AccessTypeSessionCookie && u.CSRFToken == "":
-		s.t.Fatalf("fakegitlab: AddUserAccess: a session cookie needs a CSRFToken")
-	case u.Status != 0 && proxyUserRefusals[u.Status] == "":
-		s.t.Fatalf("fakegitlab: AddUserAccess with status %d, want 0, 400, 401, 403 or 404", u.Status)
-	case u.AccessAs != nil && !json.Valid(u.AccessAs):
-		s.t.Fatalf("fakegitlab: AddUserAccess: AccessAs is not JSON")
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.userAccess = append(s.userAccess, u)
-}
 
 // proxyUserRefusals are the messages of the refusals Rails gives.
 var proxyUserRefusals = map[int]string{
@@ -140,36 +96,112 @@ func (s *Server) authorizeProxyUser(w http.ResponseWriter, r *http.Request) {
 	if req.CSRFToken != nil {
 		csrf = *req.CSRFToken
 	}
+	status, resp := s.decideProxyUser(req.AgentID.value, *req.AccessType, *req.AccessKey, csrf)
+	if status != http.StatusOK {
+		writeMessage(w, status, proxyUserRefusals[status])
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// decideProxyUser decides authorize_proxy_user as Rails does
+// (Clusters::Agents::AuthorizeProxyUserService, kas-spec §2.6): the
+// credential must be a live session with its CSRF token, or a personal
+// access token with the k8s_proxy scope; the agent must exist; and the
+// user must be a member, Developer or above, of a project or group that
+// the user_access of the configuration KAS last posted for the agent
+// lists. access_as comes from that configuration; for access_as user the
+// answer lists each of those projects and groups the user may use, with
+// the user's roles there.
+func (s *Server) decideProxyUser(agentID int64, accessType, accessKey, csrf string) (int, authorizeProxyUserResponse) {
 	s.mu.Lock()
-	var match UserAccess
-	found := false
-	for _, u := range s.userAccess {
-		if u.AgentID == req.AgentID.value && u.AccessType == *req.AccessType &&
-			subtle.ConstantTimeCompare([]byte(u.AccessKey), []byte(*req.AccessKey)) == 1 {
-			match, found = u, true
+	defer s.mu.Unlock()
+	var agent *Agent
+	for _, at := range s.agents {
+		if at.agent.ID == agentID {
+			agent = &at.agent
 		}
 	}
-	s.mu.Unlock()
-	switch {
-	case !found:
-		// A legitimate answer: Rails does not know the credential for this
-		// agent.
-		writeMessage(w, http.StatusUnauthorized, proxyUserRefusals[http.StatusUnauthorized])
-	case match.AccessType == AccessTypeSessionCookie &&
-		subtle.ConstantTimeCompare([]byte(match.CSRFToken), []byte(csrf)) != 1:
-		// A legitimate answer too: the CSRF token does not go with the
-		// session.
-		writeMessage(w, http.StatusUnauthorized, proxyUserRefusals[http.StatusUnauthorized])
-	case match.Status != 0:
-		writeMessage(w, match.Status, proxyUserRefusals[match.Status])
-	default:
-		writeJSON(w, http.StatusOK, authorizeProxyUserResponse{
-			Agent: proxyAgentJSON{ID: match.AgentID, ConfigProject: idJSON{match.ConfigProjectID}},
-			User:  proxyUserJSON{ID: match.User.ID, Username: match.User.Username},
-			// nil leaves access_as out
-			AccessAs: match.AccessAs,
-		})
+	if agent == nil {
+		return http.StatusNotFound, authorizeProxyUserResponse{}
 	}
+	var userID int64
+	switch accessType {
+	case AccessTypeSessionCookie:
+		var found *session
+		for _, ss := range s.sessions {
+			if subtle.ConstantTimeCompare([]byte(ss.cookie), []byte(accessKey)) == 1 {
+				found = ss
+			}
+		}
+		if found == nil || found.expired || subtle.ConstantTimeCompare([]byte(found.csrf), []byte(csrf)) != 1 {
+			return http.StatusUnauthorized, authorizeProxyUserResponse{}
+		}
+		userID = found.userID
+	case AccessTypePersonalAccessToken:
+		var found *personalAccessToken
+		for i := range s.pats {
+			if subtle.ConstantTimeCompare([]byte(s.pats[i].token), []byte(accessKey)) == 1 {
+				found = &s.pats[i]
+			}
+		}
+		if found == nil {
+			return http.StatusUnauthorized, authorizeProxyUserResponse{}
+		}
+		if !slices.Contains(found.scopes, "k8s_proxy") {
+			return http.StatusForbidden, authorizeProxyUserResponse{}
+		}
+		userID = found.userID
+	}
+	user := s.userByIDLocked(userID)
+	cfg := s.configs[agent.ID]
+	if cfg == nil || cfg.user == nil {
+		return http.StatusForbidden, authorizeProxyUserResponse{}
+	}
+	var projects, groups []accessRolesJSON
+	for _, p := range cfg.user.projects {
+		if level := s.accessLevelLocked(userID, p.Path); level >= developerLevel {
+			projects = append(projects, accessRolesJSON{ID: p.ID, Roles: rolesUpTo(level)})
+		}
+	}
+	for _, g := range cfg.user.groups {
+		if level := s.accessLevelLocked(userID, g.Path); level >= developerLevel {
+			groups = append(groups, accessRolesJSON{ID: g.ID, Roles: rolesUpTo(level)})
+		}
+	}
+	if len(projects) == 0 && len(groups) == 0 {
+		return http.StatusForbidden, authorizeProxyUserResponse{}
+	}
+	resp := authorizeProxyUserResponse{
+		Agent: proxyAgentJSON{ID: agent.ID, ConfigProject: idJSON{agent.ProjectID}},
+		User:  proxyUserJSON{ID: user.ID, Username: user.Username},
+	}
+	var accessAs map[string]json.RawMessage
+	if cfg.user.accessAs != nil && json.Unmarshal(cfg.user.accessAs, &accessAs) == nil {
+		if _, ok := accessAs["user"]; ok {
+			resp.AccessAs, _ = json.Marshal(map[string]any{"user": map[string]any{
+				"projects": nonNil(projects), "groups": nonNil(groups)}})
+		} else {
+			resp.AccessAs = json.RawMessage(`{"agent":{}}`)
+		}
+	}
+	// Without access_as (optional since GitLab 18.3) Rails leaves the key
+	// out, and KAS uses the agent's own identity.
+	return http.StatusOK, resp
+}
+
+// accessRolesJSON is a project or group of access_as user with the user's
+// roles in it.
+type accessRolesJSON struct {
+	ID    int64    `json:"id"`
+	Roles []string `json:"roles"`
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
 }
 
 // problems lists what is wrong with a decoded request body, in the words of
@@ -230,27 +262,33 @@ const maxBody = 1 << 20
 // type must be application/json, the body one JSON object with no field v
 // does not have and nothing after it.
 func decodeJSONBody(r *http.Request, v any) error {
+	_, err := decodeJSONBodyBytes(r, v)
+	return err
+}
+
+// decodeJSONBodyBytes is decodeJSONBody that also returns the body.
+func decodeJSONBodyBytes(r *http.Request, v any) ([]byte, error) {
 	ct := r.Header.Get("Content-Type")
 	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-		return fmt.Errorf("Content-Type is %q, want application/json", ct)
+		return nil, fmt.Errorf("Content-Type is %q, want application/json", ct)
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
 	if err != nil {
-		return fmt.Errorf("read the request body: %v", err)
+		return nil, fmt.Errorf("read the request body: %v", err)
 	}
 	if len(body) > maxBody {
-		return fmt.Errorf("the request body is larger than %d bytes", maxBody)
+		return nil, fmt.Errorf("the request body is larger than %d bytes", maxBody)
 	}
 	if t := bytes.TrimSpace(body); len(t) == 0 || t[0] != '{' {
-		return errors.New("the request body is not a JSON object")
+		return nil, errors.New("the request body is not a JSON object")
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("the request body does not have the documented shape: %v", err)
+		return nil, fmt.Errorf("the request body does not have the documented shape: %v", err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("the request body has data after its JSON object")
+		return nil, errors.New("the request body has data after its JSON object")
 	}
-	return nil
+	return body, nil
 }
