@@ -27,6 +27,8 @@ import (
 	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 	"github.com/caddy-kas/caddy-kas/internal/testca"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/event"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
 )
 
 // A differential test: the same fake GitLab, the same kube-apiserver and
@@ -144,6 +146,8 @@ type gitlabKAS struct {
 	// a certificate of caFile.
 	proxyURL string
 	caFile   string
+	// apiAddress is its gRPC API for GitLab Rails (plain-text).
+	apiAddress string
 }
 
 // gitlabKASConfig is its configuration file: the least GitLab's KAS needs
@@ -192,9 +196,10 @@ func startGitLabKAS(t *testing.T, bin, dir string, e *gitlabEnv, ca *testca.CA, 
 	configFile := writeSecretFile(t, dir, "kas.yaml", config)
 
 	k := &gitlabKAS{
-		agentURL: "ws://" + agentAddr + diffAgentPath,
-		proxyURL: fmt.Sprintf("https://localhost:%d%s", ports[1], diffProxyPath),
-		caFile:   caFile,
+		apiAddress: apiAddr,
+		agentURL:   "ws://" + agentAddr + diffAgentPath,
+		proxyURL:   fmt.Sprintf("https://localhost:%d%s", ports[1], diffProxyPath),
+		caFile:     caFile,
 	}
 	k.proc = startOwnedProcess(t, kubetest.ProcessSpec{
 		Name:   "gitlab-kas",
@@ -595,58 +600,106 @@ func TestDifferentialGitLabKAS(t *testing.T) {
 
 	pair := diffPair{kas: kasRoute, caddy: caddyRoute, agentkAuth: "Bearer " + s.cluster.Tokens[adminUser]}
 
+	// A job of the agent's own project may use it without any
+	// configuration (Rails authorizes it implicitly).
 	probe := fakegitlab.Job{Token: kubetest.NewToken("probe job token"), JobID: 3999, PipelineID: 500, ProjectID: glProjectID,
-		User:          fakegitlab.User{ID: 7, Username: "deploy-bot"},
-		AllowedAgents: []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID}}}
+		Username: glDeployBot.Username}
 	e.gitlab.AddJob(probe)
 	for _, r := range []*diffRoute{kasRoute, caddyRoute} {
 		r.waitRouted(t, fmt.Sprintf("Bearer ci:%d:%s", glAgentID, probe.Token))
 	}
+	kasRails := newRailsClient(t, gkas.apiAddress, e.secret)
 
-	ciToken := func(name, accessAs string) string {
-		j := fakegitlab.Job{
-			Token: kubetest.NewToken("ci job token: " + name), JobID: 4001, PipelineID: 501, ProjectID: 200, ProjectGroups: []int64{23, 25},
-			User:        fakegitlab.User{ID: 7, Username: "deploy-bot", RolesInProject: []string{"developer"}},
-			Environment: &fakegitlab.Environment{Tier: "production", Slug: "prod"},
+	// setConfig commits a configuration, tells both agent servers of the
+	// push as Rails does, and waits until each has posted it to GitLab:
+	// the same body, which is also the one the configuration's author
+	// meant.
+	setConfig := func(t *testing.T, content string) {
+		t.Helper()
+		before := len(e.gitlab.PostedConfigurations())
+		e.repo.WriteFile(glConfigPath, content)
+		commit := e.repo.Commit("change the agent's configuration")
+		for _, rails := range []*railsClient{e.rails, kasRails} {
+			_, err := notificationsrpc.NewNotificationsClient(rails.conn).GitPushEvent(rails.ctx(t, nil, "gitlab-kas"),
+				&notificationsrpc.GitPushEventRequest{Event: &event.GitPushEvent{Project: &event.Project{Id: glProjectID, FullPath: glProjectPath}}})
+			if err != nil {
+				t.Fatalf("GitPushEvent: %v", err)
+			}
 		}
-		a := fakegitlab.AllowedAgent{ID: glAgentID, ConfigProjectID: glProjectID, DefaultNamespace: "default"}
+		want := railsBody(t, content)
+		var ours, theirs []byte
+		err := kubetest.Eventually(60*time.Second, func() error {
+			for _, p := range e.gitlab.PostedConfigurations()[before:] {
+				if !strings.HasPrefix(p.UserAgent, "gitlab-kas/") {
+					ours = p.Body
+				} else {
+					theirs = p.Body
+				}
+			}
+			if ours == nil || theirs == nil {
+				return fmt.Errorf("commit %s: posted by caddy-kas: %t, by GitLab's KAS: %t", commit, ours != nil, theirs != nil)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !jsonEqual(ours, theirs) {
+			t.Errorf("agent_configuration bodies for commit %s differ:\nGitLab's KAS: %s\ncaddy-kas:    %s", commit, theirs, ours)
+		}
+		if !jsonEqual(ours, want) {
+			t.Errorf("agent_configuration body %s, want %s", ours, want)
+		}
+	}
+	ciConfig := func(accessAs string) string {
+		c := "ci_access:\n  projects:\n  - id: " + glAppProjectPath + "\n    default_namespace: default\n"
 		if accessAs != "" {
-			a.AccessAs = json.RawMessage(accessAs)
+			c += "    access_as: " + accessAs + "\n"
 		}
-		j.AllowedAgents = []fakegitlab.AllowedAgent{a}
+		return c
+	}
+	userConfig := func(accessAs string) string {
+		return "user_access:\n  access_as: " + accessAs + "\n  projects: [{id: " + glProjectPath + "}]\n  groups: [{id: " + glGroupPath + "}]\n"
+	}
+	ciToken := func(name string) string {
+		j := fakegitlab.Job{
+			Token: kubetest.NewToken("ci job token: " + name), JobID: 4001, PipelineID: 501, ProjectID: glAppProjectID,
+			Username:    glDeployBot.Username,
+			Environment: &fakegitlab.Environment{Name: "production", Tier: "production", Slug: "prod"},
+		}
 		e.gitlab.AddJob(j)
 		return fmt.Sprintf("ci:%d:%s", glAgentID, j.Token)
 	}
-	userToken := func(name, accessAs string) string {
+	userToken := func(name string) string {
 		pat := kubetest.NewToken("personal access token: " + name)
-		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-			AccessKey: pat, User: fakegitlab.User{ID: 42, Username: "maria"}, ConfigProjectID: glProjectID,
-			AccessAs: json.RawMessage(accessAs)})
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
 		return patToken(glAgentID, pat)
 	}
 	tests := []struct {
 		name     string
-		token    string
+		config   string
+		token    func(string) string
 		as       []string // kubectl flags of client impersonation
 		wantUser string   // Impersonate-User at the apiserver; empty: none
 	}{
-		{name: "CI access_as ci_job", token: ciToken("ci_job", `{"ci_job":{}}`), wantUser: "gitlab:ci_job:4001"},
-		{name: "CI access_as impersonate", token: ciToken("impersonate",
-			`{"impersonate":{"username":"ci-deployer","uid":"u-1","groups":["deployers","auditors"],"extra":[{"key":"team","val":["platform","sre"]},{"key":"example.com/scope","val":["a b"]}]}}`), wantUser: "ci-deployer"},
-		{name: "CI access_as agent", token: ciToken("agent", `{"agent":{}}`)},
-		{name: "CI access_as absent", token: ciToken("no access_as", "")},
-		{name: "CI access_as agent with kubectl --as", token: ciToken("agent with --as", `{"agent":{}}`),
+		{name: "CI access_as ci_job", config: ciConfig("{ci_job: {}}"), token: ciToken, wantUser: "gitlab:ci_job:4001"},
+		{name: "CI access_as impersonate", config: ciConfig(`{impersonate: {username: ci-deployer, uid: u-1, groups: [deployers, auditors], extra: [{key: team, val: [platform, sre]}, {key: example.com/scope, val: ["a b"]}]}}`),
+			token: ciToken, wantUser: "ci-deployer"},
+		{name: "CI access_as agent", config: ciConfig("{agent: {}}"), token: ciToken},
+		{name: "CI access_as absent", config: ciConfig(""), token: ciToken},
+		{name: "CI access_as agent with kubectl --as", config: ciConfig("{agent: {}}"), token: ciToken,
 			as: []string{"--as", aliceUser, "--as-group", "dev", "--as-group", viewersGroup, "--as-uid", "alice-uid"}, wantUser: aliceUser},
-		{name: "user access_as user via PAT", token: userToken("user",
-			`{"user":{"projects":[{"id":100,"roles":["developer","maintainer"]}],"groups":[{"id":23,"roles":["developer"]}]}}`), wantUser: "gitlab:user:maria"},
-		{name: "user access_as agent via PAT", token: userToken("agent", `{"agent":{}}`)},
-		{name: "user access_as agent via PAT with kubectl --as", token: userToken("agent with --as", `{"agent":{}}`),
+		{name: "user access_as user via PAT", config: userConfig("{user: {}}"), token: userToken, wantUser: "gitlab:user:maria"},
+		{name: "user access_as agent via PAT", config: userConfig("{agent: {}}"), token: userToken},
+		{name: "user access_as agent via PAT with kubectl --as", config: userConfig("{agent: {}}"), token: userToken,
 			as: []string{"--as", aliceUser, "--as-group", viewersGroup}, wantUser: aliceUser},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			kasOut, kasSeen := kasRoute.whoami(t, tt.token, tt.as...)
-			caddyOut, caddySeen := caddyRoute.whoami(t, tt.token, tt.as...)
+			setConfig(t, tt.config)
+			token := tt.token(tt.name)
+			kasOut, kasSeen := kasRoute.whoami(t, token, tt.as...)
+			caddyOut, caddySeen := caddyRoute.whoami(t, token, tt.as...)
 			if a, b := diffWhoamiOutput(t, kasOut), diffWhoamiOutput(t, caddyOut); !reflect.DeepEqual(a, b) {
 				t.Errorf("kubectl auth whoami -o json (creationTimestamp aside):\nthrough %s:\n%s\nthrough %s:\n%s",
 					kasRoute.name, kasOut, caddyRoute.name, caddyOut)
@@ -661,7 +714,7 @@ func TestDifferentialGitLabKAS(t *testing.T) {
 			if len(tt.as) > 0 {
 				return // a plain client does not impersonate
 			}
-			kasSeen, caddySeen = kasRoute.review(t, tt.token), caddyRoute.review(t, tt.token)
+			kasSeen, caddySeen = kasRoute.review(t, token), caddyRoute.review(t, token)
 			pair.compare(t, "a plain client's SelfSubjectReview", kasSeen, caddySeen)
 		})
 	}

@@ -228,19 +228,25 @@ func TestGitLabAgentkReloadClosesTunnel(t *testing.T) {
 }
 
 // TestGitLabAgentkGitLabMode: in GitLab mode GitLab's agentk authenticates
-// with its agent token through GitLab's agent_info, and a CI job's
-// kubeconfig reaches the cluster through it as the job.
+// with its agent token through GitLab's agent_info, its connection makes
+// the agent server read the agent's configuration and hand it to GitLab,
+// and a CI job of a project that configuration authorizes reaches the
+// cluster through it as the job.
 func TestGitLabAgentkGitLabMode(t *testing.T) {
 	t.Parallel()
 	s := requireGitLabAgentk(t)
-	e := startGitLabEnv(t, s, gitlabEnvOptions{noAgentk: true})
+	config := "ci_access:\n  projects:\n  - id: " + glAppProjectPath + "\n    default_namespace: default\n    access_as: {ci_job: {}}\n"
+	e := startGitLabEnv(t, s, gitlabEnvOptions{noAgentk: true, config: config})
 
+	// A job of the agent's own project may use it before any
+	// configuration is known: the probe that the tunnel is up.
+	probe := fakegitlab.Job{JobID: 4100, PipelineID: 510, ProjectID: glProjectID, Username: glDeployBot.Username,
+		Token: kubetest.NewToken("probe job token for GitLab's agentk")}
+	e.gitlab.AddJob(probe)
 	job := fakegitlab.Job{
-		JobID: 4101, PipelineID: 511, ProjectID: 200, ProjectGroups: []int64{23},
-		Token:         kubetest.NewToken("ci job token for GitLab's agentk"),
-		User:          fakegitlab.User{ID: 7, Username: "deploy-bot", RolesInProject: []string{"developer"}},
-		Environment:   &fakegitlab.Environment{Tier: "production", Slug: "prod"},
-		AllowedAgents: []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID, DefaultNamespace: "default", AccessAs: json.RawMessage(`{"ci_job":{}}`)}},
+		JobID: 4101, PipelineID: 511, ProjectID: glAppProjectID, Username: glDeployBot.Username,
+		Token:       kubetest.NewToken("ci job token for GitLab's agentk"),
+		Environment: &fakegitlab.Environment{Name: "production", Tier: "production", Slug: "prod"},
 	}
 	e.gitlab.AddJob(job)
 
@@ -248,15 +254,17 @@ func TestGitLabAgentkGitLabMode(t *testing.T) {
 		t.Fatalf("%d agent_info calls before any agent connected", n)
 	}
 	e.caddy.startGitLabAgentk(t, gitlabAgentkOptions{agentID: glAgentID, token: e.agentToken}).
-		waitConnected(t, fmt.Sprintf("Bearer ci:%d:%s", glAgentID, job.Token))
+		waitConnected(t, fmt.Sprintf("Bearer ci:%d:%s", glAgentID, probe.Token))
 	if n := e.gitlab.Calls(fakegitlab.PathAgentInfo); n == 0 {
 		t.Errorf("GitLab's agentk was admitted without an agent_info call")
 	}
+	e.waitPosted(t, 0, config)
 
 	want := userInfo{
 		Username: "gitlab:ci_job:4101",
 		Groups: []string{"gitlab:ci_job",
 			"gitlab:group:23", "gitlab:group_env_tier:23:production",
+			"gitlab:group:25", "gitlab:group_env_tier:25:production",
 			"gitlab:project:200", "gitlab:project_env:200:prod", "gitlab:project_env_tier:200:production",
 			"system:authenticated"},
 		Extra: map[string][]string{

@@ -22,10 +22,8 @@ func TestGitLabAgentkTracked(t *testing.T) {
 	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, noAgentk: true})
 	// A CI job of the agent's own project, to probe the tunnel with.
 	job := fakegitlab.Job{
-		JobID: 4201, PipelineID: 521, ProjectID: glProjectID,
-		Token:         kubetest.NewToken("ci job token for the tracker test"),
-		User:          fakegitlab.User{ID: 7, Username: "deploy-bot", RolesInProject: []string{"developer"}},
-		AllowedAgents: []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID}},
+		JobID: 4201, PipelineID: 521, ProjectID: glProjectID, Username: glDeployBot.Username,
+		Token: kubetest.NewToken("ci job token for the tracker test"),
 	}
 	e.gitlab.AddJob(job)
 	e.caddy.startGitLabAgentk(t, gitlabAgentkOptions{agentID: glAgentID, token: e.agentToken, podName: "gitlab-agentk-tracked"}).

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -18,11 +19,12 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 	"github.com/caddy-kas/caddy-kas/internal/testca"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttracker"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/agenttrackerrpc"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/configprojectrpc"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/entity"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/event"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/serverinforpc"
@@ -73,8 +75,9 @@ func (c *railsClient) ctx(t *testing.T, secret []byte, audience string) context.
 func TestGitLabRailsAPI(t *testing.T) {
 	s := requireSuite(t)
 	apiAddress := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
-	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, extra: []string{"usage_reporting_period 1s"}})
-	rails := newRailsClient(t, apiAddress, e.secret)
+	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, extra: []string{"usage_reporting_period 1s"},
+		config: "user_access:\n  access_as: {agent: {}}\n  projects: [{id: " + glProjectPath + "}]\n"})
+	rails := e.rails
 	tracker := agenttrackerrpc.NewAgentTrackerClient(rails.conn)
 
 	t.Run("a bad JWT is Unauthenticated", func(t *testing.T) {
@@ -155,6 +158,45 @@ func TestGitLabRailsAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("ListAgentConfigFiles lists the agents whose files exist", func(t *testing.T) {
+		list := func() []string {
+			t.Helper()
+			r, err := configprojectrpc.NewConfigurationProjectClient(rails.conn).ListAgentConfigFiles(rails.ctx(t, nil, "gitlab-kas"),
+				&configprojectrpc.ListAgentConfigFilesRequest{
+					Repository: &entity.GitalyRepository{StorageName: e.repo.StorageName, RelativePath: e.repo.RelativePath,
+						GlRepository: e.repo.GlRepository, GlProjectPath: e.repo.GlProjectPath},
+					GitalyInfo: &entity.GitalyInfo{Address: e.gitaly.Address(), Token: e.gitaly.Token(),
+						Features: map[string]string{"gitaly-feature-test-flag": "true"}},
+				})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, f := range r.GetConfigFiles() {
+				if f.GetName() != ".gitlab/agents/"+f.GetAgentName()+"/config.yaml" {
+					t.Errorf("file %q of agent %q", f.GetName(), f.GetAgentName())
+				}
+				names = append(names, f.GetAgentName())
+			}
+			return names
+		}
+		if got := list(); !slices.Equal(got, []string{glAgentName}) {
+			t.Errorf("agents %v, want [%s]", got, glAgentName)
+		}
+		e.repo.WriteFile(".gitlab/agents/staging/config.yaml", "")
+		e.repo.WriteFile(".gitlab/agents/NotALabel/config.yaml", "")
+		e.repo.WriteFile(".gitlab/agents/dev/config.yml", "")
+		e.repo.Commit("more agents, two of them misnamed")
+		if got := list(); !slices.Equal(got, []string{glAgentName, "staging"}) {
+			t.Errorf("agents %v, want [%s staging]", got, glAgentName)
+		}
+		e.repo.Remove(".gitlab/agents/staging")
+		e.repo.Commit("staging is gone")
+		if got := list(); !slices.Equal(got, []string{glAgentName}) {
+			t.Errorf("agents %v, want [%s]", got, glAgentName)
+		}
+	})
+
 	t.Run("GetServerInfo answers", func(t *testing.T) {
 		info, err := serverinforpc.NewServerInfoClient(rails.conn).GetServerInfo(rails.ctx(t, nil, "gitlab-kas"), &serverinforpc.GetServerInfoRequest{})
 		if err != nil {
@@ -183,8 +225,7 @@ func TestGitLabRailsAPI(t *testing.T) {
 
 	t.Run("usage metrics reach GitLab", func(t *testing.T) {
 		pat := kubetest.NewToken("token for usage")
-		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-			AccessKey: pat, User: fakegitlab.User{ID: 42, Username: "maria"}, ConfigProjectID: glProjectID})
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
 		for range 2 {
 			resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
 			if resp.StatusCode != http.StatusOK {
@@ -240,7 +281,7 @@ func TestGitLabRailsAPIOverTLS(t *testing.T) {
 		}
 	}
 	apiAddress := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
-	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, extra: []string{"api_tls " + certFile + " " + keyFile}})
+	e := startGitLabEnv(t, s, gitlabEnvOptions{apiListen: apiAddress, apiTLS: true, extra: []string{"api_tls " + certFile + " " + keyFile}})
 
 	conn, err := grpc.NewClient(apiAddress, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: ca.Pool})))
 	if err != nil {

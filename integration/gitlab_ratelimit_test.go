@@ -21,7 +21,7 @@ import (
 )
 
 // gitlabPaths are the GitLab API paths the agent server calls.
-var gitlabPaths = []string{fakegitlab.PathAgentInfo, fakegitlab.PathAllowedAgents, fakegitlab.PathAuthorizeProxyUser, fakegitlab.PathUsageMetrics}
+var gitlabPaths = []string{fakegitlab.PathAgentInfo, fakegitlab.PathAllowedAgents, fakegitlab.PathAuthorizeProxyUser, fakegitlab.PathUsageMetrics, fakegitlab.PathAgentConfiguration}
 
 // gitlabCalls is how many calls the fake GitLab has had, on every path.
 func (e *gitlabEnv) gitlabCalls() int {
@@ -62,7 +62,7 @@ func TestGitLabRateLimit(t *testing.T) {
 			if tt.setting != "" {
 				extra = append(extra, tt.setting)
 			}
-			e := startGitLabEnv(t, s, gitlabEnvOptions{extra: extra})
+			e := startGitLabEnv(t, s, gitlabEnvOptions{extra: extra, config: glUserAccessAgent})
 			e.probeRateLimit(t, tt.refill, tt.bucket)
 			e.worksAfterProbe(t)
 		})
@@ -168,8 +168,7 @@ func (e *gitlabEnv) worksAfterProbe(t *testing.T) {
 	e.gitlab.AddAgent(fakegitlab.Agent{ID: newAgentID, ProjectID: glProjectID, Name: "after-the-probe", Token: newToken, ProjectPath: glProjectPath})
 	e.caddy.startAgentk(t, agentkOptions{agentID: newAgentID, token: newToken}).waitReady(t)
 	pat := kubetest.NewToken("personal access token used after the probe")
-	e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-		AccessKey: pat, User: fakegitlab.User{ID: 7, Username: "after-probe"}, ConfigProjectID: glProjectID})
+	e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
 	header := http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}}
 	err := kubetest.Eventually(time.Minute, func() error {
 		resp, body := e.caddy.proxyGet(t, "version", header)
@@ -348,11 +347,12 @@ func TestGitLabRateLimitAgentsBackOff(t *testing.T) {
 	theirs := e.caddy.startGitLabAgentk(t, gitlabAgentkOptions{agentID: gitlabAgentID, token: gitlabAgentToken})
 	ours.waitReady(t)
 	// waitConnected's request through GitLab's agentk waits for its
-	// agent's tunnel first, then for the bucket to check the PAT.
-	pat := kubetest.NewToken("PAT for GitLab's agentk's agent")
-	e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: gitlabAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-		AccessKey: pat, User: fakegitlab.User{ID: 8, Username: "backoff"}, ConfigProjectID: glProjectID})
-	theirs.waitConnected(t, "Bearer "+patToken(gitlabAgentID, pat))
+	// agent's tunnel first, then for the bucket to check the job token of
+	// a job in the agents' configuration project, which may use them.
+	job := fakegitlab.Job{JobID: 4301, PipelineID: 531, ProjectID: glProjectID, Username: glDeployBot.Username,
+		Token: kubetest.NewToken("job token for GitLab's agentk's agent")}
+	e.gitlab.AddJob(job)
+	theirs.waitConnected(t, fmt.Sprintf("Bearer ci:%d:%s", gitlabAgentID, job.Token))
 	elapsed := time.Since(start)
 
 	total, grpc := 0, 0

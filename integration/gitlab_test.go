@@ -12,44 +12,83 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddy-kas/caddy-kas/agentconfig"
+	"github.com/caddy-kas/caddy-kas/integration/fakegitaly"
 	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/event"
+	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
 )
 
-// The GitLab the tests front: one agent, its configuration project in two
-// groups, and GitLab's external URL.
+// The GitLab the tests front: groups platform and platform/apps; the
+// agent's configuration project platform/deployments, whose repository
+// is in the Gitaly double; the application projects platform/apps/web and
+// platform/other, where CI jobs run; users; and GitLab's external URL.
 const (
 	glAgentID        = 11
 	glAgentName      = "production-agent"
+	glGroupID        = 23
+	glGroupPath      = "platform"
+	glAppsGroupID    = 25
+	glAppsGroupPath  = "platform/apps"
 	glProjectID      = 100
 	glProjectPath    = "platform/deployments"
+	glAppProjectID   = 200
+	glAppProjectPath = "platform/apps/web"
+	glOtherProjectID = 300
+	glOtherProject   = "platform/other"
 	glExternalURL    = "https://gitlab.example.com"
 	selfReviewPath   = "apis/authentication.k8s.io/v1/selfsubjectreviews"
 	selfReviewObject = `{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}`
+	// glConfigPath is the agent's configuration file in its project.
+	glConfigPath = ".gitlab/agents/" + glAgentName + "/config.yaml"
 )
 
-// gitlabEnv is a fake GitLab, a Caddy in GitLab mode in front of it, and
-// the agent's agentk connected through it.
+// glUserAccessAgent is a configuration that lets the members of the
+// configuration project use the agent with its own identity.
+const glUserAccessAgent = "user_access:\n  access_as: {agent: {}}\n  projects: [{id: " + glProjectPath + "}]\n"
+
+// The users of the GitLab: maria, Maintainer of the configuration project
+// and Developer in the group platform; deploy-bot, Developer of
+// platform/apps/web, whom CI jobs run for; and rita, a Reporter in the
+// group platform.
+var (
+	glMaria     = fakegitlab.User{ID: 42, Username: "maria"}
+	glDeployBot = fakegitlab.User{ID: 7, Username: "deploy-bot"}
+	glRita      = fakegitlab.User{ID: 43, Username: "rita"}
+)
+
+// gitlabEnv is a fake GitLab with its Gitaly, a Caddy in GitLab mode in
+// front of it, and the agent's agentk connected through it.
 type gitlabEnv struct {
 	gitlab     *fakegitlab.Server
+	gitaly     *fakegitaly.Server
+	repo       *fakegitaly.Repo // the agent's configuration project
 	caddy      *caddyServer
 	agentk     *agentk // nil with gitlabEnvOptions.noAgentk
 	agentToken string
 	secretFile string
 	secret     []byte
+	apiAddress string
+	rails      *railsClient // nil when the API speaks TLS
 }
 
 // gitlabEnvOptions are what tests vary of a gitlabEnv.
 type gitlabEnvOptions struct {
-	apiListen string   // the Rails gRPC API's address; empty: none
+	apiListen string   // the Rails gRPC API's address; empty: a free loopback port
+	apiTLS    bool     // extra configures api_tls: no plain-text Rails client
 	tls       bool     // GitLab serves HTTPS with its own CA, given to Caddy as ca_file
 	extra     []string // more lines of the Caddyfile's gitlab block (cache TTLs, say)
 	noAgentk  bool     // start no agentk of ours: the test connects its own agent (GitLab's agentk, say)
+	// config is the agent's configuration file at the start; empty means
+	// an empty file.
+	config string
 }
 
 // startGitLabEnv starts it all.
@@ -60,17 +99,43 @@ func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 	// process's output either (checked when each process stops).
 	kubetest.NoteSecret(string(secret), "the shared KAS secret")
 	kubetest.NoteSecret(base64.StdEncoding.EncodeToString(secret), "the shared KAS secret file")
+	gitalyToken := kubetest.NewToken("gitaly token")
+	gitaly := fakegitaly.Start(t, fakegitaly.Options{Token: gitalyToken})
 	start := fakegitlab.Start
 	if o.tls {
 		start = fakegitlab.StartTLS
 	}
 	e := &gitlabEnv{
-		gitlab:     start(t, fakegitlab.Options{Secret: secret}),
+		gitlab:     start(t, fakegitlab.Options{Secret: secret, Gitaly: gitaly}),
+		gitaly:     gitaly,
 		agentToken: kubetest.NewToken("agent token issued by gitlab"),
 		secretFile: secretFile,
 		secret:     secret,
+		apiAddress: o.apiListen,
 	}
-	e.gitlab.AddAgent(fakegitlab.Agent{ID: glAgentID, ProjectID: glProjectID, Name: glAgentName, Token: e.agentToken, ProjectPath: glProjectPath})
+	if e.apiAddress == "" {
+		e.apiAddress = fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
+	}
+	if !o.apiTLS {
+		e.rails = newRailsClient(t, e.apiAddress, secret)
+	}
+	e.repo = gitaly.AddRepository(fakegitaly.RepoOptions{GlRepository: fmt.Sprintf("project-%d", glProjectID), GlProjectPath: glProjectPath})
+	e.repo.WriteFile(glConfigPath, o.config)
+	e.repo.Commit("register the agent")
+	g := e.gitlab
+	g.AddGroup(fakegitlab.Group{ID: glGroupID, Path: glGroupPath})
+	g.AddGroup(fakegitlab.Group{ID: glAppsGroupID, Path: glAppsGroupPath})
+	g.AddProject(fakegitlab.Project{ID: glProjectID, Path: glProjectPath, Repo: e.repo})
+	g.AddProject(fakegitlab.Project{ID: glAppProjectID, Path: glAppProjectPath})
+	g.AddProject(fakegitlab.Project{ID: glOtherProjectID, Path: glOtherProject})
+	for _, u := range []fakegitlab.User{glMaria, glDeployBot, glRita} {
+		g.AddUser(u)
+	}
+	g.AddMember(glMaria.Username, glProjectPath, "maintainer")
+	g.AddMember(glMaria.Username, glGroupPath, "developer")
+	g.AddMember(glDeployBot.Username, glAppProjectPath, "developer")
+	g.AddMember(glRita.Username, glGroupPath, "reporter")
+	g.AddAgent(fakegitlab.Agent{ID: glAgentID, ProjectID: glProjectID, Name: glAgentName, Token: e.agentToken})
 	e.caddy = startCaddy(t, s, kasConfig{
 		waitForAgent: "2s",
 		gitlab: &gitlabOptions{
@@ -78,7 +143,7 @@ func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 			secretFile:  secretFile,
 			caFile:      e.gitlab.CAFile(),
 			externalURL: glExternalURL,
-			apiListen:   o.apiListen,
+			apiListen:   e.apiAddress,
 			extra:       o.extra,
 		},
 	})
@@ -87,7 +152,79 @@ func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 	}
 	e.agentk = e.caddy.startAgentk(t, agentkOptions{agentID: glAgentID, token: e.agentToken})
 	e.agentk.waitReady(t)
+	// The agent's tunnel makes KAS read its configuration and hand it to
+	// GitLab.
+	e.waitPosted(t, 0, o.config)
 	return e
+}
+
+// setConfig commits content as the agent's configuration file, tells the
+// agent server of the push as Rails does (Notifications/GitPushEvent), and
+// waits until the agent server has handed GitLab the configuration of the
+// new commit, which it checks is content as GitLab's KAS would post it.
+func (e *gitlabEnv) setConfig(t *testing.T, content string) {
+	t.Helper()
+	before := len(e.gitlab.PostedConfigurations())
+	e.repo.WriteFile(glConfigPath, content)
+	e.repo.Commit("change the agent's configuration")
+	e.push(t)
+	e.waitPosted(t, before, content)
+}
+
+// push tells the agent server of a push to the configuration project, as
+// Rails does after every push.
+func (e *gitlabEnv) push(t *testing.T) {
+	t.Helper()
+	if e.rails == nil {
+		t.Fatal("no plain-text Rails client for this environment")
+	}
+	_, err := notificationsrpc.NewNotificationsClient(e.rails.conn).GitPushEvent(e.rails.ctx(t, nil, "gitlab-kas"),
+		&notificationsrpc.GitPushEventRequest{Event: &event.GitPushEvent{Project: &event.Project{Id: glProjectID, FullPath: glProjectPath}}})
+	if err != nil {
+		t.Fatalf("GitPushEvent: %v", err)
+	}
+}
+
+// waitPosted waits until a configuration posted after the first before
+// ones is content's, and returns it.
+func (e *gitlabEnv) waitPosted(t *testing.T, before int, content string) fakegitlab.PostedConfiguration {
+	t.Helper()
+	want := railsBody(t, content)
+	var got fakegitlab.PostedConfiguration
+	err := kubetest.Eventually(30*time.Second, func() error {
+		posted := e.gitlab.PostedConfigurations()
+		for _, p := range posted[min(before, len(posted)):] {
+			if jsonEqual(p.Body, want) {
+				got = p
+				return nil
+			}
+		}
+		return fmt.Errorf("%d configurations posted since, none is %s", len(posted)-before, want)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+// railsBody is the agent_configuration body for content.
+func railsBody(t *testing.T, content string) []byte {
+	t.Helper()
+	f, err := agentconfig.Parse([]byte(content))
+	if err != nil {
+		t.Fatalf("the test's configuration is invalid: %v", err)
+	}
+	b, err := agentconfig.RailsBody(glAgentID, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// jsonEqual compares two JSON documents by value.
+func jsonEqual(a, b []byte) bool {
+	var x, y any
+	return json.Unmarshal(a, &x) == nil && json.Unmarshal(b, &y) == nil && reflect.DeepEqual(x, y)
 }
 
 // ciKubeconfig writes a kubeconfig shaped like the one GitLab gives a CI
@@ -128,14 +265,24 @@ contexts:
 	return kubectl{bin: e.caddy.suite.kubectlBin, kubeconfig: path, context: context, home: home}
 }
 
+// ciAccessConfig is a configuration whose ci_access has one entry of kind
+// ("projects" or "groups") for id, with default namespace "default" and
+// access_as (YAML or JSON; empty: none).
+func ciAccessConfig(kind, id, accessAs string) string {
+	c := "ci_access:\n  " + kind + ":\n  - id: " + id + "\n    default_namespace: default\n"
+	if accessAs != "" {
+		c += "    access_as: " + accessAs + "\n"
+	}
+	return c
+}
+
 func TestGitLabCIAccess(t *testing.T) {
 	s := requireSuite(t)
 	e := startGitLabEnv(t, s, gitlabEnvOptions{})
 
 	job := fakegitlab.Job{
-		JobID: 4001, PipelineID: 501, ProjectID: 200, ProjectGroups: []int64{23, 25},
-		User:        fakegitlab.User{ID: 7, Username: "deploy-bot", RolesInProject: []string{"developer"}},
-		Environment: &fakegitlab.Environment{Tier: "production", Slug: "prod"},
+		JobID: 4001, PipelineID: 501, ProjectID: glAppProjectID, Username: glDeployBot.Username,
+		Environment: &fakegitlab.Environment{Name: "production", Tier: "production", Slug: "prod"},
 	}
 	tests := []struct {
 		name     string
@@ -199,16 +346,12 @@ func TestGitLabCIAccess(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			e.setConfig(t, ciAccessConfig("projects", glAppProjectPath, tt.accessAs))
 			j := job
 			j.Token = kubetest.NewToken("ci job token " + tt.name)
 			if !tt.env {
 				j.Environment = nil
 			}
-			var accessAs json.RawMessage
-			if tt.accessAs != "" {
-				accessAs = json.RawMessage(tt.accessAs)
-			}
-			j.AllowedAgents = []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID, DefaultNamespace: "default", AccessAs: accessAs}}
 			e.gitlab.AddJob(j)
 			got := e.ciKubeconfig(t, j.Token).whoami(t)
 			if !reflect.DeepEqual(got, tt.want) {
@@ -219,9 +362,9 @@ func TestGitLabCIAccess(t *testing.T) {
 
 	t.Run("client impersonation only with access_as agent", func(t *testing.T) {
 		for _, accessAs := range []string{`{"agent":{}}`, `{"ci_job":{}}`} {
+			e.setConfig(t, ciAccessConfig("projects", glAppProjectPath, accessAs))
 			j := job
 			j.Token = kubetest.NewToken("ci job token for --as " + accessAs)
-			j.AllowedAgents = []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID, AccessAs: json.RawMessage(accessAs)}}
 			e.gitlab.AddJob(j)
 			k := e.ciKubeconfig(t, j.Token)
 			if accessAs == `{"agent":{}}` {
@@ -235,9 +378,10 @@ func TestGitLabCIAccess(t *testing.T) {
 	})
 
 	t.Run("refusals", func(t *testing.T) {
+		e.setConfig(t, ciAccessConfig("projects", glAppProjectPath, `{"ci_job":{}}`))
 		other := job
-		other.Token = kubetest.NewToken("ci job token of another agent's project")
-		other.AllowedAgents = []fakegitlab.AllowedAgent{{ID: 99, ConfigProjectID: 990}}
+		other.ProjectID = glOtherProjectID // in the group, but not in ci_access
+		other.Token = kubetest.NewToken("ci job token of a project the configuration does not list")
 		e.gitlab.AddJob(other)
 		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
 		if st := requireStatus(t, resp, body, http.StatusForbidden); !strings.Contains(st.Message, "agentId is not allowed") {
@@ -250,10 +394,48 @@ func TestGitLabCIAccess(t *testing.T) {
 		}
 	})
 
+	t.Run("a group in ci_access", func(t *testing.T) {
+		// The group platform/apps authorizes its project platform/apps/web
+		// but not platform/other, which is in platform only.
+		e.setConfig(t, ciAccessConfig("groups", glAppsGroupPath, `{impersonate: {username: group-deployer, groups: [apps]}}`))
+		j := job
+		j.Token = kubetest.NewToken("ci job token, group access")
+		e.gitlab.AddJob(j)
+		if got := e.ciKubeconfig(t, j.Token).whoami(t); got.Username != "group-deployer" || !slices.Contains(got.Groups, "apps") {
+			t.Errorf("whoami through the group's ci_access: %+v", got)
+		}
+		other := job
+		other.ProjectID = glOtherProjectID
+		other.Token = kubetest.NewToken("ci job token, outside the group")
+		e.gitlab.AddJob(other)
+		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
+		requireStatus(t, resp, body, http.StatusForbidden)
+	})
+
+	t.Run("removing the entry takes access away", func(t *testing.T) {
+		e.setConfig(t, ciAccessConfig("projects", glAppProjectPath, `{ci_job: {}}`))
+		j := job
+		j.Token = kubetest.NewToken("ci job token before the entry is removed")
+		e.gitlab.AddJob(j)
+		if got := e.ciKubeconfig(t, j.Token).whoami(t); got.Username != "gitlab:ci_job:4001" {
+			t.Fatalf("whoami %q before the change", got.Username)
+		}
+		e.setConfig(t, "ci_access:\n  projects: []\n")
+		// A new job: the answer for the old one's token is cached for
+		// allowed_agents_cache_ttl, as in GitLab's KAS.
+		after := job
+		after.Token = kubetest.NewToken("ci job token after the entry is removed")
+		e.gitlab.AddJob(after)
+		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, after.Token)}})
+		if st := requireStatus(t, resp, body, http.StatusForbidden); !strings.Contains(st.Message, "agentId is not allowed") {
+			t.Errorf("after the entry was removed: message %q", st.Message)
+		}
+	})
+
 	t.Run("allowed_agents is cached", func(t *testing.T) {
+		e.setConfig(t, ciAccessConfig("projects", glAppProjectPath, `{"ci_job":{}}`))
 		j := job
 		j.Token = kubetest.NewToken("ci job token for the cache test")
-		j.AllowedAgents = []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID, AccessAs: json.RawMessage(`{"ci_job":{}}`)}}
 		e.gitlab.AddJob(j)
 		before := e.gitlab.Calls(fakegitlab.PathAllowedAgents)
 		client := e.caddy.httpClient(t)
@@ -291,16 +473,31 @@ func TestGitLabCIAccess(t *testing.T) {
 	})
 }
 
+// userAccessConfig lets the Developers of the configuration project and
+// of the group platform use the agent, with access_as.
+func userAccessConfig(accessAs string) string {
+	return "user_access:\n  access_as: " + accessAs + "\n  projects: [{id: " + glProjectPath + "}]\n  groups: [{id: " + glGroupPath + "}]\n"
+}
+
 func TestGitLabUserAccess(t *testing.T) {
 	s := requireSuite(t)
 	e := startGitLabEnv(t, s, gitlabEnvOptions{})
-	user := fakegitlab.User{ID: 42, Username: "maria"}
-	userAccessAs := json.RawMessage(`{"user":{"projects":[{"id":100,"roles":["developer","maintainer"]}],"groups":[{"id":23,"roles":["developer"]}]}}`)
+	// Nothing is configured yet: GitLab refuses everyone.
+	early := kubetest.NewToken("maria's token before any user_access")
+	e.gitlab.AddPersonalAccessToken(glMaria.Username, early, "k8s_proxy")
+	resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, early)}})
+	requireStatus(t, resp, body, http.StatusUnauthorized)
+
+	e.setConfig(t, userAccessConfig("{user: {}}"))
+	// maria is a Maintainer of the configuration project (100) and a
+	// Developer in the group platform (23): Rails lists her roles in both.
 	wantUser := func(accessType string) userInfo {
 		return userInfo{
 			Username: "gitlab:user:maria",
-			Groups: []string{"gitlab:user", "gitlab:project_role:100:developer", "gitlab:project_role:100:maintainer",
-				"gitlab:group_role:23:developer", "system:authenticated"},
+			Groups: []string{"gitlab:user",
+				"gitlab:project_role:100:guest", "gitlab:project_role:100:reporter", "gitlab:project_role:100:developer", "gitlab:project_role:100:maintainer",
+				"gitlab:group_role:23:guest", "gitlab:group_role:23:reporter", "gitlab:group_role:23:developer",
+				"system:authenticated"},
 			Extra: map[string][]string{
 				"agent.gitlab.com/id":                {"11"},
 				"agent.gitlab.com/username":          {"maria"},
@@ -312,8 +509,7 @@ func TestGitLabUserAccess(t *testing.T) {
 
 	t.Run("personal access token", func(t *testing.T) {
 		pat := kubetest.NewToken("maria's personal access token")
-		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-			AccessKey: pat, User: user, ConfigProjectID: glProjectID, AccessAs: userAccessAs})
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
 		k := e.caddy.kubectlWithToken(t, "maria-pat", patToken(glAgentID, pat))
 		if got, want := k.whoami(t), wantUser("personal_access_token"); !reflect.DeepEqual(got, want) {
 			t.Errorf("kubectl auth whoami:\n got %+v\nwant %+v", got, want)
@@ -321,23 +517,21 @@ func TestGitLabUserAccess(t *testing.T) {
 		k.mustFail(t, "nested impersonation is not supported", "auth", "whoami", "--as", aliceUser)
 	})
 
-	t.Run("personal access token, access_as agent", func(t *testing.T) {
-		pat := kubetest.NewToken("maria's other token")
-		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-			AccessKey: pat, User: user, ConfigProjectID: glProjectID, AccessAs: json.RawMessage(`{"agent":{}}`)})
-		k := e.caddy.kubectlWithToken(t, "maria-pat-agent", patToken(glAgentID, pat))
-		if got := k.whoami(t); got.Username != adminUser {
-			t.Errorf("whoami %q, want the agent's own %q", got.Username, adminUser)
-		}
-	})
-
 	t.Run("refused personal access tokens are all 401", func(t *testing.T) {
-		for _, status := range []int{http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound} {
-			pat := kubetest.NewToken(fmt.Sprintf("token gitlab answers %d", status))
-			e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-				AccessKey: pat, Status: status, User: user, ConfigProjectID: glProjectID})
-			resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
-			requireStatus(t, resp, body, http.StatusUnauthorized)
+		noScope := kubetest.NewToken("maria's token without k8s_proxy")
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, noScope, "api")
+		reporter := kubetest.NewToken("rita's token")
+		e.gitlab.AddPersonalAccessToken(glRita.Username, reporter, "k8s_proxy")
+		for name, token := range map[string]string{
+			"no k8s_proxy scope (403)": patToken(glAgentID, noScope),
+			"a Reporter (403)":         patToken(glAgentID, reporter),
+			"unknown agent (404)":      patToken(glAgentID+100, reporter),
+			"unknown token (401)":      patToken(glAgentID, "glpat-nobody-has-this"),
+		} {
+			resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + token}})
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("%s: %s %s, want 401", name, resp.Status, body)
+			}
 		}
 	})
 
@@ -346,8 +540,7 @@ func TestGitLabUserAccess(t *testing.T) {
 	// browser WebSockets, as query parameters.
 	cookie := "2f9a1c%3D" + kubetest.NewToken("maria's session cookie") + "/value+with chars"
 	csrf := kubetest.NewToken("csrf token")
-	e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypeSessionCookie,
-		AccessKey: mustUnescape(t, cookie), CSRFToken: csrf, User: user, ConfigProjectID: glProjectID, AccessAs: userAccessAs})
+	e.gitlab.AddSession(glMaria.Username, mustUnescape(t, cookie), csrf)
 	client := e.caddy.httpClient(t)
 	review := func(t *testing.T, query string, header http.Header) (*http.Response, []byte) {
 		t.Helper()
@@ -443,6 +636,43 @@ func TestGitLabUserAccess(t *testing.T) {
 			t.Errorf("preflight: %s %v", resp.Status, resp.Header)
 		}
 	})
+
+	t.Run("an expired session is 401", func(t *testing.T) {
+		stale := kubetest.NewToken("maria's session that expires")
+		staleCSRF := kubetest.NewToken("csrf token of the expiring session")
+		e.gitlab.AddSession(glMaria.Username, stale, staleCSRF)
+		e.gitlab.ExpireSession(stale)
+		h := http.Header{"Cookie": {"_gitlab_kas=" + url.QueryEscape(stale)}, "Origin": {glExternalURL},
+			"Gitlab-Agent-Id": {fmt.Sprint(glAgentID)}, "X-Csrf-Token": {staleCSRF}}
+		resp, body := review(t, "", h)
+		requireStatus(t, resp, body, http.StatusUnauthorized)
+	})
+
+	t.Run("access_as agent", func(t *testing.T) {
+		e.setConfig(t, userAccessConfig("{agent: {}}"))
+		pat := kubetest.NewToken("maria's token under access_as agent")
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
+		k := e.caddy.kubectlWithToken(t, "maria-pat-agent", patToken(glAgentID, pat))
+		if got := k.whoami(t); got.Username != adminUser {
+			t.Errorf("whoami %q, want the agent's own %q", got.Username, adminUser)
+		}
+	})
+
+	t.Run("removing user_access refuses at once", func(t *testing.T) {
+		e.setConfig(t, "ci_access: {}\n")
+		// New credentials: answers for used ones are cached, as in
+		// GitLab's KAS.
+		pat := kubetest.NewToken("maria's token after user_access was removed")
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
+		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
+		requireStatus(t, resp, body, http.StatusUnauthorized)
+		fresh := kubetest.NewToken("maria's new session")
+		freshCSRF := kubetest.NewToken("csrf token of the new session")
+		e.gitlab.AddSession(glMaria.Username, fresh, freshCSRF)
+		resp, body = review(t, "", http.Header{"Cookie": {"_gitlab_kas=" + url.QueryEscape(fresh)}, "Origin": {glExternalURL},
+			"Gitlab-Agent-Id": {fmt.Sprint(glAgentID)}, "X-Csrf-Token": {freshCSRF}})
+		requireStatus(t, resp, body, http.StatusUnauthorized)
+	})
 }
 
 func mustUnescape(t *testing.T, s string) string {
@@ -492,13 +722,12 @@ func TestGitLabAgentTokens(t *testing.T) {
 	})
 
 	t.Run("GitLab over HTTPS with its own CA", func(t *testing.T) {
-		e := startGitLabEnv(t, s, gitlabEnvOptions{tls: true})
+		e := startGitLabEnv(t, s, gitlabEnvOptions{tls: true, config: glUserAccessAgent})
 		if n := e.gitlab.Calls(fakegitlab.PathAgentInfo); n != 1 {
 			t.Errorf("%d agent_info calls over HTTPS, want 1", n)
 		}
 		pat := kubetest.NewToken("token checked over https")
-		e.gitlab.AddUserAccess(fakegitlab.UserAccess{AgentID: glAgentID, AccessType: fakegitlab.AccessTypePersonalAccessToken,
-			AccessKey: pat, User: fakegitlab.User{ID: 3, Username: "tls-user"}, ConfigProjectID: glProjectID})
+		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
 		if who := e.caddy.kubectlWithToken(t, "over-tls", patToken(glAgentID, pat)).whoami(t); who.Username != adminUser {
 			t.Errorf("whoami %q, want the agent's %q", who.Username, adminUser)
 		}

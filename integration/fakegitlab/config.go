@@ -11,6 +11,8 @@ type PostedConfiguration struct {
 	AgentID int64
 	// Body is the request body as KAS sent it.
 	Body json.RawMessage
+	// UserAgent tells which KAS posted it.
+	UserAgent string
 }
 
 // agentConfigurationRequest is the body of POST agent_configuration
@@ -73,7 +75,7 @@ func (s *Server) agentConfiguration(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.configs[agent.ID] = cfg
-	s.posted = append(s.posted, PostedConfiguration{AgentID: agent.ID, Body: body})
+	s.posted = append(s.posted, PostedConfiguration{AgentID: agent.ID, Body: body, UserAgent: r.Header.Get("User-Agent")})
 	w.WriteHeader(http.StatusNoContent)
 }
 
