@@ -11,17 +11,17 @@ import (
 )
 
 // railsRequest is the body of GitLab's
-// POST /api/v4/internal/kubernetes/agent_configuration, exactly as
-// kas-spec §3.1 writes it: {"agent_id": N, "agent_config": {...whole
-// ConfigurationFile as JSON...}}. agent_id is a JSON number, as the spec
-// writes it. (GitLab's own agent server encodes the whole request with
-// protojson, which writes an int64 as a string, "5"; Rails declares the
-// parameter an Integer and takes either.) agent_config is the
-// ConfigurationFile with the field names of the file itself
-// (kas-spec §3.2), which Rails reads to refresh the agent's ci_access and
-// user_access authorizations (kas-spec §2.5, §2.6).
+// POST /api/v4/internal/kubernetes/agent_configuration (kas-spec §3.1):
+// {"agent_id": "5", "agent_config": {...whole ConfigurationFile as
+// JSON...}}. agent_id is a string, as GitLab's own agent server sends it:
+// it encodes the request with protojson, which writes an int64 as a
+// string (seen in the differential test against GitLab's KAS 16.5); Rails
+// declares the parameter an Integer and reads the string as one.
+// agent_config is the ConfigurationFile with the field names of the file
+// itself (kas-spec §3.2), which Rails reads to refresh the agent's
+// ci_access and user_access authorizations (kas-spec §2.5, §2.6).
 type railsRequest struct {
-	AgentID     int64           `json:"agent_id"`
+	AgentID     int64           `json:"agent_id,string"`
 	AgentConfig json.RawMessage `json:"agent_config"`
 }
 
@@ -29,7 +29,7 @@ type railsRequest struct {
 // agent_configuration endpoint after reading a new configuration for the
 // agent agentID (kas-spec §3.1), for example
 //
-//	{"agent_id":5,"agent_config":{"ci_access":{"projects":[{"id":"group/app","access_as":{"ci_job":{}}}]}}}
+//	{"agent_id":"5","agent_config":{"ci_access":{"projects":[{"id":"group/app","access_as":{"ci_job":{}}}]}}}
 //
 // The body is compact JSON: passed as a json.RawMessage to an encoder such
 // as encoding/json, it comes out unchanged. A nil f is an empty

@@ -65,7 +65,8 @@ func TestRailsBodyGolden(t *testing.T) {
 }
 
 // checkRailsBody checks the shape kas-spec §3.1 gives the body: an object
-// with exactly agent_id, a JSON number, and agent_config, the whole
+// with exactly agent_id, a string of decimal digits as GitLab's KAS sends
+// it, and agent_config, the whole
 // configuration file with its own field names.
 func checkRailsBody(t *testing.T, body []byte, agentID int64, f *agentcfg.ConfigurationFile) {
 	t.Helper()
@@ -76,14 +77,9 @@ func checkRailsBody(t *testing.T, body []byte, agentID int64, f *agentcfg.Config
 	if len(top) != 2 || top["agent_id"] == nil || top["agent_config"] == nil {
 		t.Fatalf("body has keys %v, want exactly agent_id and agent_config", keys(top))
 	}
-	dec := json.NewDecoder(bytes.NewReader(top["agent_id"]))
-	dec.UseNumber()
-	var id any
-	if err := dec.Decode(&id); err != nil {
-		t.Fatal(err)
-	}
-	if n, ok := id.(json.Number); !ok || n.String() != jsonInt(agentID) {
-		t.Errorf("agent_id is %s, want the number %d", top["agent_id"], agentID)
+	var id string
+	if err := json.Unmarshal(top["agent_id"], &id); err != nil || id != jsonInt(agentID) {
+		t.Errorf("agent_id is %s, want the string %q", top["agent_id"], jsonInt(agentID))
 	}
 	// GitLab's own decoding of the configuration: the field names are the
 	// proto names, so protojson reads it back to the same message.
@@ -151,10 +147,10 @@ func TestRailsBody(t *testing.T) {
 		f       *agentcfg.ConfigurationFile
 		want    string
 	}{
-		{"nil file", 1, nil, `{"agent_id":1,"agent_config":{}}`},
-		{"empty file", 1, &agentcfg.ConfigurationFile{}, `{"agent_id":1,"agent_config":{}}`},
-		{"ci_access", 5, f, `{"agent_id":5,"agent_config":{"ci_access":{"projects":[{"id":"group/app","access_as":{"ci_job":{}}}]}}}`},
-		{"large agent id stays a number", 9007199254740993, nil, `{"agent_id":9007199254740993,"agent_config":{}}`},
+		{"nil file", 1, nil, `{"agent_id":"1","agent_config":{}}`},
+		{"empty file", 1, &agentcfg.ConfigurationFile{}, `{"agent_id":"1","agent_config":{}}`},
+		{"ci_access", 5, f, `{"agent_id":"5","agent_config":{"ci_access":{"projects":[{"id":"group/app","access_as":{"ci_job":{}}}]}}}`},
+		{"large agent id keeps every digit", 9007199254740993, nil, `{"agent_id":"9007199254740993","agent_config":{}}`},
 	}
 	for _, c := range tests {
 		t.Run(c.name, func(t *testing.T) {

@@ -91,8 +91,8 @@ type Server struct {
 	configs  map[int64]*agentConfig // by agent id, the last valid one posted
 	posted   []PostedConfiguration
 	calls    map[string]int // by path, requests that met the contract
-	usage      []UsageReport
-	failures   map[string]int // by path, status to answer instead
+	usage    []UsageReport
+	failures map[string]int // by path, status to answer instead
 }
 
 // Start starts a plain HTTP Server on 127.0.0.1 that is closed when the
