@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -85,17 +86,18 @@ type Config struct {
 // Agent keeps tunnels to KAS open and serves the requests KAS sends
 // through them. Make one with [New] and start it with [Agent.Run].
 type Agent struct {
-	cfg       Config
-	kasURL    string // redacted form, for logs
-	log       *zap.Logger
-	httpLog   *log.Logger
-	metrics   *metrics
-	handler   http.Handler
-	podID     int64
-	version   string
-	commit    string
-	userAgent string
-	started   atomic.Bool
+	cfg        Config
+	kasAddress *url.URL
+	kasURL     string // redacted form, for logs
+	log        *zap.Logger
+	httpLog    *log.Logger
+	metrics    *metrics
+	handler    http.Handler
+	podID      int64
+	version    string
+	commit     string
+	userAgent  string
+	started    atomic.Bool
 
 	mu         sync.Mutex        // guards k8sVersion and versionOK
 	k8sVersion KubernetesVersion // last version the apiserver reported, values KAS would refuse emptied
@@ -137,13 +139,14 @@ func New(cfg Config) (*Agent, error) {
 		cfg.ShutdownGrace = DefaultShutdownGrace
 	}
 	a := &Agent{
-		cfg:     cfg,
-		kasURL:  u.Redacted(),
-		log:     cfg.Logger,
-		metrics: newMetrics(),
-		podID:   rand.Int64(),
-		version: cfg.Version,
-		commit:  cfg.Commit,
+		cfg:        cfg,
+		kasAddress: u,
+		kasURL:     u.Redacted(),
+		log:        cfg.Logger,
+		metrics:    newMetrics(),
+		podID:      rand.Int64(),
+		version:    cfg.Version,
+		commit:     cfg.Commit,
 	}
 	if a.version == "" {
 		a.version = buildinfo.Version()
@@ -270,8 +273,7 @@ type attemptResult struct {
 	connected    bool
 	uptime       time.Duration // how long the tunnel was up
 	err          error         // why the attempt failed or the tunnel ended
-	status       int           // HTTP status of a refused handshake, else 0
-	response     string        // start of the refusal's body, redacted
+	refusal      *refusal      // the answer to a refused handshake, else nil
 }
 
 // runTunnel keeps one tunnel open until ctx is done.
@@ -288,17 +290,10 @@ func (a *Agent) runTunnel(ctx context.Context, slot int) {
 		}
 		delay := backoff.Next(r.uptime)
 		fields := []zap.Field{zap.Int64("connection", r.connectionID), zap.Duration("retry_in", delay)}
-		switch {
-		case r.connected:
+		if r.connected {
 			tlog.Info("tunnel disconnected", append(fields, zap.String("reason", errString(r.err)), zap.Duration("connected_for", r.uptime))...)
-		case r.status == http.StatusUnauthorized:
-			// GitLab agentk logs the same condition at error level: the
-			// agent cannot work until an admin fixes the token.
-			tlog.Error("KAS refused the agent token", append(fields, zap.Int("status_code", r.status), zap.String("response", r.response), zap.Error(r.err))...)
-		case r.status != 0 && r.status != http.StatusSwitchingProtocols:
-			tlog.Error("KAS refused the tunnel handshake", append(fields, zap.Int("status_code", r.status), zap.String("response", r.response), zap.Error(r.err))...)
-		default:
-			tlog.Warn("cannot connect to KAS", append(fields, zap.Error(r.err))...)
+		} else {
+			a.logFailedHandshake(tlog, r, fields)
 		}
 		t := time.NewTimer(delay)
 		select {
@@ -308,6 +303,24 @@ func (a *Agent) runTunnel(ctx context.Context, slot int) {
 		case <-t.C:
 		}
 	}
+}
+
+// logFailedHandshake logs why a tunnel could not be opened and what to
+// change about it. A refusal is logged at error level, as GitLab agentk
+// logs a refused token: the agent cannot work until someone fixes the
+// configuration.
+func (a *Agent) logFailedHandshake(tlog *zap.Logger, r attemptResult, fields []zap.Field) {
+	d := diagnose(a.kasAddress, r.err, r.refusal)
+	fields = append(fields, zap.Error(r.err))
+	if d.fix != "" {
+		fields = append(fields, zap.String("fix", d.fix))
+	}
+	if r.refusal == nil {
+		tlog.Warn(d.message, fields...)
+		return
+	}
+	fields = append(fields, zap.Int("status_code", r.refusal.status), zap.String("response", r.refusal.body))
+	tlog.Error(d.message, fields...)
 }
 
 func errString(err error) string {
@@ -355,8 +368,7 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 		a.metrics.connectFailures.Add(1)
 		r.err = err
 		if resp != nil {
-			r.status = resp.StatusCode
-			r.response = responseExcerpt(resp.Body, token)
+			r.refusal = newRefusal(resp, token)
 		}
 		return r
 	}
