@@ -162,7 +162,7 @@ type testAgent struct {
 	stopped chan error
 }
 
-func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath string, connections int) *testAgent {
+func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath string, connections int, tweaks ...func(*Config)) *testAgent {
 	t.Helper()
 	apiURL, err := parseServerURL(api.URL)
 	if err != nil {
@@ -174,7 +174,7 @@ func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath 
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := New(Config{
+	cfg := Config{
 		KASAddress:            kas.url(),
 		Token:                 TokenFile(tokenPath),
 		KASHeader:             http.Header{"X-Extra": {"extra value"}},
@@ -187,7 +187,11 @@ func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath 
 		ObservabilityListener: ln,
 		Version:               "v0.0.1-test",
 		Commit:                "abc123",
-	})
+	}
+	for _, tweak := range tweaks {
+		tweak(&cfg)
+	}
+	a, err := New(cfg)
 	if err != nil {
 		ln.Close()
 		t.Fatal(err)
