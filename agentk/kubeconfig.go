@@ -123,9 +123,6 @@ type KubeconfigOverrides struct {
 	Token string
 }
 
-// IsZero reports whether o overrides nothing.
-func (o KubeconfigOverrides) IsZero() bool { return o == KubeconfigOverrides{} }
-
 // LoadKubeconfigWithOverrides is [LoadKubeconfig] with kubectl's
 // command-line overrides applied to the chosen cluster and user.
 func LoadKubeconfigWithOverrides(path string, o KubeconfigOverrides) (*Cluster, error) {

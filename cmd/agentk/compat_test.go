@@ -3,15 +3,8 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"flag"
 	"fmt"
-	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,12 +12,12 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-kas/caddy-kas/agentk"
+	"github.com/caddy-kas/caddy-kas/internal/testca"
 )
 
 // chartFixture is one command line of the gitlab/gitlab-agent Helm chart
@@ -161,16 +154,19 @@ func TestGitLabChartSetup(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			certPEM, keyPEM := selfSignedCert(t)
+			ca, err := testca.New("chart test CA")
+			if err != nil {
+				t.Fatal(err)
+			}
 			// Every file the chart mounts, at the same path under root.
 			for _, f := range []struct {
 				path    *string
 				content []byte
 			}{
 				{&o.tokenFile, []byte("glagent-chart-token\n")},
-				{&o.kasCACertFile, certPEM},
-				{&o.observabilityCertFile, certPEM},
-				{&o.observabilityKeyFile, keyPEM},
+				{&o.kasCACertFile, ca.CAPEM},
+				{&o.observabilityCertFile, ca.CertPEM},
+				{&o.observabilityKeyFile, ca.KeyPEM},
 			} {
 				if *f.path == "" {
 					continue
@@ -182,7 +178,7 @@ func TestGitLabChartSetup(t *testing.T) {
 			// or kubelet mounts it.
 			o.serviceAccountDir = filepath.Join(root, agentk.ServiceAccountDir)
 			writeTestFile(t, filepath.Join(o.serviceAccountDir, "token"), []byte("service-account-token"))
-			writeTestFile(t, filepath.Join(o.serviceAccountDir, "ca.crt"), certPEM)
+			writeTestFile(t, filepath.Join(o.serviceAccountDir, "ca.crt"), ca.CAPEM)
 			writeTestFile(t, filepath.Join(o.serviceAccountDir, "namespace"), []byte("gitlab-agent"))
 			// The chart's port 8080 may be taken on a test machine.
 			o.observabilityAddr = "127.0.0.1:0"
@@ -342,33 +338,4 @@ func writeTestFile(t *testing.T, path string, content []byte) {
 	if err := os.WriteFile(path, content, 0o600); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// selfSignedCert returns a PEM certificate and key for localhost.
-func selfSignedCert(t *testing.T) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "localhost"},
-		DNSNames:              []string{"localhost"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 }
