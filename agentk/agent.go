@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -32,6 +33,12 @@ const (
 	// HTTP/2 connection that carries thousands of concurrent requests;
 	// more than a few only help to spread load over KAS replicas.
 	MaxConnections = 100
+	// DefaultAPIServerCheckInterval is how often agentk checks that the
+	// apiserver answers, for /readiness: as often as kubelet probes the
+	// readiness of GitLab's Helm chart (periodSeconds 10). The probe only
+	// reads the last result, because kubelet gives it one second by
+	// default.
+	DefaultAPIServerCheckInterval = 10 * time.Second
 	// observabilityShutdownTimeout bounds how long the probes and metrics
 	// server waits for its requests when agentk stops.
 	observabilityShutdownTimeout = 2 * time.Second
@@ -69,6 +76,10 @@ type Config struct {
 	// ShutdownGrace is how long requests in flight may finish when Run's
 	// context ends. Zero means DefaultShutdownGrace, negative none.
 	ShutdownGrace time.Duration
+	// APIServerCheckInterval is how often agentk checks that the
+	// apiserver answers, for /readiness. Zero means
+	// DefaultAPIServerCheckInterval.
+	APIServerCheckInterval time.Duration
 	// TunnelOptions tune the HTTP/2 connections of the tunnels.
 	TunnelOptions h2tunnel.Options
 	// ObservabilityListener, if not nil, serves /liveness, /readiness and
@@ -85,21 +96,23 @@ type Config struct {
 // Agent keeps tunnels to KAS open and serves the requests KAS sends
 // through them. Make one with [New] and start it with [Agent.Run].
 type Agent struct {
-	cfg       Config
-	kasURL    string // redacted form, for logs
-	log       *zap.Logger
-	httpLog   *log.Logger
-	metrics   *metrics
-	handler   http.Handler
-	podID     int64
-	version   string
-	commit    string
-	userAgent string
-	started   atomic.Bool
+	cfg        Config
+	kasAddress *url.URL
+	kasURL     string // redacted form, for logs
+	log        *zap.Logger
+	httpLog    *log.Logger
+	metrics    *metrics
+	handler    http.Handler
+	podID      int64
+	version    string
+	commit     string
+	userAgent  string
+	started    atomic.Bool
 
-	mu         sync.Mutex        // guards k8sVersion and versionOK
+	mu         sync.Mutex        // guards k8sVersion, versionOK and versionErr
 	k8sVersion KubernetesVersion // last version the apiserver reported, values KAS would refuse emptied
 	versionOK  *bool             // whether the last GET /version worked; nil before the first
+	versionErr error             // why the last GET /version failed, if it did
 }
 
 // New checks cfg and returns an Agent.
@@ -133,17 +146,21 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
+	if cfg.APIServerCheckInterval <= 0 {
+		cfg.APIServerCheckInterval = DefaultAPIServerCheckInterval
+	}
 	if cfg.ShutdownGrace == 0 {
 		cfg.ShutdownGrace = DefaultShutdownGrace
 	}
 	a := &Agent{
-		cfg:     cfg,
-		kasURL:  u.Redacted(),
-		log:     cfg.Logger,
-		metrics: newMetrics(),
-		podID:   rand.Int64(),
-		version: cfg.Version,
-		commit:  cfg.Commit,
+		cfg:        cfg,
+		kasAddress: u,
+		kasURL:     u.Redacted(),
+		log:        cfg.Logger,
+		metrics:    newMetrics(),
+		podID:      rand.Int64(),
+		version:    cfg.Version,
+		commit:     cfg.Commit,
 	}
 	if a.version == "" {
 		a.version = buildinfo.Version()
@@ -167,8 +184,28 @@ func metaOrEmpty(v string) string {
 	return ""
 }
 
-// Ready reports whether at least one tunnel to KAS is connected.
-func (a *Agent) Ready() bool { return a.metrics.tunnels.Load() > 0 }
+// Ready reports whether agentk can serve KAS's requests: at least one
+// tunnel to KAS is connected, and the apiserver answered the last check.
+func (a *Agent) Ready() bool { return a.readiness() == nil }
+
+// errNoTunnel is why agentk is not ready while no tunnel is up.
+var errNoTunnel = errors.New("no tunnel to KAS is connected")
+
+// readiness returns why agentk is not ready, or nil.
+func (a *Agent) readiness() error {
+	if a.metrics.tunnels.Load() == 0 {
+		return errNoTunnel
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	switch {
+	case a.versionOK == nil:
+		return errors.New("the Kubernetes API server was not checked yet")
+	case !*a.versionOK:
+		return fmt.Errorf("the Kubernetes API server is not reachable: %w", a.versionErr)
+	}
+	return nil
+}
 
 // Handler returns the handler that serves requests from KAS (exposed for
 // tests and embedding).
@@ -222,6 +259,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		zap.String("pod_name", a.cfg.PodName),
 		zap.Int("connections", a.cfg.Connections))
 	a.kubernetesVersion(ctx) // logs whether the apiserver answers
+	wg.Go(func() { a.watchAPIServer(ctx) })
 
 	for slot := range a.cfg.Connections {
 		wg.Go(func() { a.runTunnel(ctx, slot) })
@@ -234,6 +272,23 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	default:
 		return nil
+	}
+}
+
+// watchAPIServer checks the apiserver every APIServerCheckInterval until
+// ctx is done, so that /readiness turns false while the apiserver cannot
+// be reached: KAS would route requests to an agentk that can only fail
+// them.
+func (a *Agent) watchAPIServer(ctx context.Context) {
+	t := time.NewTicker(a.cfg.APIServerCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			a.kubernetesVersion(ctx)
+		}
 	}
 }
 
@@ -252,14 +307,14 @@ func (a *Agent) kubernetesVersion(ctx context.Context) KubernetesVersion {
 		if a.versionOK != nil && !*a.versionOK {
 			level = zap.DebugLevel
 		}
-		a.versionOK = new(false)
+		a.versionOK, a.versionErr = new(false), err
 		a.log.Log(level, "cannot get the Kubernetes version", zap.String("apiserver", a.cfg.Cluster.Server()), zap.Error(err))
 		return a.k8sVersion
 	}
 	if a.versionOK == nil || !*a.versionOK {
 		a.log.Info("kubernetes API server reachable", zap.String("apiserver", a.cfg.Cluster.Server()), zap.String("kubernetes_version", v.GitVersion))
 	}
-	a.versionOK = new(true)
+	a.versionOK, a.versionErr = new(true), nil
 	a.k8sVersion = KubernetesVersion{GitVersion: metaOrEmpty(v.GitVersion), Platform: metaOrEmpty(v.Platform)}
 	return a.k8sVersion
 }
@@ -270,8 +325,7 @@ type attemptResult struct {
 	connected    bool
 	uptime       time.Duration // how long the tunnel was up
 	err          error         // why the attempt failed or the tunnel ended
-	status       int           // HTTP status of a refused handshake, else 0
-	response     string        // start of the refusal's body, redacted
+	refusal      *refusal      // the answer to a refused handshake, else nil
 }
 
 // runTunnel keeps one tunnel open until ctx is done.
@@ -288,17 +342,10 @@ func (a *Agent) runTunnel(ctx context.Context, slot int) {
 		}
 		delay := backoff.Next(r.uptime)
 		fields := []zap.Field{zap.Int64("connection", r.connectionID), zap.Duration("retry_in", delay)}
-		switch {
-		case r.connected:
+		if r.connected {
 			tlog.Info("tunnel disconnected", append(fields, zap.String("reason", errString(r.err)), zap.Duration("connected_for", r.uptime))...)
-		case r.status == http.StatusUnauthorized:
-			// GitLab agentk logs the same condition at error level: the
-			// agent cannot work until an admin fixes the token.
-			tlog.Error("KAS refused the agent token", append(fields, zap.Int("status_code", r.status), zap.String("response", r.response), zap.Error(r.err))...)
-		case r.status != 0 && r.status != http.StatusSwitchingProtocols:
-			tlog.Error("KAS refused the tunnel handshake", append(fields, zap.Int("status_code", r.status), zap.String("response", r.response), zap.Error(r.err))...)
-		default:
-			tlog.Warn("cannot connect to KAS", append(fields, zap.Error(r.err))...)
+		} else {
+			a.logFailedHandshake(tlog, r, fields)
 		}
 		t := time.NewTimer(delay)
 		select {
@@ -308,6 +355,24 @@ func (a *Agent) runTunnel(ctx context.Context, slot int) {
 		case <-t.C:
 		}
 	}
+}
+
+// logFailedHandshake logs why a tunnel could not be opened and what to
+// change about it. A refusal is logged at error level, as GitLab agentk
+// logs a refused token: the agent cannot work until someone fixes the
+// configuration.
+func (a *Agent) logFailedHandshake(tlog *zap.Logger, r attemptResult, fields []zap.Field) {
+	d := diagnose(a.kasAddress, r.err, r.refusal)
+	fields = append(fields, zap.Error(r.err))
+	if d.fix != "" {
+		fields = append(fields, zap.String("fix", d.fix))
+	}
+	if r.refusal == nil {
+		tlog.Warn(d.message, fields...)
+		return
+	}
+	fields = append(fields, zap.Int("status_code", r.refusal.status), zap.String("response", r.refusal.body))
+	tlog.Error(d.message, fields...)
 }
 
 func errString(err error) string {
@@ -355,8 +420,7 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 		a.metrics.connectFailures.Add(1)
 		r.err = err
 		if resp != nil {
-			r.status = resp.StatusCode
-			r.response = responseExcerpt(resp.Body, token)
+			r.refusal = newRefusal(resp, token)
 		}
 		return r
 	}

@@ -32,6 +32,10 @@ type fakeKAS struct {
 	srv *httptest.Server
 	// conns receives the KAS side of every accepted tunnel.
 	conns chan *h2tunnel.Conn
+	// echoToken makes the refusals those of a misconfigured proxy that
+	// echoes the request's Authorization header; set before the first
+	// handshake.
+	echoToken bool
 
 	mu         sync.Mutex // guards token, refuse and handshakes
 	token      string     // the agent token KAS accepts
@@ -73,11 +77,16 @@ func (k *fakeKAS) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	k.mu.Unlock()
 	if refuse {
-		w.Header().Set("Content-Type", "text/plain")
-		w.WriteHeader(http.StatusUnauthorized)
-		// Echo the header, as a misconfigured proxy might: agentk must
-		// not log the token it finds in the answer.
-		io.WriteString(w, "unknown agent token: "+r.Header.Get("Authorization"))
+		if k.echoToken {
+			// Echo the header, as a misconfigured proxy might: agentk
+			// must not log the token it finds in the answer.
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, "who are you? "+r.Header.Get("Authorization"))
+			return
+		}
+		// As caddy-kas's agent endpoint refuses a token.
+		http.Error(w, "unauthenticated", http.StatusUnauthorized)
 		return
 	}
 	meta, err := h2tunnel.MetaFromHeaders(r.Header)
@@ -153,7 +162,7 @@ type testAgent struct {
 	stopped chan error
 }
 
-func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath string, connections int) *testAgent {
+func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath string, connections int, tweaks ...func(*Config)) *testAgent {
 	t.Helper()
 	apiURL, err := parseServerURL(api.URL)
 	if err != nil {
@@ -165,7 +174,7 @@ func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath 
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := New(Config{
+	cfg := Config{
 		KASAddress:            kas.url(),
 		Token:                 TokenFile(tokenPath),
 		KASHeader:             http.Header{"X-Extra": {"extra value"}},
@@ -178,7 +187,11 @@ func startTestAgent(t *testing.T, kas *fakeKAS, api *httptest.Server, tokenPath 
 		ObservabilityListener: ln,
 		Version:               "v0.0.1-test",
 		Commit:                "abc123",
-	})
+	}
+	for _, tweak := range tweaks {
+		tweak(&cfg)
+	}
+	a, err := New(cfg)
 	if err != nil {
 		ln.Close()
 		t.Fatal(err)
@@ -419,10 +432,12 @@ func TestAgentStopsWhileRefused(t *testing.T) {
 	// the middle of a backoff wait or a handshake.
 	api := fakeAPI(t)
 	kas := newFakeKAS(t, "right-token", 0)
+	kas.echoToken = true
 	tokenPath := filepath.Join(t.TempDir(), "token")
 	writeFile(t, tokenPath, []byte("wrong-token"))
 	ta := startTestAgent(t, kas, api, tokenPath, 2)
-	eventually(t, "several refusals", func() bool { return ta.count("KAS refused the agent token") >= 4 })
+	const refused = "a server that is not KAS refused the tunnel handshake"
+	eventually(t, "several refusals", func() bool { return ta.count(refused) >= 4 })
 	if ta.Ready() {
 		t.Error("ready although KAS refuses the token")
 	}
@@ -434,7 +449,7 @@ func TestAgentStopsWhileRefused(t *testing.T) {
 		t.Fatal("Run did not return")
 	}
 	eventually(t, "agentk goroutines gone", func() bool { return agentGoroutines() == "" })
-	for _, e := range ta.logs.FilterMessage("KAS refused the agent token").All() {
+	for _, e := range ta.logs.FilterMessage(refused).All() {
 		if resp := toString(e.ContextMap()["response"]); strings.Contains(resp, "wrong-token") || !strings.Contains(resp, "[redacted]") {
 			t.Fatalf("response excerpt not redacted: %q", resp)
 		}

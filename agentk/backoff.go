@@ -19,22 +19,27 @@ const (
 
 // Backoff computes the delays between connection attempts: exponential
 // growth with random jitter, starting over once a connection stayed up long
-// enough. It follows the semantics of k8s.io/apimachinery's
-// wait.NewExponentialBackoffManager, which GitLab's agentk uses: the base
-// delay grows by Factor up to Max, and the jitter is added on top of it, so
-// that a fleet of agents does not reconnect in lockstep even at the cap.
+// enough. The base delay grows by Factor up to Max, as in k8s.io/apimachinery's
+// wait.NewExponentialBackoffManager, which GitLab's agentk uses. Unlike it,
+// the jitter never takes a delay above Max: apimachinery adds up to
+// Jitter × Max on top of the cap (GitLab's agentk waits up to 24 s), while
+// the documented range of this agentk is 1 s to 20 s. A delay is drawn from
+// [upper / (1 + Jitter), upper], with upper = min(base × (1 + Jitter), Max)
+// and never below Initial: that is [base, base × (1 + Jitter)] below the
+// cap, and at the cap it still spreads a fleet of agents over the top sixth
+// (with GitLab's jitter of 0.2), so that they do not reconnect in lockstep.
 //
 // The zero value of a field means its GitLab default. A Backoff is not safe
 // for concurrent use; each tunnel has its own.
 type Backoff struct {
 	// Initial is the first delay, and the delay after a reset.
 	Initial time.Duration
-	// Max caps the base delay (before jitter).
+	// Max caps every delay, jitter included.
 	Max time.Duration
 	// Factor multiplies the base delay after each attempt.
 	Factor float64
-	// Jitter adds up to Jitter × the base delay, at random. Negative
-	// means no jitter.
+	// Jitter widens a delay by up to Jitter × the base delay, at random,
+	// within Max. Negative means no jitter.
 	Jitter float64
 	// ResetAfter is how long a connection must have stayed up for the
 	// next delay to start over at Initial.
@@ -97,14 +102,19 @@ func (b *Backoff) Next(uptime time.Duration) time.Duration {
 	if b.base == 0 || uptime >= cfg.ResetAfter {
 		b.base = cfg.Initial
 	}
-	d := b.base
+	base := b.base
 	next := time.Duration(float64(b.base) * cfg.Factor)
 	if next > cfg.Max || next <= 0 { // <= 0: overflow
 		next = cfg.Max
 	}
 	b.base = next
-	if cfg.Jitter > 0 {
-		d += time.Duration(cfg.Jitter * cfg.Rand() * float64(d))
+	if cfg.Jitter <= 0 {
+		return base
 	}
-	return d
+	upper := time.Duration(float64(base) * (1 + cfg.Jitter))
+	if upper > cfg.Max || upper <= 0 { // <= 0: overflow
+		upper = cfg.Max
+	}
+	lower := max(min(base, time.Duration(float64(upper)/(1+cfg.Jitter))), cfg.Initial)
+	return lower + time.Duration(cfg.Rand()*float64(upper-lower))
 }

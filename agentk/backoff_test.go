@@ -13,7 +13,7 @@ func TestBackoffSequence(t *testing.T) {
 	}{
 		{
 			name: "GitLab values without jitter",
-			b:    Backoff{Rand: func() float64 { return 0 }},
+			b:    Backoff{Jitter: -1},
 			want: []time.Duration{
 				1 * time.Second, 1600 * time.Millisecond, 2560 * time.Millisecond,
 				4096 * time.Millisecond, 6553600 * time.Microsecond, 10485760 * time.Microsecond,
@@ -21,19 +21,29 @@ func TestBackoffSequence(t *testing.T) {
 			},
 		},
 		{
-			name: "jitter is added on top of the base delay",
+			name: "jitter widens the delay below the cap and stays within it at the cap",
 			b:    Backoff{Rand: func() float64 { return 0.5 }},
 			want: []time.Duration{
 				1100 * time.Millisecond, 1760 * time.Millisecond, 2816 * time.Millisecond,
 				4505600 * time.Microsecond, 7208960 * time.Microsecond, 11534336 * time.Microsecond,
-				18454937600 * time.Nanosecond, 22 * time.Second, 22 * time.Second,
+				// base 16.78 s: [20 s / 1.2, 20 s]; base 20 s: the same.
+				18333333333 * time.Nanosecond, 18333333333 * time.Nanosecond, 18333333333 * time.Nanosecond,
+			},
+		},
+		{
+			name: "the largest jitter reaches the cap and not beyond",
+			b:    Backoff{Rand: func() float64 { return 1 }},
+			want: []time.Duration{
+				1200 * time.Millisecond, 1920 * time.Millisecond, 3072 * time.Millisecond,
+				4915200 * time.Microsecond, 7864320 * time.Microsecond, 12582912 * time.Microsecond,
+				20 * time.Second, 20 * time.Second, 20 * time.Second,
 			},
 		},
 		{
 			name: "custom values",
 			b:    Backoff{Initial: time.Millisecond, Max: 5 * time.Millisecond, Factor: 2, Jitter: 0.1, Rand: func() float64 { return 1 }},
 			want: []time.Duration{
-				1100 * time.Microsecond, 2200 * time.Microsecond, 4400 * time.Microsecond, 5500 * time.Microsecond, 5500 * time.Microsecond,
+				1100 * time.Microsecond, 2200 * time.Microsecond, 4400 * time.Microsecond, 5 * time.Millisecond, 5 * time.Millisecond,
 			},
 		},
 		{
@@ -57,23 +67,36 @@ func TestBackoffSequence(t *testing.T) {
 }
 
 func TestBackoffBounds(t *testing.T) {
-	// Whatever the random source says, a delay stays within
-	// [base, base × (1 + jitter)] and the base within [initial, max].
-	for _, r := range []float64{0, 0.25, 0.999999} {
+	// Whatever the random source says, no delay is below Initial or above
+	// Max: the README promises 1 s to 20 s, jitter included. Below the
+	// cap a delay stays within [base, base × (1 + jitter)].
+	for _, r := range []float64{0, 0.25, 0.5, 0.999999, 1} {
 		b := DefaultBackoff()
 		b.Rand = func() float64 { return r }
 		base := DefaultBackoffInitial
 		for i := range 30 {
 			got := b.Next(0)
-			lo, hi := base, time.Duration(float64(base)*(1+DefaultBackoffJitter))
-			if got < lo-time.Microsecond || got > hi+time.Microsecond {
-				t.Fatalf("rand %v, delay %d = %v, want within [%v, %v]", r, i, got, lo, hi)
+			if got < DefaultBackoffInitial || got > DefaultBackoffMax {
+				t.Fatalf("rand %v, delay %d = %v, want within [%v, %v]", r, i, got, DefaultBackoffInitial, DefaultBackoffMax)
 			}
-			if got > 24*time.Second {
-				t.Fatalf("rand %v, delay %d = %v exceeds max plus jitter", r, i, got)
+			if hi := time.Duration(float64(base) * (1 + DefaultBackoffJitter)); hi <= DefaultBackoffMax {
+				if got < base-time.Microsecond || got > hi+time.Microsecond {
+					t.Fatalf("rand %v, delay %d = %v, want within [%v, %v]", r, i, got, base, hi)
+				}
 			}
 			base = min(time.Duration(float64(base)*DefaultBackoffFactor), DefaultBackoffMax)
 		}
+	}
+	// At the cap the delays still spread over a sixth of it, so that a
+	// fleet of agents does not reconnect in lockstep.
+	lo, hi := DefaultBackoff(), DefaultBackoff()
+	lo.Rand, hi.Rand = func() float64 { return 0 }, func() float64 { return 1 }
+	var dlo, dhi time.Duration
+	for range 30 {
+		dlo, dhi = lo.Next(0), hi.Next(0)
+	}
+	if spread := dhi - dlo; spread < 3*time.Second {
+		t.Errorf("delays at the cap spread over %v (%v to %v), want at least 3s", spread, dlo, dhi)
 	}
 }
 

@@ -89,11 +89,48 @@ type clockOptions struct {
 // Relative file paths in it resolve against the kubeconfig's directory, as
 // in kubectl. Tokens in a tokenFile are re-read as they rotate.
 func LoadKubeconfig(path, contextName string) (*Cluster, error) {
-	return loadKubeconfig(path, contextName, clockOptions{})
+	return LoadKubeconfigWithOverrides(path, KubeconfigOverrides{Context: contextName})
 }
 
-func loadKubeconfig(path, contextName string, co clockOptions) (*Cluster, error) {
-	spec, err := kubeconfigSpec(path, contextName, co)
+// KubeconfigOverrides are kubectl's command-line overrides of a kubeconfig
+// (k8s.io/cli-runtime's genericclioptions), which GitLab's agentk accepts
+// as flags. An empty field overrides nothing. File paths are relative to
+// the working directory, as on kubectl's command line.
+type KubeconfigOverrides struct {
+	// Context chooses the context instead of the current-context.
+	Context string
+	// Cluster and User choose the kubeconfig's cluster and user entries
+	// instead of those the context names.
+	Cluster string
+	User    string
+	// Server replaces the cluster's server URL.
+	Server string
+	// CertificateAuthority replaces the cluster's CA (file and inline
+	// data).
+	CertificateAuthority string
+	// InsecureSkipTLSVerify turns verification of the apiserver's
+	// certificate off and, unless CertificateAuthority is given too,
+	// drops the kubeconfig's CA, as kubectl does.
+	InsecureSkipTLSVerify bool
+	// TLSServerName replaces the name verified in the apiserver's
+	// certificate.
+	TLSServerName string
+	// ClientCertificate and ClientKey replace the user's client
+	// certificate (file and inline data).
+	ClientCertificate string
+	ClientKey         string
+	// Token replaces the user's credential with this bearer token.
+	Token string
+}
+
+// LoadKubeconfigWithOverrides is [LoadKubeconfig] with kubectl's
+// command-line overrides applied to the chosen cluster and user.
+func LoadKubeconfigWithOverrides(path string, o KubeconfigOverrides) (*Cluster, error) {
+	return loadKubeconfig(path, o, clockOptions{})
+}
+
+func loadKubeconfig(path string, o KubeconfigOverrides, co clockOptions) (*Cluster, error) {
+	spec, err := kubeconfigSpecOverrides(path, o, co)
 	if err != nil {
 		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 	}
@@ -101,6 +138,56 @@ func loadKubeconfig(path, contextName string, co clockOptions) (*Cluster, error)
 }
 
 func kubeconfigSpec(path, contextName string, co clockOptions) (clusterSpec, error) {
+	return kubeconfigSpecOverrides(path, KubeconfigOverrides{Context: contextName}, co)
+}
+
+// apply puts the overrides into the chosen cluster and user entries.
+func (o KubeconfigOverrides) apply(cluster *kubeconfigCluster, user *kubeconfigUser) error {
+	abs := func(p string) (string, error) {
+		if p == "" {
+			return "", nil
+		}
+		return filepath.Abs(p)
+	}
+	var err error
+	if o.Server != "" {
+		cluster.Server = o.Server
+	}
+	if o.TLSServerName != "" {
+		cluster.TLSServerName = o.TLSServerName
+	}
+	if o.CertificateAuthority != "" {
+		if cluster.CertificateAuthority, err = abs(o.CertificateAuthority); err != nil {
+			return err
+		}
+		cluster.CertificateAuthorityData = nil
+	}
+	if o.InsecureSkipTLSVerify {
+		cluster.InsecureSkipTLSVerify = true
+		if o.CertificateAuthority == "" {
+			cluster.CertificateAuthority, cluster.CertificateAuthorityData = "", nil
+		}
+	}
+	if o.ClientCertificate != "" {
+		if user.ClientCertificate, err = abs(o.ClientCertificate); err != nil {
+			return err
+		}
+		user.ClientCertificateData = nil
+	}
+	if o.ClientKey != "" {
+		if user.ClientKey, err = abs(o.ClientKey); err != nil {
+			return err
+		}
+		user.ClientKeyData = nil
+	}
+	if o.Token != "" {
+		user.Token, user.TokenFile, user.Username, user.Password = o.Token, "", "", ""
+	}
+	return nil
+}
+
+func kubeconfigSpecOverrides(path string, o KubeconfigOverrides, co clockOptions) (clusterSpec, error) {
+	contextName := o.Context
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return clusterSpec{}, err // already names the file
@@ -123,19 +210,27 @@ func kubeconfigSpec(path, contextName string, co clockOptions) (clusterSpec, err
 	if contextName == "" {
 		contextName = kc.CurrentContext
 	}
-	if contextName == "" {
+	var clusterName, userName string
+	switch {
+	case contextName != "":
+		found := false
+		for _, c := range kc.Contexts {
+			if c.Name == contextName {
+				clusterName, userName, found = c.Context.Cluster, c.Context.User, true
+				break
+			}
+		}
+		if !found {
+			return clusterSpec{}, fmt.Errorf("context %q not found", contextName)
+		}
+	case o.Cluster == "":
 		return clusterSpec{}, errors.New("no current-context; choose one with --context")
 	}
-	var clusterName, userName string
-	found := false
-	for _, c := range kc.Contexts {
-		if c.Name == contextName {
-			clusterName, userName, found = c.Context.Cluster, c.Context.User, true
-			break
-		}
+	if o.Cluster != "" {
+		clusterName = o.Cluster
 	}
-	if !found {
-		return clusterSpec{}, fmt.Errorf("context %q not found", contextName)
+	if o.User != "" {
+		userName = o.User
 	}
 
 	var cluster *kubeconfigCluster
@@ -146,7 +241,7 @@ func kubeconfigSpec(path, contextName string, co clockOptions) (clusterSpec, err
 		}
 	}
 	if cluster == nil {
-		return clusterSpec{}, fmt.Errorf("context %q: cluster %q not found", contextName, clusterName)
+		return clusterSpec{}, fmt.Errorf("%scluster %q not found", contextPrefix(contextName), clusterName)
 	}
 	// A context without a user is anonymous, as in kubectl.
 	var user kubeconfigUser
@@ -159,9 +254,17 @@ func kubeconfigSpec(path, contextName string, co clockOptions) (clusterSpec, err
 			}
 		}
 		if !found {
-			return clusterSpec{}, fmt.Errorf("context %q: user %q not found", contextName, userName)
+			return clusterSpec{}, fmt.Errorf("%suser %q not found", contextPrefix(contextName), userName)
 		}
 	}
+
+	// Copies, so that the overrides do not change the parsed file.
+	clusterEntry, userEntry := *cluster, user
+	cluster = &clusterEntry
+	if err := o.apply(cluster, &userEntry); err != nil {
+		return clusterSpec{}, err
+	}
+	user = userEntry
 
 	var spec clusterSpec
 	if spec.server, err = parseServerURL(cluster.Server); err != nil {
@@ -184,6 +287,14 @@ func kubeconfigSpec(path, contextName string, co clockOptions) (clusterSpec, err
 		return clusterSpec{}, fmt.Errorf("user %q: %w", userName, err)
 	}
 	return spec, nil
+}
+
+// contextPrefix starts an error about an entry the context names.
+func contextPrefix(contextName string) string {
+	if contextName == "" {
+		return ""
+	}
+	return fmt.Sprintf("context %q: ", contextName)
 }
 
 // clusterTLS builds the TLS settings that verify the apiserver.

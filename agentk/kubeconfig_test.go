@@ -425,3 +425,60 @@ func wantClientCert(t *testing.T, _ string, s clusterSpec) {
 	}
 	wantAuth(t, s.cred, "")
 }
+
+func TestKubeconfigOverrides(t *testing.T) {
+	dir := t.TempDir()
+	ca := newTestCA(t)
+	writeFile(t, filepath.Join(dir, "ca.pem"), ca.certPEM)
+	path := filepath.Join(dir, "kubeconfig")
+	writeFile(t, path, []byte(kubeconfigYAML("test",
+		"server: https://k8s.example\ncertificate-authority-data: "+b64(ca.certPEM),
+		"tokenFile: token")))
+	writeFile(t, filepath.Join(dir, "token"), []byte("file-token"))
+	t.Chdir(dir) // override paths are relative to the working directory
+
+	tests := []struct {
+		name        string
+		o           KubeconfigOverrides
+		wantServer  string
+		wantAuth    string
+		wantCA      bool
+		wantSNI     string
+		wantErrText string
+	}{
+		{name: "none", wantServer: "https://k8s.example", wantAuth: "Bearer file-token", wantCA: true},
+		{name: "--cluster and --user", o: KubeconfigOverrides{Cluster: "c2", User: "u2"}, wantServer: "https://other.example:6443", wantAuth: "Bearer other-token"},
+		{name: "--context", o: KubeconfigOverrides{Context: "other"}, wantServer: "https://other.example:6443", wantAuth: "Bearer other-token"},
+		{name: "--server and --token", o: KubeconfigOverrides{Server: "https://override.example", Token: "flag-token"}, wantServer: "https://override.example", wantAuth: "Bearer flag-token", wantCA: true},
+		{name: "--certificate-authority relative to the working directory", o: KubeconfigOverrides{Context: "other", CertificateAuthority: "ca.pem"}, wantServer: "https://other.example:6443", wantAuth: "Bearer other-token", wantCA: true},
+		{name: "--insecure-skip-tls-verify drops the kubeconfig's CA", o: KubeconfigOverrides{InsecureSkipTLSVerify: true}, wantServer: "https://k8s.example", wantAuth: "Bearer file-token"},
+		{name: "--tls-server-name", o: KubeconfigOverrides{TLSServerName: "kubernetes.default"}, wantServer: "https://k8s.example", wantAuth: "Bearer file-token", wantCA: true, wantSNI: "kubernetes.default"},
+		{name: "--cluster of a missing entry", o: KubeconfigOverrides{Cluster: "nope"}, wantErrText: `cluster "nope" not found`},
+		{name: "--client-certificate without a key", o: KubeconfigOverrides{ClientCertificate: "ca.pem"}, wantErrText: "client-certificate given without client-key"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec, err := kubeconfigSpecOverrides(path, tt.o, clockOptions{})
+			if tt.wantErrText != "" {
+				checkError(t, err, nil, tt.wantErrText)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if spec.server.String() != tt.wantServer {
+				t.Errorf("server = %s, want %s", spec.server, tt.wantServer)
+			}
+			wantAuth(t, spec.cred, tt.wantAuth)
+			if got := spec.tls.RootCAs != nil; got != tt.wantCA {
+				t.Errorf("has CA = %v, want %v", got, tt.wantCA)
+			}
+			if spec.tls.ServerName != tt.wantSNI {
+				t.Errorf("server name = %q, want %q", spec.tls.ServerName, tt.wantSNI)
+			}
+			if spec.tls.InsecureSkipVerify != tt.o.InsecureSkipTLSVerify {
+				t.Errorf("insecure = %v", spec.tls.InsecureSkipVerify)
+			}
+		})
+	}
+}

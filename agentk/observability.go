@@ -84,15 +84,16 @@ func (a *Agent) observabilityHandler() http.Handler {
 		io.WriteString(w, "ok\n")
 	})
 	// Readiness: at least one tunnel is up, so KAS can reach the cluster
-	// through this agentk.
+	// through this agentk, and the apiserver answered its last check, so
+	// that requests through the tunnel can succeed.
 	mux.HandleFunc("GET /readiness", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if n := a.metrics.tunnels.Load(); n > 0 {
-			fmt.Fprintf(w, "ok: %d tunnel(s) to KAS connected\n", n)
+		if err := a.readiness(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "not ready: %v\n", err)
 			return
 		}
-		w.WriteHeader(http.StatusServiceUnavailable)
-		io.WriteString(w, "no tunnel to KAS is connected\n")
+		fmt.Fprintf(w, "ok: %d tunnel(s) to KAS connected; the Kubernetes API server answers\n", a.metrics.tunnels.Load())
 	})
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

@@ -16,10 +16,12 @@ const agentkReadyTimeout = time.Minute
 // agentkOptions chooses how one agentk runs.
 type agentkOptions struct {
 	agentID     int
-	token       string // empty: the agent's token from the Caddy config
-	tokenViaEnv bool   // pass the token in AGENTK_TOKEN instead of --token-file
-	kubeContext string // context of the cluster's kubeconfig; empty: adminUser
-	kubeconfig  string // the cluster's kubeconfig; empty: the test kube-apiserver's
+	token       string   // empty: the agent's token from the Caddy config
+	tokenViaEnv bool     // pass the token in AGENTK_TOKEN instead of --token-file
+	kubeContext string   // context of the cluster's kubeconfig; empty: adminUser
+	kubeconfig  string   // the cluster's kubeconfig; empty: the test kube-apiserver's
+	extraArgs   []string // after the arguments above; a later value of a flag wins
+	extraEnv    []string // NAME=value, after the environment above; a later value wins
 }
 
 // agentk is one running agentk connected (or trying to connect) to a Caddy.
@@ -57,6 +59,8 @@ func (c *caddyServer) startAgentk(t testing.TB, options agentkOptions) *agentk {
 		tokenFile := writeSecretFile(t, c.dir, fmt.Sprintf("%s-%s.token", name, kubetest.RandomHex(4)), options.token)
 		args = append(args, "--token-file", tokenFile)
 	}
+	args = append(args, options.extraArgs...)
+	env = append(env, options.extraEnv...)
 	return &agentk{
 		caddy:   c,
 		options: options,

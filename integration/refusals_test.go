@@ -48,6 +48,14 @@ func TestAgentWithWrongTokenIsRefused(t *testing.T) {
 	if !regexp.MustCompile(`\b401\b`).MatchString(agent.proc.Stderr()) {
 		t.Errorf("agentk's stderr does not mention the 401 it got")
 	}
+	// agentk tells Caddy's refusal from a 401 of something that is not
+	// KAS, and says what to fix.
+	if n := countLogEntries(agent.proc.Stderr(), map[string]string{"msg": "KAS refused the agent token"}); n == 0 {
+		t.Errorf("agentk did not log the refusal as KAS's:\n%s", agent.proc.Stderr())
+	}
+	if !strings.Contains(agent.proc.Stderr(), `"fix":"KAS does not know this agent token`) {
+		t.Errorf("agentk's refusal does not say what to fix:\n%s", agent.proc.Stderr())
+	}
 	if strings.Contains(kas.proc.Stdout()+kas.proc.Stderr(), wrongToken) {
 		t.Errorf("caddy's output contains the wrong agent token")
 	}

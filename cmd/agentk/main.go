@@ -12,12 +12,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -34,87 +34,8 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// headerFlag collects repeated --kas-header values. They are checked
-// after parsing, because the flag package quotes a rejected value in its
-// error message, and extra headers often carry secrets.
-type headerFlag struct {
-	raw []string
-	h   http.Header // filled by parse
-}
-
-func (f *headerFlag) String() string { return "" }
-
-func (f *headerFlag) Set(s string) error {
-	f.raw = append(f.raw, s)
-	return nil
-}
-
-// parse checks the collected values.
-func (f *headerFlag) parse() error {
-	for i, s := range f.raw {
-		name, value, err := agentk.ParseHeader(s)
-		if err != nil {
-			return fmt.Errorf("--kas-header #%d: %w", i+1, err)
-		}
-		if f.h == nil {
-			f.h = make(http.Header)
-		}
-		f.h.Add(name, value)
-	}
-	return nil
-}
-
-// options are the parsed command line.
-type options struct {
-	kasAddress        string
-	tokenFile         string
-	kasCACertFile     string
-	kasInsecure       bool
-	kasTLSServerName  string
-	kasHeaders        headerFlag
-	observabilityNet  string
-	observabilityAddr string
-	kubeconfig        string
-	kubeContext       string
-	kasConnections    int
-	printVersion      bool
-	serviceAccountDir string
-}
-
-func parseFlags(args []string, stderr io.Writer) (*options, error) {
-	var o options
-	fs := flag.NewFlagSet("agentk", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.StringVar(&o.kasAddress, "kas-address", "", "KAS address: a ws:// or wss:// URL, dialed as is (required)")
-	fs.StringVar(&o.tokenFile, "token-file", "", "file with the agent token, re-read on every reconnect (or set AGENTK_TOKEN)")
-	fs.StringVar(&o.kasCACertFile, "kas-ca-cert-file", "", "PEM file of CA certificates to trust for KAS, in addition to the system's")
-	fs.StringVar(&o.kasCACertFile, "ca-cert-file", "", "deprecated name of --kas-ca-cert-file")
-	fs.BoolVar(&o.kasInsecure, "kas-insecure-skip-tls-verify", false, "do not verify KAS's TLS certificate (insecure)")
-	fs.StringVar(&o.kasTLSServerName, "kas-tls-server-name", "", "server name for SNI and verification of KAS's certificate")
-	fs.Var(&o.kasHeaders, "kas-header", "extra `'Name: value'` header for the handshake with KAS (repeatable)")
-	fs.StringVar(&o.observabilityNet, "observability-listen-network", "tcp", "network of the observability listener (tcp, tcp4, tcp6, unix)")
-	fs.StringVar(&o.observabilityAddr, "observability-listen-address", ":8080", "address of /liveness, /readiness and /metrics")
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster; default: the in-cluster service account, else $KUBECONFIG")
-	fs.StringVar(&o.kubeContext, "context", "", "kubeconfig context; default: its current-context")
-	fs.IntVar(&o.kasConnections, "kas-connections", 1, "how many tunnels to KAS to keep open")
-	fs.BoolVar(&o.printVersion, "version", false, "print the version and exit")
-	o.serviceAccountDir = agentk.ServiceAccountDir
-	if err := fs.Parse(args); err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		// Not echoed: a stray argument is often half of an unquoted
-		// --kas-header value.
-		return nil, fmt.Errorf("%d unexpected argument(s) after the flags; quote values with spaces", fs.NArg())
-	}
-	if err := o.kasHeaders.parse(); err != nil {
-		return nil, err
-	}
-	return &o, nil
-}
-
 func run(args []string, stdout, stderr io.Writer) int {
-	o, err := parseFlags(args, stderr)
+	o, err := parseFlags(args, stdout)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
@@ -133,6 +54,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer logger.Sync()
+
+	for _, f := range o.ignored {
+		logger.Info("flag of GitLab's agentk has no effect here", zap.String("flag", "--"+f.name), zap.String("reason", f.reason))
+	}
+	logUnusedEnv(logger, os.Environ())
 
 	a, err := setup(o, logger)
 	if err != nil {
@@ -227,9 +153,9 @@ func setup(o *options, logger *zap.Logger) (*agentk.Agent, error) {
 
 	// Listen before starting, so that a busy port is a start-up error.
 	// The agent owns the listener from then on.
-	ln, err := net.Listen(o.observabilityNet, o.observabilityAddr)
+	ln, err := observabilityListener(o)
 	if err != nil {
-		return nil, fmt.Errorf("observability listener: %w", err)
+		return nil, err
 	}
 	a, err := agentk.New(agentk.Config{
 		KASAddress:            o.kasAddress,
@@ -247,8 +173,34 @@ func setup(o *options, logger *zap.Logger) (*agentk.Agent, error) {
 		ln.Close()
 		return nil, err
 	}
-	logger.Info("observability endpoints listening", zap.String("address", ln.Addr().String()))
+	logger.Info("observability endpoints listening", zap.String("address", ln.Addr().String()), zap.Bool("tls", o.observabilityCertFile != ""))
 	return a, nil
+}
+
+// observabilityListener listens for the probes and metrics, over TLS when
+// --observability-cert-file and --observability-key-file are given (as
+// GitLab agentk does; the Helm chart passes them with
+// config.observability.tls.enabled).
+func observabilityListener(o *options) (net.Listener, error) {
+	var tlsConfig *tls.Config
+	switch {
+	case o.observabilityCertFile != "" && o.observabilityKeyFile != "":
+		cert, err := tls.LoadX509KeyPair(o.observabilityCertFile, o.observabilityKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("observability TLS certificate: %w", err)
+		}
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	case o.observabilityCertFile != "" || o.observabilityKeyFile != "":
+		return nil, errors.New("--observability-cert-file and --observability-key-file go together")
+	}
+	ln, err := net.Listen(o.observabilityNet, o.observabilityAddr)
+	if err != nil {
+		return nil, fmt.Errorf("observability listener: %w", err)
+	}
+	if tlsConfig != nil {
+		ln = tls.NewListener(ln, tlsConfig)
+	}
+	return ln, nil
 }
 
 // tokenSource returns the agent token from --token-file or AGENTK_TOKEN,
@@ -288,18 +240,37 @@ func loadCluster(o *options, logger *zap.Logger) (cluster *agentk.Cluster, inPod
 		}
 	}
 	if kubeconfig != "" {
-		cluster, err = agentk.LoadKubeconfig(kubeconfig, o.kubeContext)
+		cluster, err = agentk.LoadKubeconfigWithOverrides(kubeconfig, o.kube)
 		return cluster, inPod, err
 	}
 	if !inPod {
 		return nil, inPod, fmt.Errorf("%w, and no --kubeconfig was given", agentk.ErrNotInCluster)
 	}
-	if o.kubeContext != "" {
-		return nil, inPod, errors.New("--context needs --kubeconfig")
+	if names := kubeconfigFlags(o.kube); len(names) > 0 {
+		return nil, inPod, fmt.Errorf("%s needs --kubeconfig", strings.Join(names, ", "))
 	}
 	cluster, err = agentk.InCluster(o.serviceAccountDir, host, port)
 	if err == nil {
 		logger.Info("using the in-cluster service account", zap.String("apiserver", cluster.Server()))
 	}
 	return cluster, inPod, err
+}
+
+// kubeconfigFlags names the kubeconfig flags that are set in k.
+func kubeconfigFlags(k agentk.KubeconfigOverrides) []string {
+	var names []string
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"--context", k.Context != ""}, {"--cluster", k.Cluster != ""}, {"--user", k.User != ""},
+		{"--server", k.Server != ""}, {"--certificate-authority", k.CertificateAuthority != ""},
+		{"--insecure-skip-tls-verify", k.InsecureSkipTLSVerify}, {"--tls-server-name", k.TLSServerName != ""},
+		{"--client-certificate", k.ClientCertificate != ""}, {"--client-key", k.ClientKey != ""}, {"--token", k.Token != ""},
+	} {
+		if f.set {
+			names = append(names, f.name)
+		}
+	}
+	return names
 }

@@ -28,7 +28,7 @@ func TestParseFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	if o.kasAddress != "wss://kas.example/-/kubernetes-agent/" || o.tokenFile != "/etc/agentk/token" ||
-		o.kasConnections != 3 || o.kubeContext != "admin" || !o.kasInsecure {
+		o.kasConnections != 3 || o.kube.Context != "admin" || !o.kasInsecure {
 		t.Errorf("options = %+v", o)
 	}
 	if got := o.kasHeaders.h.Values("X-One"); strings.Join(got, ",") != "1,again" {
@@ -43,18 +43,29 @@ func TestParseFlags(t *testing.T) {
 }
 
 func TestParseFlagsErrors(t *testing.T) {
-	for _, args := range [][]string{
-		{"--kas-header", "Authorization: Bearer secret"},
-		{"--kas-connections", "many"},
-		{"--unknown"},
-		{"extra-argument"},
-	} {
-		var stderr strings.Builder
-		if _, err := parseFlags(args, &stderr); err == nil {
-			t.Errorf("%q: no error", args)
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--kas-header", "Authorization: Bearer s3cr3t-value"}, "agentk sets it itself"},
+		{[]string{"--kas-connections", "many"}, "invalid value"},
+		{[]string{"--unknown"}, "unknown flag --unknown: neither this agentk nor GitLab's agentk v16.5 has it; see agentk --help"},
+		{[]string{"--kas-address", "wss://kas.example/", "-unknown=1"}, "unknown flag --unknown:"},
+		{[]string{"--api-listen-address=:8082"}, "unknown flag --api-listen-address: it belongs to GitLab agentk 17.4 (receptive agents); this agentk accepts the flags of GitLab agentk up to v16.5"},
+		{[]string{"--private-api-jwt-file", "/etc/jwt"}, "belongs to GitLab agentk 17.4"},
+		{[]string{"--as=admin"}, "flag --as of GitLab's agentk is not supported: agentk's own identity cannot be impersonated"},
+		{[]string{"--as-group", "system:masters"}, "flag --as-group of GitLab's agentk is not supported"},
+		{[]string{"extra-argument"}, "1 unexpected argument(s)"},
+	}
+	for _, tt := range tests {
+		var help strings.Builder
+		_, err := parseFlags(tt.args, &help)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: error %v, want one saying %q", tt.args, err, tt.want)
+			continue
 		}
-		if strings.Contains(stderr.String(), "secret") {
-			t.Errorf("%q: usage output shows a header value", args)
+		if strings.Contains(help.String()+err.Error(), "s3cr3t") {
+			t.Errorf("%q: the output shows a header value", tt.args)
 		}
 	}
 }
@@ -158,8 +169,8 @@ current-context: ctx
 		{name: "$KUBECONFIG with several files", kubeEnv: kubeconfig + string(filepath.ListSeparator) + kubeconfig, errText: "several files"},
 		{name: "nothing", wantErr: agentk.ErrNotInCluster},
 		{name: "in a pod", o: options{serviceAccountDir: filepath.Join(dir, "no-sa")}, host: "10.0.0.1", port: "443", wantInPod: true, errText: "reading the cluster CA"},
-		{name: "--context without --kubeconfig in a pod", o: options{kubeContext: "x"}, host: "10.0.0.1", port: "443", wantInPod: true, errText: "--context needs --kubeconfig"},
-		{name: "missing context", o: options{kubeconfig: kubeconfig, kubeContext: "nope"}, errText: `context "nope" not found`},
+		{name: "--context without --kubeconfig in a pod", o: options{kube: agentk.KubeconfigOverrides{Context: "x"}}, host: "10.0.0.1", port: "443", wantInPod: true, errText: "--context needs --kubeconfig"},
+		{name: "missing context", o: options{kubeconfig: kubeconfig, kube: agentk.KubeconfigOverrides{Context: "nope"}}, errText: `context "nope" not found`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
