@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
@@ -235,7 +236,11 @@ func TestGitLabAgentkReloadClosesTunnel(t *testing.T) {
 func TestGitLabAgentkGitLabMode(t *testing.T) {
 	t.Parallel()
 	s := requireGitLabAgentk(t)
-	config := "ci_access:\n  projects:\n  - id: " + glAppProjectPath + "\n    default_namespace: default\n    access_as: {ci_job: {}}\n"
+	// observability.logging.level reaches GitLab's agentk only through
+	// its GetConfiguration stream: its debug lines prove the stream
+	// delivers the configuration.
+	config := "ci_access:\n  projects:\n  - id: " + glAppProjectPath + "\n    default_namespace: default\n    access_as: {ci_job: {}}\n" +
+		"observability:\n  logging:\n    level: debug\n"
 	e := startGitLabEnv(t, s, gitlabEnvOptions{noAgentk: true, config: config})
 
 	// A job of the agent's own project may use it before any
@@ -253,12 +258,21 @@ func TestGitLabAgentkGitLabMode(t *testing.T) {
 	if n := e.gitlab.Calls(fakegitlab.PathAgentInfo); n != 0 {
 		t.Fatalf("%d agent_info calls before any agent connected", n)
 	}
-	e.caddy.startGitLabAgentk(t, gitlabAgentkOptions{agentID: glAgentID, token: e.agentToken}).
-		waitConnected(t, fmt.Sprintf("Bearer ci:%d:%s", glAgentID, probe.Token))
+	agentk := e.caddy.startGitLabAgentk(t, gitlabAgentkOptions{agentID: glAgentID, token: e.agentToken})
+	agentk.waitConnected(t, fmt.Sprintf("Bearer ci:%d:%s", glAgentID, probe.Token))
 	if n := e.gitlab.Calls(fakegitlab.PathAgentInfo); n == 0 {
 		t.Errorf("GitLab's agentk was admitted without an agent_info call")
 	}
 	e.waitPosted(t, 0, config)
+	err := kubetest.Eventually(30*time.Second, func() error {
+		if !strings.Contains(agentk.proc.Stderr(), `"level":"debug"`) {
+			return fmt.Errorf("GitLab's agentk logs no debug line: it did not get its configuration")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Error(err)
+	}
 
 	want := userInfo{
 		Username: "gitlab:ci_job:4101",

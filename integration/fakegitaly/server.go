@@ -88,11 +88,12 @@ type Server struct {
 	reportMu sync.Mutex
 	closed   bool
 
-	// mu guards the repositories, the calls and the failures.
+	// mu guards the repositories, the calls, the failures and the delay.
 	mu       sync.Mutex
 	repos    map[string]*Repo // by relative path
 	calls    []Call
 	failures map[string]error // by method
+	delay    time.Duration    // before every answer
 }
 
 // Start starts a Server on 127.0.0.1; its Address is tcp://127.0.0.1:port.
@@ -257,7 +258,29 @@ func (s *Server) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 	if err := s.admit(ss.Context(), info.FullMethod); err != nil {
 		return err
 	}
+	s.mu.Lock()
+	delay := s.delay
+	s.mu.Unlock()
+	if delay > 0 {
+		// A slow Gitaly: the answer comes late, or not at all if the
+		// caller gives up first.
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-ss.Context().Done():
+			t.Stop()
+			return status.FromContextError(ss.Context().Err()).Err()
+		}
+	}
 	return handler(srv, ss)
+}
+
+// SetDelay makes every call wait d before it is answered, as a slow or
+// overloaded Gitaly does; zero answers at once again.
+func (s *Server) SetDelay(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.delay = d
 }
 
 // unknown answers any method the Server does not serve. The stream
