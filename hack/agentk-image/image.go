@@ -159,7 +159,7 @@ func build(ctx context.Context, o options) (result, error) {
 			return result{}, err
 		}
 		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{
-			Add:        img,
+			Add:        plainImage{img},
 			Descriptor: v1.Descriptor{Platform: &p},
 		})
 	}
@@ -250,6 +250,16 @@ func sameDir(a, b string) bool {
 	bi, errB := os.Stat(b)
 	return errA == nil && errB == nil && os.SameFile(ai, bi)
 }
+
+// plainImage is an image whose descriptor in an index has no
+// artifactType. go-containerregistry fills that field with the config
+// media type of every image, but OCI meant it for artifacts, and tools
+// that do not know it (skopeo 1.9, in Debian 12) drop it when they copy
+// the index, which changes its digest.
+type plainImage struct{ v1.Image }
+
+// ArtifactType overrides what go-containerregistry would derive.
+func (plainImage) ArtifactType() (string, error) { return "", nil }
 
 // moduleRoot returns the directory of the caddy-kas go.mod that the
 // working directory belongs to.

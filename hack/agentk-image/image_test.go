@@ -100,6 +100,9 @@ func TestImage(t *testing.T) {
 			if d.MediaType != types.OCIManifestSchema1 {
 				t.Errorf("manifest %s has media type %s, want %s", d.Digest, d.MediaType, types.OCIManifestSchema1)
 			}
+			if d.ArtifactType != "" {
+				t.Errorf("manifest %s has artifactType %s, want none: it is not an artifact", d.Digest, d.ArtifactType)
+			}
 			if d.Platform == nil {
 				t.Errorf("manifest %s has no platform", d.Digest)
 				continue
