@@ -114,7 +114,7 @@ func build(ctx context.Context, o options) (result, error) {
 			return result{}, err
 		}
 		if i > 0 && s != st {
-			return result{}, fmt.Errorf("the %s binary records %+v, the %s binary %+v: the work tree changed during the build", p, s, platforms[0], st)
+			return result{}, fmt.Errorf("the %s binary records %+v, the %s binary %+v: they must agree", p, s, platforms[0], st)
 		}
 		st = s
 	}
