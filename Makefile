@@ -14,6 +14,15 @@ build:
 run:
 	go run ./cmd/caddy kas-dev
 
+# The agentk container image for linux/amd64 and linux/arm64 in one OCI image index, built from the
+# commit checked out (uncommitted changes are left out) without a container daemon or a base image,
+# the same bytes on every build of a commit: bin/agentk-oci/ is an OCI image layout (a directory),
+# bin/agentk-oci.tar the same layout as one tar file (an OCI archive). See "agentk container image"
+# in the README for what is in it and how to push or load it.
+.PHONY: image
+image:
+	go run ./hack/agentk-image -layout bin/agentk-oci -archive bin/agentk-oci.tar
+
 # Regenerate railsapi/pb, tunnel/grpctunnel/pb and gitaly/pb from the protos in railsapi/proto with the
 # pinned buf and plugins (hack/protoc), or check that the committed code matches what they generate.
 .PHONY: proto proto-check

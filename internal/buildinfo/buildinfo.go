@@ -57,6 +57,14 @@ func resolve(linkVersion, linkCommit string, bi *debug.BuildInfo) (v, c string) 
 	return v, c
 }
 
+// Of returns the version and commit that a binary with the build
+// information bi reports when no linker value is set, so that tools
+// inspecting a built binary (the agentk image builder labels its image
+// with them) agree with what the binary says of itself.
+func Of(bi *debug.BuildInfo) (version, commit string) {
+	return resolve("", "", bi)
+}
+
 // moduleVersion returns the version of this project's module in bi,
 // whether it is the main module or a dependency, or "devel" when bi does
 // not say. A dependency replaced by a local directory counts as a build
