@@ -9,14 +9,18 @@ import (
 // tunnel, waiting for one to appear if the agent has none. Selection and
 // waiting live here and nowhere else, whatever the tunnels are.
 //
-// Today every tunnel is one of this node's, in Local. Tunnels of other
-// nodes (a forwarder over the private API to the node that holds the
-// agent) will come from a second source next to Local, which the router
-// consults and waits on in the same loop, as tailscale's derp puts local
-// and remote peers behind one forwarder.
+// Tunnels connected to this node, in Local, come first. When the agent has
+// none here and Remote is set, the router also looks for one on the other
+// nodes (a forwarder to the node that holds one), while it keeps waiting
+// for a local one: whichever comes first is used, as tailscale's derp puts
+// local and remote peers behind one forwarder.
 type Router struct {
 	// Local holds the tunnels connected to this node.
 	Local *Store
+	// Remote, if set, finds a tunnel of the agent on another node,
+	// waiting until there is one or ctx is done. The tunnel it returns
+	// carries one request.
+	Remote func(ctx context.Context, agentID int64) (Tunnel, error)
 }
 
 // NewRouter returns a router over the tunnels of local.
@@ -35,22 +39,55 @@ func (r *Router) Find(ctx context.Context, agentID int64) (Tunnel, error) {
 	if t := leastLoaded(r.Local.Tunnels(agentID, buf[:0])); t != nil {
 		return t, nil
 	}
+	if r.Remote == nil {
+		t, _, _, err := r.waitLocal(ctx, agentID, nil)
+		return t, err
+	}
+	// Look on the other nodes while waiting for a local tunnel.
+	ctx, cancel := context.WithCancel(ctx)
+	remote := make(chan Tunnel, 1)
+	go func() { // ends with ctx at the latest; Find waits for it
+		t, _ := r.Remote(ctx, agentID)
+		remote <- t // nil: none found before ctx ended
+	}()
+	t, fromRemote, remoteDone, err := r.waitLocal(ctx, agentID, remote)
+	cancel()
+	if !remoteDone {
+		if rt := <-remote; rt != nil && !fromRemote {
+			rt.Close() // found just as the local one was
+		}
+	}
+	return t, err
+}
+
+// waitLocal waits for a local tunnel of the agent, or for one from remote
+// (if not nil), until ctx is done. fromRemote reports that t came from
+// remote, remoteDone that remote was read.
+func (r *Router) waitLocal(ctx context.Context, agentID int64, remote <-chan Tunnel) (t Tunnel, fromRemote, remoteDone bool, err error) {
+	var buf [maxTunnelsOnStack]Tunnel
 	for {
 		if err := r.Local.Err(); err != nil {
-			return nil, fmt.Errorf("agent %d: %w", agentID, err)
+			return nil, false, remoteDone, fmt.Errorf("agent %d: %w", agentID, err)
 		}
 		added, stop := r.Local.Watch(agentID)
 		// Look again now that a new tunnel cannot go unnoticed.
 		if t := leastLoaded(r.Local.Tunnels(agentID, buf[:0])); t != nil {
 			stop()
-			return t, nil
+			return t, false, remoteDone, nil
 		}
 		select {
 		case <-added:
 			stop()
+		case rt := <-remote:
+			stop()
+			remoteDone, remote = true, nil
+			if rt != nil {
+				return rt, true, true, nil
+			}
+			// None found elsewhere: keep waiting for a local one.
 		case <-ctx.Done():
 			stop()
-			return nil, fmt.Errorf("agent %d: %w: %w", agentID, ErrNoConnection, context.Cause(ctx))
+			return nil, false, remoteDone, fmt.Errorf("agent %d: %w: %w", agentID, ErrNoConnection, context.Cause(ctx))
 		}
 	}
 }
