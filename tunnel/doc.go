@@ -16,7 +16,8 @@
 //     adds them, the agent tracker lists them. A store shared by several
 //     nodes (Redis) keeps which node holds which agent next to it.
 //   - The [Router] finds a tunnel for a request: least loaded first,
-//     waiting while the agent has none. A tunnel of another node will be
+//     waiting while the agent has none but is expected back (it was
+//     connected, or the node started, a short while ago). A tunnel of another node will be
 //     a Tunnel too (a forwarder to that node's private API), found by the
 //     same router.
 //
