@@ -1,10 +1,18 @@
 package kubestatus
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/client-go/rest"
 )
 
 func TestWrite(t *testing.T) {
@@ -60,5 +68,67 @@ func TestRetryAfter(t *testing.T) {
 	Write(rec, s)
 	if got := rec.Header().Get("Retry-After"); got != "3" {
 		t.Errorf("Retry-After = %q, want 3", got)
+	}
+}
+
+// TestClientGoShowsMessage checks with Kubernetes' own Go client (what
+// kubectl is built on) that the message of an error reaches the client's
+// error on both kinds of path: the ones its discovery client reads raw,
+// and the ones where it decodes a Status. The calls are those of
+// client-go's discovery client.
+func TestClientGoShowsMessage(t *testing.T) {
+	const message = "agent 1 is not connected"
+	var write func(http.ResponseWriter, string, *Status)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		write(w, r.URL.Path, New(http.StatusBadGateway, message))
+	}))
+	defer srv.Close()
+	scheme := runtime.NewScheme()
+	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
+	client, err := rest.UnversionedRESTClientFor(&rest.Config{Host: srv.URL, ContentConfig: rest.ContentConfig{
+		NegotiatedSerializer: serializer.NewCodecFactory(scheme).WithoutConversion(),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := func(path string) func() error {
+		return func() error { _, err := client.Get().AbsPath(path).Do(context.Background()).Raw(); return err }
+	}
+	calls := []struct {
+		path string
+		call func() error
+	}{
+		{"/api", raw("/api")},
+		{"/apis", raw("/apis")},
+		{"/version", raw("/version")},
+		{"/openapi/v2", raw("/openapi/v2")},
+		{"/openapi/v3/apis/apps/v1", raw("/openapi/v3/apis/apps/v1")},
+		{"/api/v1", func() error {
+			return client.Get().AbsPath("/api/v1").Do(context.Background()).Into(&metav1.APIResourceList{})
+		}},
+	}
+	writers := []struct {
+		name        string
+		write       func(http.ResponseWriter, string, *Status)
+		wantMessage func(path string) bool
+	}{
+		{"WriteFor", WriteFor, func(string) bool { return true }},
+		// The reason for WriteFor: a JSON Status is lost on the paths
+		// client-go reads raw.
+		{"Write", func(w http.ResponseWriter, _ string, s *Status) { Write(w, s) }, func(path string) bool { return !ReadsRaw(path) }},
+	}
+	for _, wr := range writers {
+		for _, c := range calls {
+			t.Run(wr.name+c.path, func(t *testing.T) {
+				write = wr.write
+				err := c.call()
+				if err == nil {
+					t.Fatal("no error")
+				}
+				if got, want := strings.Contains(err.Error(), MessagePrefix+message), wr.wantMessage(c.path); got != want {
+					t.Errorf("client-go error %q: shows the message: %v, want %v", err, got, want)
+				}
+			})
+		}
 	}
 }
