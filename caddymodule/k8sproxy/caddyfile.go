@@ -31,6 +31,7 @@ func parseCaddyfile(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error)
 //	k8s_proxy [<path_prefix>] {
 //	    path_prefix    <path>
 //	    wait_for_agent <duration>
+//	    reconnect_window <duration>
 //	    allowed_origin <origin>
 //	    extra_allowed_response_headers <name>...
 //	    user <name> {
@@ -58,15 +59,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 		case "wait_for_agent":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
+			if err := parseDuration(d, &h.WaitForAgent); err != nil {
+				return err
 			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil {
-				return d.Errf("wait_for_agent: %v", err)
+		case "reconnect_window":
+			if err := parseDuration(d, &h.ReconnectWindow); err != nil {
+				return err
 			}
-			h.WaitForAgent = caddy.Duration(dur)
 		case "allowed_origin":
 			if !d.AllArgs(&h.AllowedOrigin) {
 				return d.ArgErr()
@@ -87,6 +86,21 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}
 	}
+	return nil
+}
+
+// parseDuration parses the one argument of the current subdirective.
+func parseDuration(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return d.Errf("%s: %v", name, err)
+	}
+	*dst = caddy.Duration(dur)
 	return nil
 }
 

@@ -44,6 +44,16 @@ type Handler struct {
 	// GitLab's KAS.
 	WaitForAgent caddy.Duration `json:"wait_for_agent,omitempty"`
 
+	// ReconnectWindow limits that wait to agents that may be reconnecting:
+	// a request waits only until this long after the agent's last tunnel
+	// on this server closed, or after the server started for an agent not
+	// connected since, and fails with 502 at once for any other agent, so
+	// that kubectl does not wait for an agent long gone. A negative window
+	// waits for every agent, as GitLab's KAS does. Default: 30s, longer
+	// than the reconnect backoff of GitLab's agentk and ours (at most 20 s
+	// plus jitter).
+	ReconnectWindow caddy.Duration `json:"reconnect_window,omitempty"`
+
 	// AllowedOrigin is the one browser origin allowed to call the proxy
 	// with credentials (CORS), as "https://host[:port]"; a request with any
 	// other Origin is refused. Default: GitLab's external URL in GitLab
@@ -156,6 +166,7 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 			AllowedOrigin: origin,
 			Via:           via(),
 
+			ReconnectWindow:             time.Duration(h.ReconnectWindow),
 			ExtraAllowedResponseHeaders: h.ExtraAllowedResponseHeaders,
 		}
 		return nil
@@ -191,6 +202,7 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 		AllowedOrigin: h.AllowedOrigin,
 		Via:           via(),
 
+		ReconnectWindow:             time.Duration(h.ReconnectWindow),
 		ExtraAllowedResponseHeaders: h.ExtraAllowedResponseHeaders,
 	}
 	return nil

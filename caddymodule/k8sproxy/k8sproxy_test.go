@@ -28,6 +28,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			name: "full",
 			input: `k8s_proxy /k8s/ {
 				wait_for_agent 5s
+				reconnect_window 2m
 				user dev {
 					token_file /etc/kas/dev.token
 					agents 1 2
@@ -42,8 +43,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				}
 			}`,
 			want: Handler{
-				PathPrefix:   "/k8s/",
-				WaitForAgent: caddy.Duration(5 * time.Second),
+				PathPrefix:      "/k8s/",
+				WaitForAgent:    caddy.Duration(5 * time.Second),
+				ReconnectWindow: caddy.Duration(2 * time.Minute),
 				Users: []User{
 					{Name: "dev", TokenFile: "/etc/kas/dev.token", Agents: []int64{1, 2}, Impersonate: &identity.Identity{
 						Username: "alice", UID: "1001", Groups: []string{"dev", "viewers"},
@@ -59,6 +61,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{ExtraAllowedResponseHeaders: []string{"X-Custom", "x-other", "Set-Cookie"}},
 		},
 		{name: "extra_allowed_response_headers without names", input: "k8s_proxy {\nextra_allowed_response_headers\n}", wantErr: "wrong argument count"},
+		{name: "reconnect_window negative", input: "k8s_proxy {\nreconnect_window -1s\n}", want: Handler{ReconnectWindow: caddy.Duration(-time.Second)}},
+		{name: "reconnect_window not a duration", input: "k8s_proxy {\nreconnect_window soon\n}", wantErr: "reconnect_window: "},
 		{name: "path_prefix subdirective", input: "k8s_proxy {\npath_prefix /p/\n}", want: Handler{PathPrefix: "/p/"}},
 		{name: "bad agent id", input: "k8s_proxy {\nuser a {\nagents 1 x\n}\n}", wantErr: `agent id "x" is not a positive integer`},
 		{name: "no agents args", input: "k8s_proxy {\nuser a {\nagents\n}\n}", wantErr: "wrong argument count"},
