@@ -383,11 +383,11 @@ func TestGitLabCIAccess(t *testing.T) {
 		other.ProjectID = glOtherProjectID // in the group, but not in ci_access
 		other.Token = kubetest.NewToken("ci job token of a project the configuration does not list")
 		e.gitlab.AddJob(other)
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
 		if st := requireStatus(t, resp, body, http.StatusForbidden); !strings.Contains(st.Message, "agentId is not allowed") {
 			t.Errorf("agent not in allowed_agents: message %q", st.Message)
 		}
-		resp, body = e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, "not-a-job-token")}})
+		resp, body = e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, "not-a-job-token")}})
 		requireStatus(t, resp, body, http.StatusUnauthorized)
 		if resp.Header.Get("Gitlab-Unauthorized") != "true" {
 			t.Errorf("unknown job token: 401 without Gitlab-Unauthorized: %v", resp.Header)
@@ -714,7 +714,7 @@ func TestGitLabAgentTokens(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer pat:11:whatever"}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer pat:11:whatever"}})
 		requireStatus(t, resp, body, http.StatusUnauthorized)
 		if n := countLogEntries(e.caddy.proc.Stderr(), map[string]string{"msg": "closing tunnel: agent token revoked"}); n == 0 {
 			t.Error("no log line for the revoked tunnel")

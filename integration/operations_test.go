@@ -154,7 +154,7 @@ func TestReloadRevokingAgentTokenDisconnectsIt(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "plain").token)}})
+	resp, body := kas.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "plain").token)}})
 	requireStatus(t, resp, body, http.StatusBadGateway)
 }
 
@@ -233,7 +233,7 @@ func TestMetricsOnCaddyAdmin(t *testing.T) {
 	config := standardConfig()
 	kas := startCaddy(t, s, config)
 	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
-	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, kubetest.NewToken("an unknown user token"))}})
+	resp, body := kas.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(1, kubetest.NewToken("an unknown user token"))}})
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 	kas.kubectl(t, "plain", 1).mustRun(t, "get", "namespaces")
 
