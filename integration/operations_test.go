@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -193,6 +194,16 @@ func TestKasDev(t *testing.T) {
 			t.Errorf("kas-dev's instructions lack %q:\n%s", want, dev.Stdout())
 		}
 	}
+	checkKasDevListens(t, dev.Pid(), port)
+
+	// A second kas-dev on the same port refuses to start: Caddy's
+	// SO_REUSEPORT would otherwise let it take a share of the connections.
+	second := exec.Command(s.caddyBin, "kas-dev", "--listen", fmt.Sprintf("localhost:%d", port), "--state", filepath.Join(dir, "state2"))
+	second.Env = env
+	out, err := second.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "is another kas-dev or server running there?") {
+		t.Errorf("a second kas-dev on port %d: %v; output:\n%s", port, err, out)
+	}
 	rootCA := filepath.Join(dataHome, "caddy", "pki", "authorities", "local", "root.crt")
 	observability := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
 	agent := &agentk{
@@ -223,6 +234,33 @@ func TestKasDev(t *testing.T) {
 	}
 	if !x509.NewCertPool().AppendCertsFromPEM(pem) {
 		t.Errorf("%s holds no certificate", rootCA)
+	}
+}
+
+// checkKasDevListens checks that kas-dev (process pid) listens on loopback
+// only, with TCP only (HTTP/3 would add UDP), on port.
+func checkKasDevListens(t *testing.T, pid, port int) {
+	t.Helper()
+	socks, err := listeningSockets(pid)
+	if errors.Is(err, errors.ErrUnsupported) {
+		t.Logf("not checking kas-dev's sockets: %v", err)
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	portHex := fmt.Sprintf(":%04X", port)
+	loopback := map[string]bool{
+		"tcp 0100007F" + portHex:                          true, // 127.0.0.1
+		"tcp6 00000000000000000000000001000000" + portHex: true, // ::1
+	}
+	if len(socks) == 0 {
+		t.Error("kas-dev listens nowhere")
+	}
+	for _, sock := range socks {
+		if !loopback[sock] {
+			t.Errorf("kas-dev listens on %s (/proc/net form), want loopback TCP port %d only; all: %v", sock, port, socks)
+		}
 	}
 }
 
