@@ -1,6 +1,7 @@
 package k8sproxy
 
 import (
+	"fmt"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -9,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/identity"
 )
 
@@ -109,6 +111,7 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 	if !d.AllArgs(&u.Name) {
 		return u, d.Err("user needs a name: user <name> { token ... }")
 	}
+	u.Location = directive.Location(d)
 	impersonate := func() *identity.Identity {
 		if u.Impersonate == nil {
 			u.Impersonate = &identity.Identity{}
@@ -117,13 +120,9 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		switch d.Val() {
-		case "token":
-			if !d.AllArgs(&u.Token) {
-				return u, d.ArgErr()
-			}
-		case "token_file":
-			if !d.AllArgs(&u.TokenFile) {
-				return u, d.ArgErr()
+		case "token", "token_file":
+			if err := secret.UnmarshalCaddyfile(d, &u.Token, &u.TokenFile); err != nil {
+				return u, err
 			}
 		case "agents":
 			args := d.RemainingArgs()
@@ -166,6 +165,9 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 		default:
 			return u, d.Errf("unrecognized user subdirective %q", d.Val())
 		}
+	}
+	if u.Token == "" && u.TokenFile == "" {
+		return u, directive.At(fmt.Errorf("user %q needs a token or token_file", u.Name), u.Location)
 	}
 	return u, nil
 }

@@ -1,6 +1,7 @@
 package kubernetesagent
 
 import (
+	"fmt"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -9,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 )
 
 func init() {
@@ -99,22 +101,22 @@ func parseAgent(d *caddyfile.Dispenser) (Agent, error) {
 		return a, d.Errf("agent id %q is not a positive integer", id)
 	}
 	a.ID = n
+	a.Location = directive.Location(d)
 	if d.NextArg() {
 		return a, d.ArgErr()
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		switch d.Val() {
-		case "token":
-			if !d.AllArgs(&a.Token) {
-				return a, d.ArgErr()
-			}
-		case "token_file":
-			if !d.AllArgs(&a.TokenFile) {
-				return a, d.ArgErr()
+		case "token", "token_file":
+			if err := secret.UnmarshalCaddyfile(d, &a.Token, &a.TokenFile); err != nil {
+				return a, err
 			}
 		default:
 			return a, d.Errf("unrecognized agent subdirective %q", d.Val())
 		}
+	}
+	if a.Token == "" && a.TokenFile == "" {
+		return a, directive.At(fmt.Errorf("agent %d (%s) needs a token or token_file", a.ID, a.Name), a.Location)
 	}
 	return a, nil
 }

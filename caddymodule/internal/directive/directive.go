@@ -3,6 +3,7 @@
 package directive
 
 import (
+	"fmt"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -38,4 +39,21 @@ func Register(name string, unmarshal func(d *caddyfile.Dispenser) (caddyhttp.Mid
 		}
 		return h.NewRoute(matcherSet, handler), nil
 	})
+}
+
+// Location returns where the current token of d is, as "file:line", for
+// errors that are found after parsing (a token file that cannot be read,
+// an agent that no handler declares) and should point into the Caddyfile
+// as parsing errors do.
+func Location(d *caddyfile.Dispenser) string {
+	return fmt.Sprintf("%s:%d", d.File(), d.Line())
+}
+
+// At adds location (from [Location]; none if empty) to err the way Caddy's
+// own Caddyfile errors carry theirs.
+func At(err error, location string) error {
+	if location == "" {
+		return err
+	}
+	return fmt.Errorf("%w, at %s", err, location)
 }
