@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"strconv"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -61,11 +60,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 		case "wait_for_agent":
-			if err := parseDuration(d, &h.WaitForAgent); err != nil {
+			if err := directive.ParseDuration(d, &h.WaitForAgent); err != nil {
 				return err
 			}
 		case "reconnect_window":
-			if err := parseDuration(d, &h.ReconnectWindow); err != nil {
+			if err := directive.ParseDuration(d, &h.ReconnectWindow); err != nil {
 				return err
 			}
 		case "allowed_origin":
@@ -88,21 +87,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unrecognized subdirective %q", d.Val())
 		}
 	}
-	return nil
-}
-
-// parseDuration parses the one argument of the current subdirective.
-func parseDuration(d *caddyfile.Dispenser, dst *caddy.Duration) error {
-	name := d.Val()
-	var v string
-	if !d.AllArgs(&v) {
-		return d.ArgErr()
-	}
-	dur, err := caddy.ParseDuration(v)
-	if err != nil {
-		return d.Errf("%s: %v", name, err)
-	}
-	*dst = caddy.Duration(dur)
 	return nil
 }
 

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"strconv"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -52,20 +51,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&h.Path) {
 				return d.ArgErr()
 			}
-		case "keepalive_interval", "keepalive_timeout":
-			name := d.Val()
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
+		case "keepalive_interval":
+			if err := directive.ParseDuration(d, &h.KeepaliveInterval); err != nil {
+				return err
 			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil {
-				return d.Errf("%s: %v", name, err)
-			}
-			if name == "keepalive_interval" {
-				h.KeepaliveInterval = caddy.Duration(dur)
-			} else {
-				h.KeepaliveTimeout = caddy.Duration(dur)
+		case "keepalive_timeout":
+			if err := directive.ParseDuration(d, &h.KeepaliveTimeout); err != nil {
+				return err
 			}
 		case "connections_per_token_per_minute":
 			var v string

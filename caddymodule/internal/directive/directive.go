@@ -1,5 +1,7 @@
-// Package directive registers Caddyfile directives for handlers whose
-// first argument is a path of their own.
+// Package directive holds what the Caddyfile directives of the kas
+// handlers share: registering a directive whose first argument is a path
+// of its own, the place of a declaration for errors found later, and
+// duration arguments.
 package directive
 
 import (
@@ -56,4 +58,20 @@ func At(err error, location string) error {
 		return err
 	}
 	return fmt.Errorf("%w, at %s", err, location)
+}
+
+// ParseDuration parses the one argument of the subdirective at the cursor
+// of d, a duration in Caddy's syntax, into dst.
+func ParseDuration(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return d.Errf("%s: %v", name, err)
+	}
+	*dst = caddy.Duration(dur)
+	return nil
 }
