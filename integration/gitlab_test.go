@@ -408,7 +408,7 @@ func TestGitLabCIAccess(t *testing.T) {
 		other.ProjectID = glOtherProjectID
 		other.Token = kubetest.NewToken("ci job token, outside the group")
 		e.gitlab.AddJob(other)
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
 		requireStatus(t, resp, body, http.StatusForbidden)
 	})
 
@@ -426,7 +426,7 @@ func TestGitLabCIAccess(t *testing.T) {
 		after := job
 		after.Token = kubetest.NewToken("ci job token after the entry is removed")
 		e.gitlab.AddJob(after)
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, after.Token)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, after.Token)}})
 		if st := requireStatus(t, resp, body, http.StatusForbidden); !strings.Contains(st.Message, "agentId is not allowed") {
 			t.Errorf("after the entry was removed: message %q", st.Message)
 		}
@@ -485,7 +485,7 @@ func TestGitLabUserAccess(t *testing.T) {
 	// Nothing is configured yet: GitLab refuses everyone.
 	early := kubetest.NewToken("maria's token before any user_access")
 	e.gitlab.AddPersonalAccessToken(glMaria.Username, early, "k8s_proxy")
-	resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, early)}})
+	resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, early)}})
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 
 	e.setConfig(t, userAccessConfig("{user: {}}"))
@@ -664,7 +664,7 @@ func TestGitLabUserAccess(t *testing.T) {
 		// GitLab's KAS.
 		pat := kubetest.NewToken("maria's token after user_access was removed")
 		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
 		requireStatus(t, resp, body, http.StatusUnauthorized)
 		fresh := kubetest.NewToken("maria's new session")
 		freshCSRF := kubetest.NewToken("csrf token of the new session")
