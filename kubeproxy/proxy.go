@@ -203,7 +203,10 @@ func (p *Proxy) stripPrefix(u *url.URL) (path, rawPath string, ok bool) {
 // replayed.
 func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, error) {
 	out := req.HTTP
-	wait := cmp.Or(p.WaitForAgent, DefaultWaitForAgent)
+	wait := p.WaitForAgent
+	if wait <= 0 {
+		wait = DefaultWaitForAgent
+	}
 	window := cmp.Or(p.ReconnectWindow, DefaultReconnectWindow)
 	for attempt := 0; ; attempt++ {
 		findCtx, cancel := context.WithTimeout(out.Context(), wait)

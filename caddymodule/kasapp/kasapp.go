@@ -213,9 +213,10 @@ func (a *App) checkAgentRefs() error {
 
 // Start runs once this configuration is in force. In standalone mode it
 // first fails for an agent that a k8s_proxy user names but no
-// kubernetes_agent declares. Tunnels outlive reloads, so a tunnel authenticated with a token the new configuration no
-// longer has (an agent removed, a token rotated) would keep its access
-// until the agent reconnected; Start closes such tunnels at once.
+// kubernetes_agent declares. Tunnels outlive reloads, so a tunnel
+// authenticated with a token the new configuration no longer has (an
+// agent removed, a token rotated) would keep its access until the agent
+// reconnected; Start closes such tunnels at once.
 func (a *App) Start() error {
 	if a.gitlab == nil {
 		// Before anything changes, so that a reload that fails here
