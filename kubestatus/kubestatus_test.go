@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -57,6 +58,41 @@ func TestWrite(t *testing.T) {
 			if g, ok := got[k]; !ok || (k != "metadata" && g != v) {
 				t.Errorf("code %d: %s = %v, want %v", tt.code, k, g, v)
 			}
+		}
+	}
+}
+
+func TestWriteFor(t *testing.T) {
+	tests := []struct {
+		path            string
+		wantContentType string
+	}{
+		{"/api", "text/plain; charset=utf-8"},
+		{"/apis", "text/plain; charset=utf-8"},
+		{"/version", "text/plain; charset=utf-8"},
+		{"/openapi/v2", "text/plain; charset=utf-8"},
+		{"/openapi/v3/apis/apps/v1", "text/plain; charset=utf-8"},
+		{"/api/v1", "application/json"},
+		{"/apis/apps/v1/deployments", "application/json"},
+		{"/versions", "application/json"},
+	}
+	for _, tt := range tests {
+		rec := httptest.NewRecorder()
+		s := New(http.StatusTooManyRequests, "slow down")
+		s.Details = &StatusDetails{RetryAfterSeconds: 2}
+		WriteFor(rec, tt.path, s)
+		h := rec.Header()
+		if got := h.Get("Content-Type"); got != tt.wantContentType {
+			t.Errorf("%s: Content-Type %q, want %q", tt.path, got, tt.wantContentType)
+		}
+		if rec.Code != http.StatusTooManyRequests || h.Get("Retry-After") != "2" || h.Get("X-Content-Type-Options") != "nosniff" {
+			t.Errorf("%s: %d with headers %v", tt.path, rec.Code, h)
+		}
+		if tt.wantContentType == "application/json" {
+			continue
+		}
+		if got, want := rec.Body.String(), "GitLab Agent Server: slow down\n"; got != want || h.Get("Content-Length") != strconv.Itoa(len(want)) {
+			t.Errorf("%s: body %q (Content-Length %s), want %q", tt.path, got, h.Get("Content-Length"), want)
 		}
 	}
 }
