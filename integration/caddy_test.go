@@ -458,7 +458,9 @@ type apiStatus struct {
 }
 
 // requireStatus fails t unless the response has status code wantCode and a
-// JSON Status body that says the same; it returns the Status.
+// JSON Status body that says the same; it returns the Status. The proxy's
+// own errors on the paths kubectl's discovery reads raw (/api, /apis,
+// /version) are plain text instead (kubestatus.ReadsRaw): probe /api/v1.
 func requireStatus(t testing.TB, resp *http.Response, body []byte, wantCode int) apiStatus {
 	t.Helper()
 	if resp.StatusCode != wantCode {

@@ -8,3 +8,8 @@ import "errors"
 func establishedConnections(pid, remotePort int) ([]string, error) {
 	return nil, errors.ErrUnsupported
 }
+
+// listeningSockets needs Linux's /proc.
+func listeningSockets(pid int) ([]string, error) {
+	return nil, errors.ErrUnsupported
+}

@@ -97,7 +97,7 @@ func TestGitLabAgentkKubectl(t *testing.T) {
 			"Authorization":    {"Bearer " + patToken(1, config.user(t, "dev").token)},
 			"Impersonate-User": {"someone"},
 		}
-		resp, body := kas.proxyGet(t, "api", header)
+		resp, body := kas.proxyGet(t, "api/v1", header)
 		if st := requireStatus(t, resp, body, http.StatusBadRequest); !strings.Contains(st.Message, "nested impersonation is not supported") {
 			t.Errorf("nested impersonation: message %q", st.Message)
 		}
@@ -222,7 +222,7 @@ func TestGitLabAgentkReloadClosesTunnel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {auth}})
+	resp, body := kas.proxyGet(t, "api/v1", http.Header{"Authorization": {auth}})
 	if st := requireStatus(t, resp, body, http.StatusBadGateway); !strings.Contains(st.Message, "agent 1 is not connected") {
 		t.Errorf("a request for the disconnected agent: message %q", st.Message)
 	}

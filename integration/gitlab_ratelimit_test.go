@@ -242,7 +242,7 @@ func (c *caddyServer) probeAgentEndpoint(client *http.Client) probeAnswer {
 // TooManyRequests) with Retry-After and the same retryAfterSeconds.
 func (c *caddyServer) probeProxy(client *http.Client) probeAnswer {
 	var a probeAnswer
-	req, err := http.NewRequest(http.MethodGet, c.proxyURL()+"api", nil)
+	req, err := http.NewRequest(http.MethodGet, c.proxyURL()+"api/v1", nil)
 	if err != nil {
 		a.problem = err.Error()
 		return a

@@ -383,11 +383,11 @@ func TestGitLabCIAccess(t *testing.T) {
 		other.ProjectID = glOtherProjectID // in the group, but not in ci_access
 		other.Token = kubetest.NewToken("ci job token of a project the configuration does not list")
 		e.gitlab.AddJob(other)
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
 		if st := requireStatus(t, resp, body, http.StatusForbidden); !strings.Contains(st.Message, "agentId is not allowed") {
 			t.Errorf("agent not in allowed_agents: message %q", st.Message)
 		}
-		resp, body = e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, "not-a-job-token")}})
+		resp, body = e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, "not-a-job-token")}})
 		requireStatus(t, resp, body, http.StatusUnauthorized)
 		if resp.Header.Get("Gitlab-Unauthorized") != "true" {
 			t.Errorf("unknown job token: 401 without Gitlab-Unauthorized: %v", resp.Header)
@@ -408,7 +408,7 @@ func TestGitLabCIAccess(t *testing.T) {
 		other.ProjectID = glOtherProjectID
 		other.Token = kubetest.NewToken("ci job token, outside the group")
 		e.gitlab.AddJob(other)
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, other.Token)}})
 		requireStatus(t, resp, body, http.StatusForbidden)
 	})
 
@@ -426,7 +426,7 @@ func TestGitLabCIAccess(t *testing.T) {
 		after := job
 		after.Token = kubetest.NewToken("ci job token after the entry is removed")
 		e.gitlab.AddJob(after)
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, after.Token)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, after.Token)}})
 		if st := requireStatus(t, resp, body, http.StatusForbidden); !strings.Contains(st.Message, "agentId is not allowed") {
 			t.Errorf("after the entry was removed: message %q", st.Message)
 		}
@@ -485,7 +485,7 @@ func TestGitLabUserAccess(t *testing.T) {
 	// Nothing is configured yet: GitLab refuses everyone.
 	early := kubetest.NewToken("maria's token before any user_access")
 	e.gitlab.AddPersonalAccessToken(glMaria.Username, early, "k8s_proxy")
-	resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, early)}})
+	resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, early)}})
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 
 	e.setConfig(t, userAccessConfig("{user: {}}"))
@@ -664,7 +664,7 @@ func TestGitLabUserAccess(t *testing.T) {
 		// GitLab's KAS.
 		pat := kubetest.NewToken("maria's token after user_access was removed")
 		e.gitlab.AddPersonalAccessToken(glMaria.Username, pat, "k8s_proxy")
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(glAgentID, pat)}})
 		requireStatus(t, resp, body, http.StatusUnauthorized)
 		fresh := kubetest.NewToken("maria's new session")
 		freshCSRF := kubetest.NewToken("csrf token of the new session")
@@ -714,7 +714,7 @@ func TestGitLabAgentTokens(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp, body := e.caddy.proxyGet(t, "api", http.Header{"Authorization": {"Bearer pat:11:whatever"}})
+		resp, body := e.caddy.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer pat:11:whatever"}})
 		requireStatus(t, resp, body, http.StatusUnauthorized)
 		if n := countLogEntries(e.caddy.proc.Stderr(), map[string]string{"msg": "closing tunnel: agent token revoked"}); n == 0 {
 			t.Error("no log line for the revoked tunnel")

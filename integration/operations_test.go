@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -9,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -154,7 +156,7 @@ func TestReloadRevokingAgentTokenDisconnectsIt(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "plain").token)}})
+	resp, body := kas.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "plain").token)}})
 	requireStatus(t, resp, body, http.StatusBadGateway)
 }
 
@@ -193,6 +195,16 @@ func TestKasDev(t *testing.T) {
 			t.Errorf("kas-dev's instructions lack %q:\n%s", want, dev.Stdout())
 		}
 	}
+	checkKasDevListens(t, dev.Pid(), port)
+
+	// A second kas-dev on the same port refuses to start: Caddy's
+	// SO_REUSEPORT would otherwise let it take a share of the connections.
+	second := exec.Command(s.caddyBin, "kas-dev", "--listen", fmt.Sprintf("localhost:%d", port), "--state", filepath.Join(dir, "state2"))
+	second.Env = env
+	out, err := second.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "is another kas-dev or server running there?") {
+		t.Errorf("a second kas-dev on port %d: %v; output:\n%s", port, err, out)
+	}
 	rootCA := filepath.Join(dataHome, "caddy", "pki", "authorities", "local", "root.crt")
 	observability := fmt.Sprintf("127.0.0.1:%d", mustFreeLoopbackPorts(t, 1)[0])
 	agent := &agentk{
@@ -226,6 +238,33 @@ func TestKasDev(t *testing.T) {
 	}
 }
 
+// checkKasDevListens checks that kas-dev (process pid) listens on loopback
+// only, with TCP only (HTTP/3 would add UDP), on port.
+func checkKasDevListens(t *testing.T, pid, port int) {
+	t.Helper()
+	socks, err := listeningSockets(pid)
+	if errors.Is(err, errors.ErrUnsupported) {
+		t.Logf("not checking kas-dev's sockets: %v", err)
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	portHex := fmt.Sprintf(":%04X", port)
+	loopback := map[string]bool{
+		"tcp 0100007F" + portHex:                          true, // 127.0.0.1
+		"tcp6 00000000000000000000000001000000" + portHex: true, // ::1
+	}
+	if len(socks) == 0 {
+		t.Error("kas-dev listens nowhere")
+	}
+	for _, sock := range socks {
+		if !loopback[sock] {
+			t.Errorf("kas-dev listens on %s (/proc/net form), want loopback TCP port %d only; all: %v", sock, port, socks)
+		}
+	}
+}
+
 // TestMetricsOnCaddyAdmin: the agent server's metrics appear on Caddy's
 // admin /metrics next to Caddy's own.
 func TestMetricsOnCaddyAdmin(t *testing.T) {
@@ -233,7 +272,7 @@ func TestMetricsOnCaddyAdmin(t *testing.T) {
 	config := standardConfig()
 	kas := startCaddy(t, s, config)
 	kas.startAgentk(t, agentkOptions{agentID: 1}).waitReady(t)
-	resp, body := kas.proxyGet(t, "api", http.Header{"Authorization": {"Bearer " + patToken(1, kubetest.NewToken("an unknown user token"))}})
+	resp, body := kas.proxyGet(t, "api/v1", http.Header{"Authorization": {"Bearer " + patToken(1, kubetest.NewToken("an unknown user token"))}})
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 	kas.kubectl(t, "plain", 1).mustRun(t, "get", "namespaces")
 
@@ -328,5 +367,82 @@ func TestConnectionCloseDoesNotRetireTunnel(t *testing.T) {
 	}
 	if !slices.Equal(before, after) {
 		t.Errorf("agentk reconnected: connections before %v, after %v", before, after)
+	}
+}
+
+// TestConfigErrorsPointIntoCaddyfile: mistakes in the agents and users of a
+// Caddyfile fail the configuration when Caddy loads it, with the place in
+// the Caddyfile, instead of at request time (a user naming an agent that
+// does not exist used to fail after waiting 20 s for it).
+func TestConfigErrorsPointIntoCaddyfile(t *testing.T) {
+	s := requireSuite(t)
+	tests := []struct {
+		name string
+		// change makes the standard configuration wrong; it may remove
+		// files once the Caddyfile is written (after).
+		change    func(*kasConfig)
+		after     func(t *testing.T, c *caddyServer)
+		command   string // validate or run
+		wantError string // %s is where user plain is declared
+	}{
+		{
+			name:      "user names an undeclared agent",
+			change:    func(config *kasConfig) { config.users[2].agents = []int{1, 3} },
+			command:   "run",
+			wantError: `k8s_proxy user "plain", at %s, names agent 3, which no kubernetes_agent declares`,
+		},
+		{
+			name: "token file missing",
+			after: func(t *testing.T, c *caddyServer) {
+				if err := os.Remove(filepath.Join(c.dir, "plain.token")); err != nil {
+					t.Fatal(err)
+				}
+			},
+			command:   "validate",
+			wantError: `user "plain": reading token file: open %s: no such file or directory, at %s`,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			config := standardConfig()
+			if tt.change != nil {
+				tt.change(&config)
+			}
+			ports := mustFreeLoopbackPorts(t, 3)
+			c := &caddyServer{suite: s, dir: testDir(t, s), adminPort: ports[0], httpPort: ports[1], httpsPort: ports[2], config: config}
+			caddyfile := c.writeCaddyfile(t, config)
+			if tt.after != nil {
+				tt.after(t, c)
+			}
+			text, err := os.ReadFile(caddyfile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			line := slices.IndexFunc(strings.Split(string(text), "\n"), func(l string) bool { return strings.TrimSpace(l) == "user plain {" }) + 1
+			where := fmt.Sprintf("%s:%d", caddyfile, line)
+			want := fmt.Sprintf(tt.wantError, where)
+			if strings.Count(tt.wantError, "%s") == 2 {
+				want = fmt.Sprintf(tt.wantError, filepath.Join(c.dir, "plain.token"), where)
+			}
+
+			ctx, cancel := context.WithTimeout(t.Context(), caddyStartTimeout)
+			defer cancel()
+			home := filepath.Join(c.dir, "home")
+			cmd := exec.CommandContext(ctx, s.caddyBin, tt.command, "--config", caddyfile, "--adapter", "caddyfile")
+			cmd.Env = append(kubetest.EnvironWithout("HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"),
+				"HOME="+home, "XDG_CONFIG_HOME="+filepath.Join(home, "config"), "XDG_DATA_HOME="+filepath.Join(home, "data"),
+				config.agent(t, 2).tokenEnv+"="+config.agent(t, 2).token)
+			out, err := cmd.CombinedOutput()
+			if ctx.Err() != nil {
+				t.Fatalf("caddy %s still runs after %s; output:\n%s", tt.command, caddyStartTimeout, out)
+			}
+			said := slices.ContainsFunc(jsonLogLines(string(out)), func(entry map[string]any) bool {
+				msg, _ := entry["msg"].(string)
+				return entry["level"] == "error" && strings.Contains(msg, want)
+			})
+			if err == nil || !said {
+				t.Errorf("caddy %s: %v, want a failure saying\n%s\noutput:\n%s", tt.command, err, want, out)
+			}
+		})
 	}
 }

@@ -86,7 +86,7 @@ func TestProxyRefusesUnauthorizedUsers(t *testing.T) {
 			if tc.authorization != "" {
 				header.Set("Authorization", tc.authorization)
 			}
-			resp, body := kas.proxyGet(t, "api", header)
+			resp, body := kas.proxyGet(t, "api/v1", header)
 			status := requireStatus(t, resp, body, http.StatusUnauthorized)
 			if got := resp.Header.Get("Gitlab-Unauthorized"); got != "true" {
 				t.Errorf("header Gitlab-Unauthorized is %q, want %q", got, "true")
@@ -102,7 +102,7 @@ func TestProxyRefusesUnauthorizedUsers(t *testing.T) {
 
 	t.Run("valid token for an agent the user may not reach", func(t *testing.T) {
 		header := http.Header{"Authorization": {"Bearer " + patToken(2, devToken)}}
-		resp, body := kas.proxyGet(t, "api", header)
+		resp, body := kas.proxyGet(t, "api/v1", header)
 		if status := requireStatus(t, resp, body, http.StatusForbidden); status.Reason != "Forbidden" {
 			t.Errorf("Status reason is %q, want Forbidden", status.Reason)
 		}
@@ -134,7 +134,7 @@ func TestClientImpersonation(t *testing.T) {
 				"Authorization":    {"Bearer " + patToken(1, kas.config.user(t, tc.user).token)},
 				"Impersonate-User": {"someone"},
 			}
-			resp, body := kas.proxyGet(t, "api", header)
+			resp, body := kas.proxyGet(t, "api/v1", header)
 			status := requireStatus(t, resp, body, tc.wantCode)
 			if !strings.Contains(status.Message, tc.wantInMessage) {
 				t.Errorf("Status message %q does not contain %q", status.Message, tc.wantInMessage)
@@ -163,11 +163,62 @@ func TestAgentNotConnected(t *testing.T) {
 
 	start := time.Now()
 	header := http.Header{"Authorization": {"Bearer " + patToken(2, config.user(t, "ops").token)}}
-	resp, body := kas.proxyGet(t, "api", header)
+	resp, body := kas.proxyGet(t, "api/v1", header)
 	t.Logf("the proxy answered after %s (wait_for_agent %s)", time.Since(start).Round(10*time.Millisecond), config.waitForAgent)
 	status := requireStatus(t, resp, body, http.StatusBadGateway)
 	if !strings.Contains(status.Message, "agent 2 is not connected") {
 		t.Errorf("Status message %q does not contain %q", status.Message, "agent 2 is not connected")
+	}
+}
+
+// TestKubectlWithoutAgent runs kubectl, with the default wait_for_agent and
+// reconnect_window, for an agent that never connected. kubectl discovers
+// first and retries discovery five times; it used to wait 20 s each time
+// (105 s in all) and then print "an error on the server ("unknown")". The
+// time bounds below are wide on purpose: they protect what the user sees,
+// an answer well before the old 105 s, not a schedule.
+func TestKubectlWithoutAgent(t *testing.T) {
+	s := requireSuite(t)
+	config := standardConfig()
+	config.waitForAgent = "20s" // the default, which users get
+	kas := startCaddy(t, s, config)
+	ops := kas.kubectl(t, "ops", 2)
+
+	const message = "GitLab Agent Server: agent 2 is not connected"
+	tests := []struct {
+		name string
+		// wantInStderr is what tells the user why the agent was not waited
+		// for (any longer).
+		wantInStderr string
+		// within is a generous bound on how long kubectl may take.
+		within time.Duration
+	}{
+		// The first requests wait: the server has just started, and agents
+		// reconnect after a restart. The reconnect window (30 s from the
+		// start) ends the waiting.
+		{"just after the start", "it has not connected since this server started", 75 * time.Second},
+		// Now the window is over: no request waits.
+		{"after the reconnect window", "it has not connected since this server started", 20 * time.Second},
+	}
+	for _, tt := range tests {
+		start := time.Now()
+		r := ops.run("get", "namespaces")
+		took := time.Since(start)
+		t.Logf("%s: kubectl ended after %s with status %d; stderr:\n%s", tt.name, took.Round(100*time.Millisecond), r.exitCode, r.stderr)
+		if r.exitCode <= 0 {
+			t.Fatalf("%s: kubectl get namespaces: exit status %d, want a failure; err %v", tt.name, r.exitCode, r.err)
+		}
+		lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+		last := lines[len(lines)-1]
+		if !strings.HasPrefix(last, "Error from server") || !strings.Contains(last, message) || !strings.Contains(last, tt.wantInStderr) {
+			t.Errorf("%s: kubectl's last line\n%s\nwants to say %q and %q", tt.name, last, message, tt.wantInStderr)
+		}
+		if strings.Contains(r.stderr, `"unknown"`) {
+			t.Errorf("%s: kubectl still shows an unknown error", tt.name)
+		}
+		if took > tt.within {
+			t.Errorf("%s: kubectl took %s to fail, want well under the 105 s it used to wait (bound %s)", tt.name, took.Round(time.Second), tt.within)
+		}
 	}
 }
 
@@ -196,7 +247,7 @@ func TestAgentLoss(t *testing.T) {
 
 	// Caddy has forgotten the dead tunnel: requests wait for a new one
 	header := http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "ops").token)}}
-	resp, body := kas.proxyGet(t, "api", header)
+	resp, body := kas.proxyGet(t, "api/v1", header)
 	if status := requireStatus(t, resp, body, http.StatusBadGateway); !strings.Contains(status.Message, "agent 1 is not connected") {
 		t.Errorf("Status message %q does not contain %q", status.Message, "agent 1 is not connected")
 	}

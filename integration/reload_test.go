@@ -47,7 +47,7 @@ func TestReloadKeepsTunnelsAndStreams(t *testing.T) {
 
 	kas.kubectl(t, "newcomer", 1).mustRun(t, "get", "namespaces")
 	removed := http.Header{"Authorization": {"Bearer " + patToken(1, config.user(t, "plain").token)}}
-	resp, body := kas.proxyGet(t, "api", removed)
+	resp, body := kas.proxyGet(t, "api/v1", removed)
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 
 	ops.mustRun(t, "create", "configmap", "after-reload", "-n", ns)

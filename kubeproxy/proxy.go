@@ -6,6 +6,7 @@
 package kubeproxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -30,6 +31,16 @@ import (
 // kas-spec §4.3): an agent that is reconnecting is back well within it.
 const DefaultWaitForAgent = 20 * time.Second
 
+// DefaultReconnectWindow is how long after an agent's last tunnel here
+// closed, or after this server started for an agent not connected since,
+// requests still wait for the agent. An agent that lost its connection is
+// back within its reconnect backoff (at most 20 s plus 20 % jitter for
+// GitLab's agentk, kas-spec §4.2, and ours); one away for longer is not
+// reconnecting, and a request waiting for it would only keep its user
+// waiting: kubectl, which retries discovery, waited 105 s to learn that
+// the agent was not there.
+const DefaultReconnectWindow = 30 * time.Second
+
 // Proxy is an http.Handler for the Kubernetes API proxy.
 type Proxy struct {
 	// Prefix is the URL path the proxy is mounted at; it ends in "/" and is
@@ -42,6 +53,13 @@ type Proxy struct {
 	// WaitForAgent is how long a request waits for its agent to connect;
 	// zero means [DefaultWaitForAgent].
 	WaitForAgent time.Duration
+	// ReconnectWindow limits that wait to agents expected back: a request
+	// waits only until this long after the agent's last tunnel here
+	// closed, or after the tunnel store was made for an agent not
+	// connected since; for any other agent it fails at once. Zero means
+	// [DefaultReconnectWindow]; a negative window waits for every agent,
+	// as GitLab's KAS does.
+	ReconnectWindow time.Duration
 	// Logger receives refusals and failures; it is never given a secret.
 	Logger *zap.Logger
 	// Observer, if set, is told how requests fared, for metrics.
@@ -98,7 +116,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		var e *Error
 		if !errors.As(err, &e) {
 			p.log().Error("authenticating k8s proxy request", zap.Error(err), zap.String("remote_addr", r.RemoteAddr))
-			kubestatus.Error(w, http.StatusInternalServerError, "authentication failed")
+			p.writeStatus(w, r, kubestatus.New(http.StatusInternalServerError, "authentication failed"))
 			return
 		}
 		p.refuse(w, r, e)
@@ -157,7 +175,7 @@ func (p *Proxy) roundTripFailed(w http.ResponseWriter, r *http.Request, err erro
 		return
 	}
 	p.log().Warn("k8s proxy request failed", zap.Int64("agent_id", access.AgentID), zap.Error(err))
-	kubestatus.Error(w, http.StatusBadGateway, fmt.Sprintf("agent %d: %v", access.AgentID, err))
+	p.writeStatus(w, r, kubestatus.New(http.StatusBadGateway, fmt.Sprintf("agent %d: %v", access.AgentID, err)))
 }
 
 // stripPrefix returns the request path without the proxy's prefix, as a
@@ -189,10 +207,11 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 	if wait <= 0 {
 		wait = DefaultWaitForAgent
 	}
+	window := cmp.Or(p.ReconnectWindow, DefaultReconnectWindow)
 	for attempt := 0; ; attempt++ {
 		findCtx, cancel := context.WithTimeout(out.Context(), wait)
 		start := time.Now()
-		t, err := p.Router.Find(findCtx, access.AgentID)
+		t, err := p.Router.FindExpected(findCtx, access.AgentID, window)
 		cancel()
 		waited := time.Since(start)
 		if p.Observer != nil {
@@ -202,11 +221,8 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 			if out.Context().Err() != nil {
 				return nil, err
 			}
-			return nil, &Error{Code: http.StatusBadGateway,
-				// The time this request really waited, which is less than
-				// the configured wait when the store closed under it.
-				Message: fmt.Sprintf("agent %d is not connected (waited %s). Is the agent up and connected?", access.AgentID, waited.Round(100*time.Millisecond)),
-				Reason:  err.Error(), AgentID: access.AgentID}
+			return nil, &Error{Code: http.StatusBadGateway, Message: notConnectedMessage(access.AgentID, waited, err),
+				Reason: err.Error(), AgentID: access.AgentID}
 		}
 		resp, err := t.RoundTrip(req)
 		if err == nil {
@@ -217,6 +233,27 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 		}
 		p.log().Debug("retrying request on another tunnel", zap.Int64("agent_id", access.AgentID), zap.Error(err))
 	}
+}
+
+// notConnectedMessage tells the user that no tunnel of the agent was
+// found, how long the request waited (less than configured when the
+// agent's reconnect window ended, or the store closed, meanwhile), and,
+// for an agent not expected back, since when it has been away.
+func notConnectedMessage(agentID int64, waited time.Duration, err error) string {
+	msg := fmt.Sprintf("agent %d is not connected", agentID)
+	if waited >= 100*time.Millisecond {
+		msg += fmt.Sprintf(" (waited %s)", waited.Round(100*time.Millisecond))
+	}
+	var absent *tunnel.AbsentError
+	if errors.As(err, &absent) {
+		ago := time.Since(absent.Since).Round(time.Second)
+		if absent.Seen {
+			msg += fmt.Sprintf(": its last connection to this server ended %s ago", ago)
+		} else {
+			msg += fmt.Sprintf(": it has not connected since this server started %s ago", ago)
+		}
+	}
+	return msg + ". Is the agent up and connected?"
 }
 
 // copyResponse streams the agent's answer to the client, flushing after
@@ -314,5 +351,12 @@ func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	if e.RetryAfter > 0 {
 		s.Details = &kubestatus.StatusDetails{RetryAfterSeconds: httpheader.RetryAfterSeconds(e.RetryAfter)}
 	}
-	kubestatus.Write(w, s)
+	p.writeStatus(w, r, s)
+}
+
+// writeStatus answers r with s in the form its client can show (see
+// [kubestatus.WriteFor]).
+func (p *Proxy) writeStatus(w http.ResponseWriter, r *http.Request, s *kubestatus.Status) {
+	path, _, _ := p.stripPrefix(r.URL)
+	kubestatus.WriteFor(w, path, s)
 }

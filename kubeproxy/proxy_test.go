@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/identity"
@@ -181,12 +183,12 @@ func TestProxyRefuses(t *testing.T) {
 		wantMessage  string
 		unauthorized bool
 	}{
-		{"no credentials", prefix + "api", "", nil, 401, "no valid credentials", true},
-		{"unknown token", prefix + "api", "Bearer pat:1:nope", nil, 401, "no valid credentials", true},
-		{"malformed token", prefix + "api", "Bearer nope", nil, 401, "no valid credentials", true},
-		{"agent not allowed", prefix + "api", "Bearer pat:2:dev-token", nil, 403, "agent 2 is not allowed", false},
-		{"nested impersonation", prefix + "api", "Bearer pat:1:dev-token", asBob, 400, "nested impersonation is not supported", false},
-		{"impersonation not allowed", prefix + "api", "Bearer pat:1:plain-token", asBob, 403, "impersonation is not allowed", false},
+		{"no credentials", prefix + "api/v1/namespaces", "", nil, 401, "no valid credentials", true},
+		{"unknown token", prefix + "api/v1/namespaces", "Bearer pat:1:nope", nil, 401, "no valid credentials", true},
+		{"malformed token", prefix + "api/v1/namespaces", "Bearer nope", nil, 401, "no valid credentials", true},
+		{"agent not allowed", prefix + "api/v1/namespaces", "Bearer pat:2:dev-token", nil, 403, "agent 2 is not allowed", false},
+		{"nested impersonation", prefix + "api/v1/namespaces", "Bearer pat:1:dev-token", asBob, 400, "nested impersonation is not supported", false},
+		{"impersonation not allowed", prefix + "api/v1/namespaces", "Bearer pat:1:plain-token", asBob, 403, "impersonation is not allowed", false},
 		{"outside prefix", "/elsewhere", "Bearer pat:1:plain-token", nil, 400, "expected prefix", false},
 	}
 	for _, tt := range tests {
@@ -226,16 +228,89 @@ func TestProxyClientImpersonationAllowed(t *testing.T) {
 	}
 }
 
+// TestProxyNoAgent checks what a request for an agent without a tunnel
+// gets: a wait only while the agent may be reconnecting, and a message
+// that the client shows: plain text where client-go reads the answer raw
+// (discovery), a Status elsewhere.
 func TestProxyNoAgent(t *testing.T) {
-	e := newEnv(t, nil)
-	resp := e.do(t, http.MethodGet, prefix+"api", "Bearer pat:2:ops-token", nil, nil)
-	if resp.StatusCode != http.StatusBadGateway {
-		t.Fatalf("status %d, want 502", resp.StatusCode)
+	tests := []struct {
+		name string
+		// serverAge is how long the tunnel store exists before the request.
+		serverAge       time.Duration
+		path            string
+		wantWaited      time.Duration
+		wantContentType string
+		wantMessage     string
+	}{
+		{"just started, discovery", 0, "api", DefaultWaitForAgent, "text/plain; charset=utf-8",
+			"GitLab Agent Server: agent 2 is not connected (waited 20s). Is the agent up and connected?"},
+		{"just started, a resource", 0, "api/v1/namespaces", DefaultWaitForAgent, "application/json",
+			"GitLab Agent Server: agent 2 is not connected (waited 20s). Is the agent up and connected?"},
+		{"reconnect window ends during the wait", 25 * time.Second, "apis", 5 * time.Second, "text/plain; charset=utf-8",
+			"GitLab Agent Server: agent 2 is not connected (waited 5s): it has not connected since this server started 30s ago. Is the agent up and connected?"},
+		{"long after the start", time.Hour, "version", 0, "text/plain; charset=utf-8",
+			"GitLab Agent Server: agent 2 is not connected: it has not connected since this server started 1h0m0s ago. Is the agent up and connected?"},
 	}
-	st := decodeStatus(t, resp)
-	if msg, _ := st["message"].(string); !strings.Contains(msg, "agent 2 is not connected") {
-		t.Errorf("message %q", msg)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				auth, err := NewStaticAuthenticator([]User{{Name: "ops", Token: "ops-token", Agents: []int64{2}}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				p := &Proxy{Prefix: prefix, Auth: auth, Router: tunnel.NewRouter(tunnel.NewStore())}
+				time.Sleep(tt.serverAge)
+				req := httptest.NewRequest(http.MethodGet, prefix+tt.path, nil)
+				req.Header.Set("Authorization", "Bearer pat:2:ops-token")
+				rec := httptest.NewRecorder()
+				start := time.Now()
+				p.ServeHTTP(rec, req)
+				if waited := time.Since(start); waited != tt.wantWaited {
+					t.Errorf("request waited %s, want %s", waited, tt.wantWaited)
+				}
+				if rec.Code != http.StatusBadGateway {
+					t.Errorf("status %d, want 502", rec.Code)
+				}
+				if got := rec.Header().Get("Content-Type"); got != tt.wantContentType {
+					t.Errorf("Content-Type %q, want %q", got, tt.wantContentType)
+				}
+				msg := strings.TrimSpace(rec.Body.String())
+				if tt.wantContentType == "application/json" {
+					var st map[string]any
+					if err := json.Unmarshal(rec.Body.Bytes(), &st); err != nil {
+						t.Fatalf("body is not JSON: %v", err)
+					}
+					msg, _ = st["message"].(string)
+				}
+				if msg != tt.wantMessage {
+					t.Errorf("message\n%q, want\n%q", msg, tt.wantMessage)
+				}
+			})
+		})
 	}
+}
+
+func TestNotConnectedMessage(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		now := time.Now()
+		tests := []struct {
+			waited time.Duration
+			err    error
+			want   string
+		}{
+			{20 * time.Second, fmt.Errorf("agent 3: %w: %w", tunnel.ErrNoConnection, context.DeadlineExceeded),
+				"agent 3 is not connected (waited 20s). Is the agent up and connected?"},
+			{0, fmt.Errorf("agent 3: %w: %w", tunnel.ErrNoConnection, &tunnel.AbsentError{AgentID: 3, Since: now.Add(-5 * time.Minute), Seen: true}),
+				"agent 3 is not connected: its last connection to this server ended 5m0s ago. Is the agent up and connected?"},
+			{1234 * time.Millisecond, fmt.Errorf("agent 3: %w: %w", tunnel.ErrNoConnection, &tunnel.AbsentError{AgentID: 3, Since: now.Add(-31 * time.Second)}),
+				"agent 3 is not connected (waited 1.2s): it has not connected since this server started 31s ago. Is the agent up and connected?"},
+		}
+		for _, tt := range tests {
+			if got := notConnectedMessage(3, tt.waited, tt.err); got != tt.want {
+				t.Errorf("notConnectedMessage(%s, %v)\n= %q, want\n  %q", tt.waited, tt.err, got, tt.want)
+			}
+		}
+	})
 }
 
 func TestProxyAgentArrivesWhileWaiting(t *testing.T) {

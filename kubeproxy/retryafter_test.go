@@ -33,7 +33,7 @@ func TestProxyRefusalRetryAfter(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := httptest.NewServer(&Proxy{Prefix: prefix, Auth: refusingAuth{tt.err}, Router: tunnel.NewRouter(tunnel.NewStore())})
 			t.Cleanup(srv.Close)
-			resp, err := srv.Client().Get(srv.URL + prefix + "api")
+			resp, err := srv.Client().Get(srv.URL + prefix + "api/v1/namespaces")
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 )
 
 // MessagePrefix starts the message of every error that the agent server or
@@ -71,8 +72,13 @@ func Write(w http.ResponseWriter, s *Status) {
 		// Only strings and numbers: cannot fail.
 		panic("kubestatus: " + err.Error())
 	}
+	send(w, s, "application/json", body)
+}
+
+// send answers with the code of s and body.
+func send(w http.ResponseWriter, s *Status, contentType string, body []byte) {
 	h := w.Header()
-	h.Set("Content-Type", "application/json")
+	h.Set("Content-Type", contentType)
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set("X-Content-Type-Options", "nosniff")
 	if s.Details != nil && s.Details.RetryAfterSeconds > 0 {
@@ -85,4 +91,38 @@ func Write(w http.ResponseWriter, s *Status) {
 // Error writes a Status with code and message.
 func Error(w http.ResponseWriter, code int, message string) {
 	Write(w, New(code, message))
+}
+
+// ReadsRaw reports whether Kubernetes' Go client, and so kubectl, reads
+// the answers to requests for the cluster path without looking for a
+// Status in an error: discovery (/api, /apis), /version and the OpenAPI
+// documents (/openapi/v2, /openapi/v3 and below) are read with
+// rest.Result.Raw, which takes the message of an error from a text/* body
+// only and shows "unknown" for a JSON one. kubectl discovers before
+// anything else, so without a way past this no error of the agent server
+// would reach its user.
+func ReadsRaw(path string) bool {
+	switch path {
+	case "/api", "/apis", "/version", "/openapi/v2", "/openapi/v3":
+		return true
+	}
+	return strings.HasPrefix(path, "/openapi/v3/")
+}
+
+// WriteText sends the message of s as a plain-text response with the code
+// of s, for clients that show such a body but cannot decode a Status (see
+// [ReadsRaw]).
+func WriteText(w http.ResponseWriter, s *Status) {
+	send(w, s, "text/plain; charset=utf-8", []byte(s.Message+"\n"))
+}
+
+// WriteFor sends s in the form that the clients of a request for the
+// cluster path can show: plain text where Kubernetes' Go client reads
+// answers raw ([ReadsRaw]), else a JSON Status.
+func WriteFor(w http.ResponseWriter, path string, s *Status) {
+	if ReadsRaw(path) {
+		WriteText(w, s)
+		return
+	}
+	Write(w, s)
 }

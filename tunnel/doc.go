@@ -16,9 +16,10 @@
 //     adds them, the agent tracker lists them. A store shared by several
 //     nodes (Redis) keeps which node holds which agent next to it.
 //   - The [Router] finds a tunnel for a request: least loaded first,
-//     waiting while the agent has none. A tunnel of another node will be
-//     a Tunnel too (a forwarder to that node's private API), found by the
-//     same router.
+//     waiting while the agent has none but is expected back (it was
+//     connected, or the node started, a short while ago). A tunnel of
+//     another node will be a Tunnel too (a forwarder to that node's
+//     private API), found by the same router.
 //
 // The identity a request acts as is package identity's; the agent's
 // description of itself is [AgentMeta], validated the same way on both

@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"fmt"
+	"time"
 )
 
 // Router finds a tunnel for a request to an agent: the least loaded live
@@ -35,9 +36,33 @@ const maxTunnelsOnStack = 8
 // then returns an error wrapping [ErrNoConnection] and ctx's cause. After
 // the store was closed it returns an error wrapping [ErrStoreClosed].
 func (r *Router) Find(ctx context.Context, agentID int64) (Tunnel, error) {
+	return r.FindExpected(ctx, agentID, 0)
+}
+
+// FindExpected is [Router.Find] for a request that waits only for an agent
+// that is expected back: one whose last tunnel here was removed less than
+// window ago, or, for an agent not connected since the store was made,
+// whose store was made less than window ago (after a restart, agents
+// reconnect within their backoff). For any other agent it returns at once,
+// and a wait ends when the window does; the error then wraps
+// [ErrNoConnection] and an [*AbsentError]. A window of zero or less waits
+// for every agent, as Find does; so does a router with Remote, since this
+// node's memory says nothing of the agent's tunnels on other nodes.
+func (r *Router) FindExpected(ctx context.Context, agentID int64, window time.Duration) (Tunnel, error) {
 	var buf [maxTunnelsOnStack]Tunnel
 	if t := leastLoaded(r.Local.Tunnels(agentID, buf[:0])); t != nil {
 		return t, nil
+	}
+	if window > 0 && r.Remote == nil {
+		since, seen := r.Local.LastConnected(agentID)
+		absent := &AbsentError{AgentID: agentID, Since: since, Seen: seen}
+		expectedUntil := since.Add(window)
+		if !time.Now().Before(expectedUntil) {
+			return nil, fmt.Errorf("agent %d: %w: %w", agentID, ErrNoConnection, absent)
+		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadlineCause(ctx, expectedUntil, absent)
+		defer cancel()
 	}
 	if r.Remote == nil {
 		t, _, _, err := r.waitLocal(ctx, agentID, nil)

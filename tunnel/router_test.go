@@ -170,3 +170,84 @@ func TestRouterFindDoesNotAllocate(t *testing.T) {
 		t.Errorf("Find of a connected agent allocates %v times, want 0", n)
 	}
 }
+
+func TestRouterFindExpected(t *testing.T) {
+	const window, wait = 30 * time.Second, 20 * time.Second
+	tests := []struct {
+		name string
+		// storeAge is how long the store exists before the request.
+		storeAge time.Duration
+		// goneFor, if set, is how long before the request the agent's
+		// last tunnel was removed; else the agent never connected.
+		goneFor time.Duration
+		// reconnectAfter, if set, adds a tunnel this long into the wait.
+		reconnectAfter time.Duration
+		window         time.Duration
+
+		wantWaited time.Duration
+		wantFound  bool
+		wantAbsent bool // the error wraps an *AbsentError
+		wantSeen   bool
+	}{
+		{name: "never connected, store just made: waits the request's time", storeAge: 0, window: window, wantWaited: wait},
+		{name: "never connected, window ends during the wait", storeAge: 25 * time.Second, window: window, wantWaited: 5 * time.Second, wantAbsent: true},
+		{name: "never connected, window over: fails at once", storeAge: time.Hour, window: window, wantWaited: 0, wantAbsent: true},
+		{name: "just disconnected: waits", storeAge: time.Hour, goneFor: 5 * time.Second, window: window, wantWaited: wait},
+		{name: "just disconnected and reconnects", storeAge: time.Hour, goneFor: 5 * time.Second, reconnectAfter: 3 * time.Second, window: window, wantWaited: 3 * time.Second, wantFound: true},
+		{name: "gone longer than the window: fails at once", storeAge: time.Hour, goneFor: 31 * time.Second, window: window, wantWaited: 0, wantAbsent: true, wantSeen: true},
+		{name: "no window: waits for an agent gone long ago", storeAge: time.Hour, goneFor: time.Hour / 2, window: 0, wantWaited: wait},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				const id = 11
+				s := tunnel.NewStore()
+				r := tunnel.NewRouter(s)
+				var removedAt time.Time
+				if tt.goneFor > 0 {
+					time.Sleep(tt.storeAge - tt.goneFor)
+					s.Add(newFake(id))()
+					removedAt = time.Now()
+					time.Sleep(tt.goneFor)
+				} else {
+					time.Sleep(tt.storeAge)
+				}
+				if tt.reconnectAfter > 0 {
+					go func() {
+						time.Sleep(tt.reconnectAfter)
+						s.Add(newFake(id))
+					}()
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), wait)
+				defer cancel()
+				start := time.Now()
+				c, err := r.FindExpected(ctx, id, tt.window)
+				if waited := time.Since(start); waited != tt.wantWaited {
+					t.Errorf("waited %s, want %s", waited, tt.wantWaited)
+				}
+				if found := err == nil && c != nil; found != tt.wantFound {
+					t.Fatalf("FindExpected = %v, %v; want found %v", c, err, tt.wantFound)
+				}
+				if tt.wantFound {
+					return
+				}
+				if !errors.Is(err, tunnel.ErrNoConnection) {
+					t.Errorf("error %v does not wrap ErrNoConnection", err)
+				}
+				var absent *tunnel.AbsentError
+				if errors.As(err, &absent) != tt.wantAbsent {
+					t.Fatalf("error %v: wraps an AbsentError: %v, want %v", err, absent != nil, tt.wantAbsent)
+				}
+				if absent == nil {
+					return
+				}
+				if absent.AgentID != id || absent.Seen != tt.wantSeen {
+					t.Errorf("AbsentError %+v, want agent %d, seen %v", absent, id, tt.wantSeen)
+				}
+				if tt.wantSeen && !absent.Since.Equal(removedAt) {
+					t.Errorf("AbsentError.Since = %s, want the removal at %s", absent.Since, removedAt)
+				}
+			})
+		})
+	}
+}

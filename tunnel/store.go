@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"sync"
+	"time"
 )
 
 // Store keeps the tunnels connected to this node, of every protocol, by
@@ -10,9 +11,18 @@ import (
 // of konnectivity's BackendStorage, and [Router] that of its
 // BackendManager.
 type Store struct {
-	mu     sync.Mutex // guards agents and closed
+	// created is when the store was made: for an agent that has not
+	// connected since, the start of its absence.
+	created time.Time
+
+	mu     sync.Mutex // guards agents, lastConnected and closed
 	agents map[int64]*agentEntry
-	closed bool
+	// lastConnected holds, for every agent that has had a tunnel here and
+	// has none now, when its last tunnel was removed. One entry per agent
+	// that ever connected: agents are authenticated before they are
+	// added, so made-up ids cannot grow it.
+	lastConnected map[int64]time.Time
+	closed        bool
 }
 
 // agentEntry is the store's state for one agent. It exists while the agent
@@ -28,7 +38,7 @@ type agentEntry struct {
 
 // NewStore returns an empty store.
 func NewStore() *Store {
-	return &Store{agents: make(map[int64]*agentEntry)}
+	return &Store{created: time.Now(), agents: make(map[int64]*agentEntry), lastConnected: make(map[int64]time.Time)}
 }
 
 // Add makes t available for requests to its agent until t is done or the
@@ -44,6 +54,7 @@ func (s *Store) Add(t Tunnel) (remove func()) {
 	}
 	e := s.entryLocked(id)
 	e.tunnels = append(e.tunnels, t)
+	delete(s.lastConnected, id)
 	close(e.added)
 	e.added = make(chan struct{})
 	s.mu.Unlock()
@@ -71,6 +82,9 @@ func (s *Store) remove(id int64, t Tunnel) {
 	for i, x := range e.tunnels {
 		if x == t {
 			e.tunnels = append(e.tunnels[:i], e.tunnels[i+1:]...)
+			if len(e.tunnels) == 0 {
+				s.lastConnected[id] = time.Now()
+			}
 			break
 		}
 	}
@@ -93,6 +107,22 @@ func (s *Store) Tunnels(agentID int64, dst []Tunnel) []Tunnel {
 		dst = appendLive(dst, e.tunnels)
 	}
 	return dst
+}
+
+// LastConnected returns when the agent last had a tunnel here: now while
+// it has one (live or still listed), else when its last tunnel was
+// removed. For an agent that has had none since the store was made, it
+// returns when the store was made, and seen false.
+func (s *Store) LastConnected(agentID int64) (at time.Time, seen bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.agents[agentID]; e != nil && len(e.tunnels) > 0 {
+		return time.Now(), true
+	}
+	if at, ok := s.lastConnected[agentID]; ok {
+		return at, true
+	}
+	return s.created, false
 }
 
 // All returns the live tunnels of every agent.

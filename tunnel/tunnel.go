@@ -3,6 +3,7 @@ package tunnel
 import (
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"net/http"
 	"time"
 
@@ -92,6 +93,25 @@ type AgentInfo struct {
 	// is revoked. Not the token: a digest of a random token reveals
 	// nothing.
 	Credential [sha256.Size]byte
+}
+
+// AbsentError says that an agent has had no tunnel here for longer than
+// [Router.FindExpected] waits for it to reconnect.
+type AbsentError struct {
+	AgentID int64
+	// Since is when the agent's last tunnel here was removed, or, if Seen
+	// is false, when the store was made.
+	Since time.Time
+	// Seen reports whether the agent has had a tunnel here since the store
+	// was made.
+	Seen bool
+}
+
+func (e *AbsentError) Error() string {
+	if e.Seen {
+		return fmt.Sprintf("agent %d has had no tunnel since %s", e.AgentID, e.Since.UTC().Format(time.RFC3339))
+	}
+	return fmt.Sprintf("agent %d has had no tunnel since the store was made at %s", e.AgentID, e.Since.UTC().Format(time.RFC3339))
 }
 
 // Errors of [Router.Find].

@@ -1,14 +1,15 @@
 package k8sproxy
 
 import (
+	"fmt"
 	"strconv"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/identity"
 )
 
@@ -31,6 +32,7 @@ func parseCaddyfile(d *caddyfile.Dispenser) (caddyhttp.MiddlewareHandler, error)
 //	k8s_proxy [<path_prefix>] {
 //	    path_prefix    <path>
 //	    wait_for_agent <duration>
+//	    reconnect_window <duration>
 //	    allowed_origin <origin>
 //	    extra_allowed_response_headers <name>...
 //	    user <name> {
@@ -58,15 +60,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 		case "wait_for_agent":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
+			if err := directive.ParseDuration(d, &h.WaitForAgent); err != nil {
+				return err
 			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil {
-				return d.Errf("wait_for_agent: %v", err)
+		case "reconnect_window":
+			if err := directive.ParseDuration(d, &h.ReconnectWindow); err != nil {
+				return err
 			}
-			h.WaitForAgent = caddy.Duration(dur)
 		case "allowed_origin":
 			if !d.AllArgs(&h.AllowedOrigin) {
 				return d.ArgErr()
@@ -95,6 +95,7 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 	if !d.AllArgs(&u.Name) {
 		return u, d.Err("user needs a name: user <name> { token ... }")
 	}
+	u.Location = directive.Location(d)
 	impersonate := func() *identity.Identity {
 		if u.Impersonate == nil {
 			u.Impersonate = &identity.Identity{}
@@ -103,13 +104,9 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		switch d.Val() {
-		case "token":
-			if !d.AllArgs(&u.Token) {
-				return u, d.ArgErr()
-			}
-		case "token_file":
-			if !d.AllArgs(&u.TokenFile) {
-				return u, d.ArgErr()
+		case "token", "token_file":
+			if err := secret.UnmarshalCaddyfile(d, &u.Token, &u.TokenFile); err != nil {
+				return u, err
 			}
 		case "agents":
 			args := d.RemainingArgs()
@@ -152,6 +149,9 @@ func parseUser(d *caddyfile.Dispenser) (User, error) {
 		default:
 			return u, d.Errf("unrecognized user subdirective %q", d.Val())
 		}
+	}
+	if u.Token == "" && u.TokenFile == "" {
+		return u, directive.At(fmt.Errorf("user %q needs a token or token_file", u.Name), u.Location)
 	}
 	return u, nil
 }

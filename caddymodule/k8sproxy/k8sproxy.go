@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/streams"
@@ -43,6 +44,16 @@ type Handler struct {
 	// waits for one to appear before it fails with 502. Default: 20s, as
 	// GitLab's KAS.
 	WaitForAgent caddy.Duration `json:"wait_for_agent,omitempty"`
+
+	// ReconnectWindow limits that wait to agents that may be reconnecting:
+	// a request waits only until this long after the agent's last tunnel
+	// on this server closed, or after the server started for an agent not
+	// connected since, and fails with 502 at once for any other agent, so
+	// that kubectl does not wait for an agent long gone. A negative window
+	// waits for every agent, as GitLab's KAS does. Default: 30s, longer
+	// than the reconnect backoff of GitLab's agentk and ours (at most 20 s
+	// plus jitter).
+	ReconnectWindow caddy.Duration `json:"reconnect_window,omitempty"`
 
 	// AllowedOrigin is the one browser origin allowed to call the proxy
 	// with credentials (CORS), as "https://host[:port]"; a request with any
@@ -106,6 +117,12 @@ type User struct {
 	// Without it such requests are refused with 403. It cannot be combined
 	// with Impersonate (that would be nested impersonation). Default: false.
 	AllowImpersonation bool `json:"allow_impersonation,omitempty"`
+
+	// Location is where the user is declared, as "file:line", so that
+	// errors found when the configuration loads (a token file that cannot
+	// be read, an agent that no kubernetes_agent declares) point there.
+	// The Caddyfile adapter sets it. Default: none.
+	Location string `json:"location,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -125,6 +142,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.setup(app.Router(), app.GitLabMode(), ctx.Logger()); err != nil {
 		return err
 	}
+	app.ReferAgents(h.agentRefs()...)
 	h.proxy.Observer = metrics.Proxy{}
 	return metrics.Register(ctx)
 }
@@ -156,6 +174,7 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 			AllowedOrigin: origin,
 			Via:           via(),
 
+			ReconnectWindow:             time.Duration(h.ReconnectWindow),
 			ExtraAllowedResponseHeaders: h.ExtraAllowedResponseHeaders,
 		}
 		return nil
@@ -168,7 +187,7 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 	for _, u := range h.Users {
 		token, err := secret.Load(u.Token, u.TokenFile)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("user %q: %w", u.Name, err))
+			errs = append(errs, directive.At(fmt.Errorf("user %q: %w", u.Name, err), u.Location))
 			continue
 		}
 		ku := kubeproxy.User{Name: u.Name, Token: token, Agents: u.Agents, AllowImpersonation: u.AllowImpersonation}
@@ -191,9 +210,26 @@ func (h *Handler) setup(router *tunnel.Router, gitlab *kasapp.GitLabMode, logger
 		AllowedOrigin: h.AllowedOrigin,
 		Via:           via(),
 
+		ReconnectWindow:             time.Duration(h.ReconnectWindow),
 		ExtraAllowedResponseHeaders: h.ExtraAllowedResponseHeaders,
 	}
 	return nil
+}
+
+// agentRefs returns the agents the users may reach, for the kas app to
+// check that each is declared.
+func (h *Handler) agentRefs() []kasapp.AgentRef {
+	var refs []kasapp.AgentRef
+	for _, u := range h.Users {
+		by := fmt.Sprintf("k8s_proxy user %q", u.Name)
+		if u.Location != "" {
+			by += ", at " + u.Location + ","
+		}
+		for _, id := range u.Agents {
+			refs = append(refs, kasapp.AgentRef{ID: id, By: by})
+		}
+	}
+	return refs
 }
 
 // via is how the proxy names itself in Via headers.

@@ -28,6 +28,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			name: "full",
 			input: `k8s_proxy /k8s/ {
 				wait_for_agent 5s
+				reconnect_window 2m
 				user dev {
 					token_file /etc/kas/dev.token
 					agents 1 2
@@ -42,14 +43,15 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				}
 			}`,
 			want: Handler{
-				PathPrefix:   "/k8s/",
-				WaitForAgent: caddy.Duration(5 * time.Second),
+				PathPrefix:      "/k8s/",
+				WaitForAgent:    caddy.Duration(5 * time.Second),
+				ReconnectWindow: caddy.Duration(2 * time.Minute),
 				Users: []User{
 					{Name: "dev", TokenFile: "/etc/kas/dev.token", Agents: []int64{1, 2}, Impersonate: &identity.Identity{
 						Username: "alice", UID: "1001", Groups: []string{"dev", "viewers"},
 						Extra: map[string][]string{"team": {"platform", "sre"}},
-					}},
-					{Name: "ops", Token: "{env.OPS_TOKEN}", Agents: []int64{3}, AllowImpersonation: true},
+					}, Location: "Testfile:4"},
+					{Name: "ops", Token: "{env.OPS_TOKEN}", Agents: []int64{3}, AllowImpersonation: true, Location: "Testfile:11"},
 				},
 			},
 		},
@@ -59,6 +61,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{ExtraAllowedResponseHeaders: []string{"X-Custom", "x-other", "Set-Cookie"}},
 		},
 		{name: "extra_allowed_response_headers without names", input: "k8s_proxy {\nextra_allowed_response_headers\n}", wantErr: "wrong argument count"},
+		{name: "reconnect_window negative", input: "k8s_proxy {\nreconnect_window -1s\n}", want: Handler{ReconnectWindow: caddy.Duration(-time.Second)}},
+		{name: "reconnect_window not a duration", input: "k8s_proxy {\nreconnect_window soon\n}", wantErr: "reconnect_window: "},
+		{name: "token and token_file", input: "k8s_proxy {\nuser a {\ntoken x\ntoken_file /f\n}\n}", wantErr: "give either token or token_file, not both, at Testfile:4"},
+		{name: "no token", input: "k8s_proxy {\nuser a {\nagents 1\n}\n}", wantErr: `user "a" needs a token or token_file, at Testfile:2`},
 		{name: "path_prefix subdirective", input: "k8s_proxy {\npath_prefix /p/\n}", want: Handler{PathPrefix: "/p/"}},
 		{name: "bad agent id", input: "k8s_proxy {\nuser a {\nagents 1 x\n}\n}", wantErr: `agent id "x" is not a positive integer`},
 		{name: "no agents args", input: "k8s_proxy {\nuser a {\nagents\n}\n}", wantErr: "wrong argument count"},
@@ -105,6 +111,8 @@ func TestSetup(t *testing.T) {
 		{"ok", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, ""},
 		{"no users", Handler{}, "no users declared"},
 		{"no token", Handler{Users: []User{{Name: "a", Agents: []int64{1}}}}, `user "a": no token configured`},
+		{"missing token file, with its place in the Caddyfile", Handler{Users: []User{{Name: "a", TokenFile: "/nonexistent/token", Agents: []int64{1}, Location: "Caddyfile:9"}}},
+			`user "a": reading token file: open /nonexistent/token: no such file or directory, at Caddyfile:9`},
 		{"nested", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{Username: "x"}, AllowImpersonation: true}}}, "nested impersonation"},
 		{"uid without username", Handler{Users: []User{{Name: "a", Token: "t", Agents: []int64{1}, Impersonate: &identity.Identity{UID: "1"}}}}, "impersonation without a username"},
 		{"extra allowed header", Handler{ExtraAllowedResponseHeaders: []string{"X-Custom"}, Users: []User{{Name: "a", Token: "t", Agents: []int64{1}}}}, ""},

@@ -41,8 +41,18 @@ type App struct {
 	configsTaken bool
 	gitalyPool   *pooledGitaly
 
-	mu        sync.Mutex // guards agentSets
+	mu        sync.Mutex // guards agentSets, agentIDs and agentRefs
 	agentSets []AgentSet // what this config's kubernetes_agent handlers accept
+	agentIDs  map[int64]bool
+	agentRefs []AgentRef // agents this config's k8s_proxy users may reach
+}
+
+// AgentRef is an agent that a part of the configuration names.
+type AgentRef struct {
+	ID int64
+	// By says who names the agent, and where, for an error message: for
+	// example `k8s_proxy user "ci", at Caddyfile:31`.
+	By string
 }
 
 // AgentSet is the set of agents a kubernetes_agent handler accepts.
@@ -162,11 +172,59 @@ func (a *App) DeclareAgents(s AgentSet) {
 	a.agentSets = append(a.agentSets, s)
 }
 
-// Start runs once this configuration is in force. Tunnels outlive
-// reloads, so a tunnel authenticated with a token the new configuration no
-// longer has (an agent removed, a token rotated) would keep its access
-// until the agent reconnected; Start closes such tunnels at once.
+// DeclareAgentIDs adds the ids of the agents a handler accepts; handlers
+// call it while they are provisioned, with [App.DeclareAgents].
+func (a *App) DeclareAgentIDs(ids ...int64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.agentIDs == nil {
+		a.agentIDs = make(map[int64]bool)
+	}
+	for _, id := range ids {
+		a.agentIDs[id] = true
+	}
+}
+
+// ReferAgents adds agents that a handler names and that this
+// configuration must declare in standalone mode; handlers call it while
+// they are provisioned.
+func (a *App) ReferAgents(refs ...AgentRef) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.agentRefs = append(a.agentRefs, refs...)
+}
+
+// checkAgentRefs fails for every agent named but not declared. It runs at
+// Start because only then are all handlers provisioned, in whatever order
+// Caddy took its servers: an agent may be declared in another site than
+// the one naming it. Without this a typo in an agent id showed only at
+// request time, as an agent that never connects.
+func (a *App) checkAgentRefs() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var errs []error
+	for _, ref := range a.agentRefs {
+		if !a.agentIDs[ref.ID] {
+			errs = append(errs, fmt.Errorf("%s names agent %d, which no kubernetes_agent declares", ref.By, ref.ID))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Start runs once this configuration is in force. In standalone mode it
+// first fails for an agent that a k8s_proxy user names but no
+// kubernetes_agent declares. Tunnels outlive reloads, so a tunnel
+// authenticated with a token the new configuration no longer has (an
+// agent removed, a token rotated) would keep its access until the agent
+// reconnected; Start closes such tunnels at once.
 func (a *App) Start() error {
+	if a.gitlab == nil {
+		// Before anything changes, so that a reload that fails here
+		// leaves the running configuration as it was.
+		if err := a.checkAgentRefs(); err != nil {
+			return err
+		}
+	}
 	mode := a.modeKey()
 	if prev := a.modes.swap(mode); prev != "" && prev != mode {
 		// Tunnels accepted under another mode (standalone tokens, or

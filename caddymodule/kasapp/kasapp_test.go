@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"net/http"
+	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
@@ -100,5 +101,50 @@ func TestStartClosesRevokedTunnels(t *testing.T) {
 	}
 	if kept.Err() != nil {
 		t.Errorf("tunnel of a still declared agent was closed: %v", kept.Err())
+	}
+}
+
+// TestStartRefusesUndeclaredAgents: a k8s_proxy user that names an agent no
+// kubernetes_agent declares fails the configuration when it starts,
+// instead of at request time.
+func TestStartRefusesUndeclaredAgents(t *testing.T) {
+	tests := []struct {
+		name     string
+		declared []int64
+		refs     []AgentRef
+		wantErr  []string
+	}{
+		{"all declared", []int64{1, 2}, []AgentRef{{ID: 1, By: "user a"}, {ID: 2, By: "user b"}}, nil},
+		{"none named", []int64{1}, nil, nil},
+		{"one undeclared", []int64{1, 2}, []AgentRef{{ID: 2, By: "user a"}, {ID: 3, By: `k8s_proxy user "ci", at Caddyfile:31,`}},
+			[]string{`k8s_proxy user "ci", at Caddyfile:31, names agent 3, which no kubernetes_agent declares`}},
+		{"two undeclared", nil, []AgentRef{{ID: 4, By: "user a"}, {ID: 5, By: "user b"}},
+			[]string{"user a names agent 4", "user b names agent 5"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var a App
+			if err := a.Provision(caddy.Context{}); err != nil {
+				t.Fatal(err)
+			}
+			defer a.Cleanup()
+			a.DeclareAgentIDs(tt.declared...)
+			a.ReferAgents(tt.refs...)
+			err := a.Start()
+			if len(tt.wantErr) == 0 {
+				if err != nil {
+					t.Errorf("Start = %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("Start succeeded")
+			}
+			for _, want := range tt.wantErr {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("Start = %v, want it to say %q", err, want)
+				}
+			}
+		})
 	}
 }

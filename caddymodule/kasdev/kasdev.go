@@ -41,10 +41,14 @@ Caddy's internal CA. No GitLab and no Redis are needed.
 It prints the agentk command line that connects a cluster, and writes a
 kubeconfig that reaches that cluster through the proxy.
 
+It listens on the --listen address only (for localhost, the loopback
+addresses), over TCP (HTTP/1.1 and HTTP/2), and refuses to start when
+something listens on that port already.
+
 For production, write a Caddyfile (see Caddyfile.example) and use "caddy run".
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.Flags().String("listen", "localhost:8443", "HTTPS address to serve on")
+			cmd.Flags().String("listen", "localhost:8443", "HTTPS address to serve on (localhost: the loopback addresses only)")
 			cmd.Flags().String("state", "", "directory for the generated tokens and kubeconfig (default: kas-dev in Caddy's data directory)")
 			cmd.RunE = caddycmd.WrapCommandFuncForCobra(run)
 		},
@@ -54,6 +58,9 @@ For production, write a Caddyfile (see Caddyfile.example) and use "caddy run".
 // settings fill the embedded Caddyfile template.
 type settings struct {
 	Host, Port, State string
+	// Bind are the addresses to listen on, as Caddy's bind directive
+	// takes them.
+	Bind []string
 }
 
 func run(fl caddycmd.Flags) (int, error) {
@@ -74,6 +81,9 @@ func run(fl caddycmd.Flags) (int, error) {
 	}
 	cfg, err := s.config()
 	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if err := s.checkPortFree(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	if err := caddy.Load(cfg, true); err != nil {
@@ -106,7 +116,42 @@ func newSettings(listen, state string) (settings, error) {
 	if strings.ContainsAny(state, "\"\n{}") {
 		return settings{}, fmt.Errorf("--state %q: quotes, braces and newlines are not supported in the path", state)
 	}
-	return settings{Host: host, Port: port, State: state}, nil
+	return settings{Host: host, Port: port, State: state, Bind: bindAddresses(host)}, nil
+}
+
+// bindAddresses returns where to listen for host: loopback for localhost
+// (IPv4, and IPv6 where this machine has it), else host itself. Caddy
+// would otherwise listen on every interface whatever the site's host.
+func bindAddresses(host string) []string {
+	if host != "localhost" {
+		if strings.Contains(host, ":") {
+			return []string{"[" + host + "]"}
+		}
+		return []string{host}
+	}
+	addrs := []string{"127.0.0.1"}
+	if l, err := net.Listen("tcp", "[::1]:0"); err == nil {
+		l.Close()
+		addrs = append(addrs, "[::1]")
+	}
+	return addrs
+}
+
+// checkPortFree fails if something listens on the port already. Caddy
+// listens with SO_REUSEPORT, so a second kas-dev on the port of a first
+// would start without a word and take a share of its connections; a
+// listener without that option cannot share the port, so opening one for
+// a moment tells.
+func (s settings) checkPortFree() error {
+	for _, b := range s.Bind {
+		addr := net.JoinHostPort(strings.Trim(b, "[]"), s.Port)
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("cannot listen on %s; is another kas-dev or server running there? Stop it, or give another --listen: %w", addr, err)
+		}
+		l.Close()
+	}
+	return nil
 }
 
 // caddyfile renders the embedded Caddyfile.

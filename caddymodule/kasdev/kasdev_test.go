@@ -2,11 +2,14 @@ package kasdev
 
 import (
 	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	"sigs.k8s.io/yaml"
 
@@ -28,7 +31,9 @@ func TestEmbeddedConfigAdapts(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := string(cfg)
-	for _, want := range []string{`"handler":"kubernetes_agent"`, `"handler":"k8s_proxy"`, "state with space/agent.token", `"allow_impersonation":true`} {
+	for _, want := range []string{`"handler":"kubernetes_agent"`, `"handler":"k8s_proxy"`, "state with space/agent.token", `"allow_impersonation":true`,
+		// Loopback only, and no UDP for HTTP/3.
+		`"listen":["127.0.0.1:8443"`, `"protocols":["h1","h2"]`} {
 		if !strings.Contains(text, want) {
 			t.Errorf("adapted config lacks %s:\n%s", want, text)
 		}
@@ -48,11 +53,43 @@ func TestNewSettings(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Host != "localhost" || s.Port != "9443" || !filepath.IsAbs(s.State) {
+	if s.Host != "localhost" || s.Port != "9443" || !filepath.IsAbs(s.State) || s.Bind[0] != "127.0.0.1" {
 		t.Errorf("settings %+v", s)
+	}
+	for listen, wantBind := range map[string]string{"127.0.0.1:8443": "127.0.0.1", "0.0.0.0:8443": "0.0.0.0", "[::1]:8443": "[::1]"} {
+		if s, err := newSettings(listen, ""); err != nil || !slices.Equal(s.Bind, []string{wantBind}) {
+			t.Errorf("newSettings(%q) binds %v, %v; want %s", listen, s.Bind, err, wantBind)
+		}
 	}
 	if _, err := newSettings(":1", `/tmp/a"b`); err == nil {
 		t.Error("a state path with a quote was accepted")
+	}
+}
+
+func TestCheckPortFree(t *testing.T) {
+	// Taken the way Caddy takes its ports: with SO_REUSEPORT where there is
+	// one, which lets a second such listener share the port.
+	addr, err := caddy.ParseNetworkAddress("tcp/127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := addr.Listen(t.Context(), 0, net.ListenConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := ln.(net.Listener)
+	defer l.Close()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	s, err := newSettings("127.0.0.1:"+port, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.checkPortFree(); err == nil || !strings.Contains(err.Error(), "is another kas-dev or server running there?") {
+		t.Errorf("checkPortFree with the port taken = %v, want it refused", err)
+	}
+	l.Close()
+	if err := s.checkPortFree(); err != nil {
+		t.Errorf("checkPortFree with the port free = %v", err)
 	}
 }
 

@@ -1,14 +1,15 @@
 package kubernetesagent
 
 import (
+	"fmt"
 	"strconv"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 )
 
 func init() {
@@ -50,20 +51,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&h.Path) {
 				return d.ArgErr()
 			}
-		case "keepalive_interval", "keepalive_timeout":
-			name := d.Val()
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
+		case "keepalive_interval":
+			if err := directive.ParseDuration(d, &h.KeepaliveInterval); err != nil {
+				return err
 			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil {
-				return d.Errf("%s: %v", name, err)
-			}
-			if name == "keepalive_interval" {
-				h.KeepaliveInterval = caddy.Duration(dur)
-			} else {
-				h.KeepaliveTimeout = caddy.Duration(dur)
+		case "keepalive_timeout":
+			if err := directive.ParseDuration(d, &h.KeepaliveTimeout); err != nil {
+				return err
 			}
 		case "connections_per_token_per_minute":
 			var v string
@@ -99,22 +93,22 @@ func parseAgent(d *caddyfile.Dispenser) (Agent, error) {
 		return a, d.Errf("agent id %q is not a positive integer", id)
 	}
 	a.ID = n
+	a.Location = directive.Location(d)
 	if d.NextArg() {
 		return a, d.ArgErr()
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		switch d.Val() {
-		case "token":
-			if !d.AllArgs(&a.Token) {
-				return a, d.ArgErr()
-			}
-		case "token_file":
-			if !d.AllArgs(&a.TokenFile) {
-				return a, d.ArgErr()
+		case "token", "token_file":
+			if err := secret.UnmarshalCaddyfile(d, &a.Token, &a.TokenFile); err != nil {
+				return a, err
 			}
 		default:
 			return a, d.Errf("unrecognized agent subdirective %q", d.Val())
 		}
+	}
+	if a.Token == "" && a.TokenFile == "" {
+		return a, directive.At(fmt.Errorf("agent %d (%s) needs a token or token_file", a.ID, a.Name), a.Location)
 	}
 	return a, nil
 }

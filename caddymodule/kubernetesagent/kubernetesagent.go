@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/agentserver"
+	"github.com/caddy-kas/caddy-kas/caddymodule/internal/directive"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/metrics"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/secret"
 	"github.com/caddy-kas/caddy-kas/caddymodule/internal/streams"
@@ -86,6 +87,11 @@ type Agent struct {
 	// TokenFile is the path of a file holding the agent's secret,
 	// read when the configuration loads. Give Token or TokenFile.
 	TokenFile string `json:"token_file,omitempty"`
+
+	// Location is where the agent is declared, as "file:line", so that
+	// errors found when the configuration loads (a token file that cannot
+	// be read) point there. The Caddyfile adapter sets it. Default: none.
+	Location string `json:"location,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -107,6 +113,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.agents != nil {
 		app.DeclareAgents(h.agents)
+		for _, a := range h.Agents {
+			app.DeclareAgentIDs(a.ID)
+		}
 	}
 	h.endpoint.Observer = metrics.Agents{}
 	return metrics.Register(ctx)
@@ -146,7 +155,7 @@ func (h *Handler) setup(store *tunnel.Store, grpcTunnels *grpctunnel.Server, con
 	for _, a := range h.Agents {
 		token, err := secret.Load(a.Token, a.TokenFile)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("agent %d (%s): %w", a.ID, a.Name, err))
+			errs = append(errs, directive.At(fmt.Errorf("agent %d (%s): %w", a.ID, a.Name, err), a.Location))
 			continue
 		}
 		agents = append(agents, agentserver.StaticAgent{ID: a.ID, Name: a.Name, Token: token})

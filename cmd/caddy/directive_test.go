@@ -19,13 +19,13 @@ func TestDirectivePathArgument(t *testing.T) {
 		{
 			name: "path arguments",
 			site: "k8s_proxy /kas/k8s-proxy/ {\n\t\tuser a {\n\t\t\ttoken x\n\t\t\tagents 1\n\t\t}\n\t}\n\tkubernetes_agent /kas/ {\n\t\tagent 1 one {\n\t\t\ttoken y\n\t\t}\n\t}",
-			wantRoute: `[{"handle":[{"handler":"k8s_proxy","path_prefix":"/kas/k8s-proxy/","users":[{"agents":[1],"name":"a","token":"x"}]},` +
-				`{"agents":[{"id":1,"name":"one","token":"y"}],"handler":"kubernetes_agent","path":"/kas/"}]}]`,
+			wantRoute: `[{"handle":[{"handler":"k8s_proxy","path_prefix":"/kas/k8s-proxy/","users":[{"agents":[1],"location":"Caddyfile:3","name":"a","token":"x"}]},` +
+				`{"agents":[{"id":1,"location":"Caddyfile:9","name":"one","token":"y"}],"handler":"kubernetes_agent","path":"/kas/"}]}]`,
 		},
 		{
 			name: "named matcher and path argument",
 			site: "@internal remote_ip 10.0.0.0/8\n\tk8s_proxy @internal /kas/k8s-proxy/ {\n\t\tuser a {\n\t\t\ttoken x\n\t\t\tagents 1\n\t\t}\n\t}",
-			wantRoute: `[{"handle":[{"handler":"k8s_proxy","path_prefix":"/kas/k8s-proxy/","users":[{"agents":[1],"name":"a","token":"x"}]}],` +
+			wantRoute: `[{"handle":[{"handler":"k8s_proxy","path_prefix":"/kas/k8s-proxy/","users":[{"agents":[1],"location":"Caddyfile:4","name":"a","token":"x"}]}],` +
 				`"match":[{"remote_ip":{"ranges":["10.0.0.0/8"]}}]}]`,
 		},
 	}

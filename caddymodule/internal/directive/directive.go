@@ -1,8 +1,11 @@
-// Package directive registers Caddyfile directives for handlers whose
-// first argument is a path of their own.
+// Package directive holds what the Caddyfile directives of the kas
+// handlers share: registering a directive whose first argument is a path
+// of its own, the place of a declaration for errors found later, and
+// duration arguments.
 package directive
 
 import (
+	"fmt"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -38,4 +41,37 @@ func Register(name string, unmarshal func(d *caddyfile.Dispenser) (caddyhttp.Mid
 		}
 		return h.NewRoute(matcherSet, handler), nil
 	})
+}
+
+// Location returns where the current token of d is, as "file:line", for
+// errors that are found after parsing (a token file that cannot be read,
+// an agent that no handler declares) and should point into the Caddyfile
+// as parsing errors do.
+func Location(d *caddyfile.Dispenser) string {
+	return fmt.Sprintf("%s:%d", d.File(), d.Line())
+}
+
+// At adds location (from [Location]; none if empty) to err the way Caddy's
+// own Caddyfile errors carry theirs.
+func At(err error, location string) error {
+	if location == "" {
+		return err
+	}
+	return fmt.Errorf("%w, at %s", err, location)
+}
+
+// ParseDuration parses the one argument of the subdirective at the cursor
+// of d, a duration in Caddy's syntax, into dst.
+func ParseDuration(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return d.Errf("%s: %v", name, err)
+	}
+	*dst = caddy.Duration(dur)
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // Load returns a secret given either inline (value, where global
@@ -47,4 +48,21 @@ func describe(value string) string {
 		return value
 	}
 	return "(literal)"
+}
+
+// UnmarshalCaddyfile parses the token or token_file subdirective at the
+// cursor of d into value or file. Giving both is an error there, with its
+// place in the Caddyfile.
+func UnmarshalCaddyfile(d *caddyfile.Dispenser, value, file *string) error {
+	dst, other := value, *file
+	if d.Val() == "token_file" {
+		dst, other = file, *value
+	}
+	if !d.AllArgs(dst) {
+		return d.ArgErr()
+	}
+	if other != "" {
+		return d.Err("give either token or token_file, not both")
+	}
+	return nil
 }
