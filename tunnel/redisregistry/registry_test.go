@@ -289,3 +289,189 @@ func fmtIDs(ids []int64) string {
 	}
 	return s + "]"
 }
+
+// halt stops r's goroutines without removing its entries, as a node that
+// dies.
+func halt(t *testing.T, r *Registry) {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	if err := r.stopGoroutines(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestExpiryWithoutRefresh: the entries of a node that died stop counting
+// after the TTL, also in keys another node keeps alive, and the other
+// node's collection deletes them.
+func TestExpiryWithoutRefresh(t *testing.T) {
+	s := redistest.StartServer(t)
+	const urlA, urlB = "grpc://10.0.0.1:8155", "grpc://10.0.0.2:8155"
+	short := func(o *Options) { o.TTL, o.Refresh = time.Second, 500*time.Millisecond }
+	tn := testTuning
+	tn.wakeInterval = 100 * time.Millisecond // no event tells of an expiry
+	a := newNode(t, singleClient(t, s.Addr()), urlA, tn, short)
+	b := newNode(t, singleClient(t, s.Addr()), urlB, tn, short)
+	a.Publish(newTunnel(7, 70, 1))
+	b.Publish(newTunnel(7, 70, 2))
+	waitNodes(t, b, 7, urlA)
+	ctx := ctxT(t)
+	eventually(t, func() error { return wantConnections(b.ConnectionsByAgentIDs(ctx, []int64{7}))(1, 2) })
+
+	halt(t, a)
+	waitNodes(t, b, 7)
+	eventually(t, func() error { return wantConnections(b.ConnectionsByAgentIDs(ctx, []int64{7}))(2) })
+
+	// b refreshes the keys, so a's fields stay until b collects them.
+	rc := singleClient(t, s.Addr())
+	for _, key := range []string{b.keys.nodesByAgent(7), b.keys.connsByAgent(7), b.keys.connsByProject(70)} {
+		if n, err := rc.HLen(ctx, key).Result(); err != nil || n != 2 {
+			t.Fatalf("%s has %d fields (error %v) before the collection, want 2", key, n, err)
+		}
+	}
+	b.collect()
+	for _, key := range []string{b.keys.nodesByAgent(7), b.keys.connsByAgent(7), b.keys.connsByProject(70)} {
+		if n, err := rc.HLen(ctx, key).Result(); err != nil || n != 1 {
+			t.Fatalf("%s has %d fields (error %v) after the collection, want 1", key, n, err)
+		}
+	}
+	if got, err := rc.HKeys(ctx, b.keys.nodesByAgent(7)).Result(); err != nil || !slices.Equal(got, []string{urlB}) {
+		t.Fatalf("nodes of agent 7 in redis: %q (error %v), want %q", got, err, urlB)
+	}
+	// Nobody refreshes the keys of a dead node's agent: they expire.
+	if ttl, err := rc.PTTL(ctx, b.keys.nodesByAgent(7)).Result(); err != nil || ttl <= 0 || ttl > time.Second {
+		t.Fatalf("the key's expiry is %v (error %v), want within the TTL", ttl, err)
+	}
+}
+
+// TestRefresh: a node rewrites its entries every Refresh, with a later
+// expiry each time.
+func TestRefresh(t *testing.T) {
+	s := redistest.StartServer(t)
+	a := newNode(t, singleClient(t, s.Addr()), "grpc://10.0.0.1:8155", testTuning, func(o *Options) {
+		o.TTL, o.Refresh = time.Hour, 100*time.Millisecond
+	})
+	a.Publish(newTunnel(7, 0, 1))
+	rc := singleClient(t, s.Addr())
+	ctx := ctxT(t)
+	expiry := func() time.Time {
+		v, _ := rc.HGet(ctx, a.keys.nodesByAgent(7), "grpc://10.0.0.1:8155").Result()
+		exp, _ := expiryOf(v)
+		return exp
+	}
+	var first time.Time
+	eventually(t, func() error {
+		if first = expiry(); first.IsZero() {
+			return errors.New("not written yet")
+		}
+		return nil
+	})
+	eventually(t, func() error {
+		if !expiry().After(first) {
+			return errors.New("not refreshed yet")
+		}
+		return nil
+	})
+	// Someone deletes everything: the next refresh writes it again.
+	if err := rc.FlushAll(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, func() error {
+		if expiry().IsZero() {
+			return errors.New("not rewritten yet")
+		}
+		return nil
+	})
+}
+
+// TestWakeBounded: a waiter is woken after the bounded interval even when
+// no event comes.
+func TestWakeBounded(t *testing.T) {
+	s := redistest.StartServer(t)
+	tn := testTuning
+	tn.wakeInterval = 50 * time.Millisecond
+	a := newNode(t, singleClient(t, s.Addr()), "grpc://10.0.0.1:8155", tn)
+	for range 3 {
+		_, changed, err := a.Nodes(ctxT(t), 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-changed:
+		case <-time.After(liveness):
+			t.Fatal("the waiter was never woken")
+		}
+	}
+}
+
+// TestRedisRestart: while Redis is down Publish returns at once and Nodes
+// fails with ErrUnavailable; once Redis is back (empty) everything is
+// rewritten and the subscription is back, without anyone's help.
+func TestRedisRestart(t *testing.T) {
+	s := redistest.StartServer(t)
+	const urlA, urlB = "grpc://10.0.0.1:8155", "grpc://10.0.0.2:8155"
+	a := newNode(t, singleClient(t, s.Addr()), urlA, testTuning)
+	b := newNode(t, singleClient(t, s.Addr()), urlB, testTuning)
+	a.Publish(newTunnel(7, 70, 1))
+	gone := a.Publish(newTunnel(12, 70, 2))
+	waitNodes(t, b, 7, urlA)
+	waitNodes(t, b, 12, urlA)
+
+	s.Stop()
+	a.Publish(newTunnel(9, 90, 3))
+	gone()
+	ctx := ctxT(t)
+	eventually(t, func() error {
+		_, _, err := b.Nodes(ctx, 13)
+		if !errors.Is(err, ErrUnavailable) {
+			return errors.New("Nodes does not fail yet with Redis down: " + errString(err))
+		}
+		return nil
+	})
+	if _, err := b.AllConnections(ctx); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("AllConnections with Redis down: %v, want ErrUnavailable", err)
+	}
+	if _, _, err := b.Count(ctx, "key", 10); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Count with Redis down: %v, want ErrUnavailable", err)
+	}
+
+	s.Start()
+	waitNodes(t, b, 7, urlA)
+	waitNodes(t, b, 9, urlA)
+	waitNodes(t, b, 12)
+	eventually(t, func() error { return wantConnections(b.AllConnections(ctx))(1, 3) })
+
+	// The subscription is back: an event wakes a waiter (the bounded
+	// wake-up is an hour here).
+	waitNodes(t, b, 11)
+	a.Publish(newTunnel(11, 0, 4))
+	waitNodes(t, b, 11, urlA)
+}
+
+func errString(err error) string {
+	if err == nil {
+		return "no error"
+	}
+	return err.Error()
+}
+
+// TestSentinelFailover: the registry keeps working after the sentinels
+// promote the replica of a master that died.
+func TestSentinelFailover(t *testing.T) {
+	s := redistest.StartSentinel(t)
+	const urlA, urlB = "grpc://10.0.0.1:8155", "grpc://10.0.0.2:8155"
+	a := newNode(t, failoverClient(t, s), urlA, testTuning)
+	b := newNode(t, failoverClient(t, s), urlB, testTuning)
+	a.Publish(newTunnel(7, 70, 1))
+	waitNodes(t, b, 7, urlA)
+
+	s.Master.Stop()
+	s.WaitFailover(t)
+	a.Publish(newTunnel(8, 80, 2))
+	waitNodes(t, b, 8, urlA)
+	waitNodes(t, b, 7, urlA)
+	b.Publish(newTunnel(9, 90, 3))
+	waitNodes(t, a, 9, urlB)
+	ctx := ctxT(t)
+	eventually(t, func() error { return wantConnections(a.AllConnections(ctx))(1, 2, 3) })
+}
