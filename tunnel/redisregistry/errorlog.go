@@ -8,11 +8,13 @@ import (
 )
 
 // errorLog logs a repeating error at most once per interval, with the
-// number of failures since the last log, and a recovery once.
+// number of failures since the last log, and the recovery once.
 type errorLog struct {
-	log      *zap.Logger
-	msg      string
-	interval time.Duration
+	log *zap.Logger
+	// failedMsg and okMsg are the messages of a failure and of the
+	// recovery.
+	failedMsg, okMsg string
+	interval         time.Duration
 
 	mu      sync.Mutex // guards next, count and failing
 	next    time.Time  // the earliest time of the next log
@@ -20,8 +22,8 @@ type errorLog struct {
 	failing bool
 }
 
-func newErrorLog(log *zap.Logger, msg string, interval time.Duration) *errorLog {
-	return &errorLog{log: log, msg: msg, interval: interval}
+func newErrorLog(log *zap.Logger, failedMsg, okMsg string, interval time.Duration) *errorLog {
+	return &errorLog{log: log, failedMsg: failedMsg, okMsg: okMsg, interval: interval}
 }
 
 func (l *errorLog) failed(err error) {
@@ -37,7 +39,7 @@ func (l *errorLog) failed(err error) {
 	l.count = 0
 	l.next = now.Add(l.interval)
 	l.mu.Unlock()
-	l.log.Warn(l.msg, zap.Int("count", n), zap.Duration("interval", l.interval), zap.Error(err))
+	l.log.Warn(l.failedMsg, zap.Int("count", n), zap.Duration("interval", l.interval), zap.Error(err))
 }
 
 func (l *errorLog) ok() {
@@ -46,6 +48,6 @@ func (l *errorLog) ok() {
 	l.failing, l.count = false, 0
 	l.mu.Unlock()
 	if was {
-		l.log.Info(l.msg+": works again", zap.Int("count", n))
+		l.log.Info(l.okMsg, zap.Int("failures_since_last_log", n))
 	}
 }

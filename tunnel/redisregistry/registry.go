@@ -212,9 +212,12 @@ func newRegistry(opts Options, tn tuning) (*Registry, error) {
 		ctx:          ctx,
 		cancel:       cancel,
 	}
-	r.writeErrs = newErrorLog(log, "cannot write the tunnel registry to redis", tn.logInterval)
-	r.readErrs = newErrorLog(log, "cannot read the tunnel registry from redis", tn.logInterval)
-	r.subErrs = newErrorLog(log, "cannot receive tunnel registry events from redis", tn.logInterval)
+	r.writeErrs = newErrorLog(log, "cannot write the tunnel registry to redis",
+		"writing the tunnel registry to redis works again", tn.logInterval)
+	r.readErrs = newErrorLog(log, "cannot read the tunnel registry from redis",
+		"reading the tunnel registry from redis works again", tn.logInterval)
+	r.subErrs = newErrorLog(log, "cannot receive tunnel registry events from redis",
+		"receiving tunnel registry events from redis works again", tn.logInterval)
 	// Subscribe does not fail when Redis is down: the subscriber's
 	// first receive connects, and so does every later one after an error.
 	r.pubsub = r.client.Subscribe(ctx, r.keys.events())
