@@ -296,18 +296,23 @@ func (r *Registry) Close(ctx context.Context) error {
 	}
 
 	// The writer has stopped: what is held and pending now is final.
+	// Every connection goes, and with it this node's URLs from every
+	// agent's entry it touched.
 	r.mu.Lock()
-	b := r.batchLocked(true)
+	b := &batch{removals: r.removals, dropNode: make(map[int64]bool)}
+	r.removals = nil
 	for _, h := range r.held {
 		a := h.t.Agent()
 		b.removals = append(b.removals, removal{agentID: a.ID, projectID: a.ProjectID, field: h.field})
-		b.announce = append(b.announce, a.ID)
 	}
-	b.writes = nil
-	b.dropNode = make(map[int64]bool)
 	for _, rm := range b.removals {
-		b.dropNode[rm.agentID] = true
+		r.announce[rm.agentID] = true
 	}
+	for id := range r.announce {
+		b.dropNode[id] = true
+		b.announce = append(b.announce, id)
+	}
+	clear(r.announce)
 	r.mu.Unlock()
 	if err := r.apply(ctx, b); err != nil {
 		return fmt.Errorf("redis registry: removing this node's entries: %w", err)

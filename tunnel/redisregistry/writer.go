@@ -135,10 +135,12 @@ func (r *Registry) writer() {
 		b := r.batchLocked(all)
 		r.mu.Unlock()
 		if err := r.apply(r.ctx, b); err != nil {
+			// Also when Close interrupted it: Close removes what
+			// this batch would have.
+			r.requeue(b)
 			if r.ctx.Err() != nil {
 				return
 			}
-			r.requeue(b)
 			r.writeErrs.failed(err)
 			failed = true
 			continue
