@@ -3,6 +3,7 @@ package redisregistry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"slices"
@@ -41,11 +42,11 @@ func newTunnel(agentID, projectID, connectionID int64) *fakeTunnel {
 }
 
 func (f *fakeTunnel) RoundTrip(*tunnel.Request) (*http.Response, error) { return nil, net.ErrClosed }
-func (f *fakeTunnel) Agent() tunnel.AgentInfo                          { return f.info }
-func (f *fakeTunnel) ConnectedAt() time.Time                           { return f.connectedAt }
-func (f *fakeTunnel) Load() int64                                      { return 0 }
-func (f *fakeTunnel) Done() <-chan struct{}                            { return nil }
-func (f *fakeTunnel) Err() error                                       { return nil }
+func (f *fakeTunnel) Agent() tunnel.AgentInfo                           { return f.info }
+func (f *fakeTunnel) ConnectedAt() time.Time                            { return f.connectedAt }
+func (f *fakeTunnel) Load() int64                                       { return 0 }
+func (f *fakeTunnel) Done() <-chan struct{}                             { return nil }
+func (f *fakeTunnel) Err() error                                        { return nil }
 
 func (f *fakeTunnel) AfterDone(fn func()) {
 	f.mu.Lock()
@@ -79,8 +80,8 @@ var testTuning = tuning{
 	pingInterval:  200 * time.Millisecond,
 }
 
-// clientOptions are what every test client shares: deadlines of contexts
-// bound every call.
+// singleClient returns a client of one Redis whose calls the deadlines of
+// their contexts bound.
 func singleClient(t *testing.T, addr string) redis.UniversalClient {
 	c := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, DialTimeout: time.Second, MaxRetries: 1})
 	t.Cleanup(func() { c.Close() })
@@ -273,21 +274,10 @@ func wantConnections(conns []Connection, err error) func(want ...int64) error {
 			got = append(got, c.Meta.ConnectionID)
 		}
 		if !slices.Equal(got, want) {
-			return errors.New("connections " + strconv.Quote(strconv.Itoa(len(got))) + " differ: got " + fmtIDs(got) + ", want " + fmtIDs(want))
+			return fmt.Errorf("connections %v, want %v", got, want)
 		}
 		return nil
 	}
-}
-
-func fmtIDs(ids []int64) string {
-	s := "["
-	for i, id := range ids {
-		if i > 0 {
-			s += " "
-		}
-		s += strconv.FormatInt(id, 10)
-	}
-	return s + "]"
 }
 
 // halt stops r's goroutines without removing its entries, as a node that
