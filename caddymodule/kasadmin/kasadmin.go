@@ -46,7 +46,8 @@ type Admin struct {
 	// store returns the tunnel store, or nil while no configuration holds
 	// one; it is kasapp.LocalStore outside tests.
 	store func() *tunnel.Store
-	// node names this node in answers: its host name.
+	// node names this node in answers: its host name, empty if it could
+	// not be read.
 	node   string
 	logger *zap.Logger
 }
@@ -65,9 +66,11 @@ func (*Admin) CaddyModule() caddy.ModuleInfo {
 func (a *Admin) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger(a)
 	a.store = kasapp.LocalStore
+	// The node's name only labels answers; failing to read it must not
+	// keep Caddy from loading its configuration.
 	node, err := os.Hostname()
 	if err != nil {
-		return fmt.Errorf("naming this node: %w", err)
+		a.logger.Warn("cannot read the host name to name this node in admin API answers", zap.Error(err))
 	}
 	a.node = node
 	return nil
