@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/agentadmin"
+	"github.com/caddy-kas/caddy-kas/integration/fakegitlab"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 )
 
@@ -187,6 +188,82 @@ func TestAdminAPI(t *testing.T) {
 	})
 }
 
+// TestAdminAPIGitLabAgentk: GitLab's own agentk in GitLab mode is listed
+// with what it registered and its configuration project, and comes back
+// after a disconnect.
+func TestAdminAPIGitLabAgentk(t *testing.T) {
+	s := requireGitLabAgentk(t)
+	e := startGitLabEnv(t, s, gitlabEnvOptions{noAgentk: true})
+	job := fakegitlab.Job{
+		JobID: 4301, PipelineID: 531, ProjectID: glProjectID,
+		Token:         kubetest.NewToken("ci job token for the admin API test"),
+		User:          fakegitlab.User{ID: 7, Username: "deploy-bot", RolesInProject: []string{"developer"}},
+		AllowedAgents: []fakegitlab.AllowedAgent{{ID: glAgentID, ConfigProjectID: glProjectID}},
+	}
+	e.gitlab.AddJob(job)
+	probe := fmt.Sprintf("Bearer ci:%d:%s", glAgentID, job.Token)
+	e.caddy.startGitLabAgentk(t, gitlabAgentkOptions{agentID: glAgentID, token: e.agentToken, podName: "gitlab-agentk-admin"}).
+		waitConnected(t, probe)
+
+	// agentk registers its pod next to opening its tunnels: wait for the
+	// metadata rather than assume the order
+	listing := e.caddy.waitForListing(t, func(l agentadmin.Listing) error {
+		if len(l.Agents) != 1 || l.Agents[0].ID != glAgentID {
+			return kubetest.Permanent(fmt.Errorf("agents %+v, want agent %d only", l.Agents, glAgentID))
+		}
+		for _, c := range l.Agents[0].Connections {
+			if c.Pod.Name == "" {
+				return fmt.Errorf("connection %d has no pod yet", c.ConnectionID)
+			}
+		}
+		return nil
+	})
+	a := listing.Agents[0]
+	if a.Name != glAgentName || a.ProjectID != glProjectID {
+		t.Errorf("agent %q of project %d, want %q of project %d", a.Name, a.ProjectID, glAgentName, glProjectID)
+	}
+	var newestBefore time.Time
+	for _, c := range a.Connections {
+		if c.Pod.Namespace != "kas-it" || c.Pod.Name != "gitlab-agentk-admin" || !strings.HasPrefix(c.AgentkVersion, "v16.5") || c.KubernetesVersion == "" {
+			t.Errorf("connection %+v, want GitLab's agentk v16.5 in pod kas-it/gitlab-agentk-admin with a Kubernetes version", c)
+		}
+		if c.ConnectedAt.After(newestBefore) {
+			newestBefore = c.ConnectedAt
+		}
+	}
+
+	resp, body := e.caddy.adminRequest(t, http.MethodPost, fmt.Sprintf("/kas/agents/%d/disconnect", glAgentID), nil)
+	requireAdminStatus(t, resp, body, http.StatusOK)
+	var d agentadmin.Disconnected
+	mustUnmarshal(t, body, &d)
+	// agentk may have opened another tunnel since the listing: at least
+	// one is closed, not exactly those listed
+	if d.AgentID != glAgentID || d.Closed < 1 || d.Closed != len(d.ConnectionIDs) {
+		t.Errorf("disconnect answered %s, want agent %d's tunnels closed", body, glAgentID)
+	}
+	e.caddy.waitForListing(t, func(l agentadmin.Listing) error {
+		if len(l.Agents) != 1 {
+			return fmt.Errorf("agents %+v, want agent %d back", l.Agents, glAgentID)
+		}
+		for _, c := range l.Agents[0].Connections {
+			if !c.ConnectedAt.After(newestBefore) {
+				return fmt.Errorf("connection %d connected at %s, before the disconnect", c.ConnectionID, c.ConnectedAt)
+			}
+		}
+		return nil
+	})
+	err := kubetest.Eventually(adminReconnectTimeout, func() error {
+		resp, body := e.caddy.proxyGet(t, "version", http.Header{"Authorization": {probe}})
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "gitVersion") {
+			return fmt.Errorf("GET version: HTTP %s, body %s", resp.Status, kubetest.Redact(string(body)))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("no request went through GitLab's agentk after it reconnected: %v", err)
+	}
+}
+
 // adminRequest sends a request to Caddy's local admin endpoint as a local
 // tool (curl, caddy's own CLI) would; header may add an Origin or replace
 // the Host.
@@ -217,10 +294,9 @@ func (c *caddyServer) adminRequest(t testing.TB, method, path string, header htt
 	return resp, body
 }
 
-// waitForAgents polls GET /kas/agents until it lists exactly the agents of
-// want with that many connections each, and check (if not nil) accepts the
-// listing; it returns that listing.
-func (c *caddyServer) waitForAgents(t testing.TB, want map[int64]int, check func(agentadmin.Listing) error) agentadmin.Listing {
+// waitForListing polls GET /kas/agents until check accepts the listing, and
+// returns that listing.
+func (c *caddyServer) waitForListing(t testing.TB, check func(agentadmin.Listing) error) agentadmin.Listing {
 	t.Helper()
 	var l agentadmin.Listing
 	err := kubetest.Eventually(adminReconnectTimeout, func() error {
@@ -232,6 +308,20 @@ func (c *caddyServer) waitForAgents(t testing.TB, want map[int64]int, check func
 		if err := json.Unmarshal(body, &l); err != nil {
 			return kubetest.Permanent(fmt.Errorf("GET /kas/agents answered %s: %w", body, err))
 		}
+		return check(l)
+	})
+	if err != nil {
+		t.Fatalf("the admin API's listing: %v", err)
+	}
+	return l
+}
+
+// waitForAgents waits until GET /kas/agents lists exactly the agents of
+// want with that many connections each, and check (if not nil) accepts the
+// listing; it returns that listing.
+func (c *caddyServer) waitForAgents(t testing.TB, want map[int64]int, check func(agentadmin.Listing) error) agentadmin.Listing {
+	t.Helper()
+	return c.waitForListing(t, func(l agentadmin.Listing) error {
 		got := map[int64]int{}
 		for _, a := range l.Agents {
 			got[a.ID] = len(a.Connections)
@@ -244,10 +334,6 @@ func (c *caddyServer) waitForAgents(t testing.TB, want map[int64]int, check func
 		}
 		return nil
 	})
-	if err != nil {
-		t.Fatalf("the admin API's listing: %v", err)
-	}
-	return l
 }
 
 // requireAdminStatus fails t unless the admin endpoint answered wantCode
