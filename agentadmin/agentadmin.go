@@ -50,7 +50,9 @@ type Agent struct {
 type Connection struct {
 	// Node is the node the tunnel is connected to.
 	Node string `json:"node"`
-	// ConnectionID is the number agentk picked for this tunnel.
+	// ConnectionID is the number agentk picked for this tunnel; for
+	// GitLab's agentk, which sends none, the one the agent server picked
+	// for its connection.
 	ConnectionID int64 `json:"connection_id"`
 	// Pod is the agentk process at the other end.
 	Pod Pod `json:"pod"`
