@@ -9,6 +9,7 @@ package caddymodule
 
 import (
 	_ "github.com/caddy-kas/caddy-kas/caddymodule/k8sproxy"
+	_ "github.com/caddy-kas/caddy-kas/caddymodule/kasadmin"
 	_ "github.com/caddy-kas/caddy-kas/caddymodule/kasapp"
 	_ "github.com/caddy-kas/caddy-kas/caddymodule/kasdev"
 	_ "github.com/caddy-kas/caddy-kas/caddymodule/kubernetesagent"

@@ -153,6 +153,29 @@ func (a *App) GitLabMode() *GitLabMode {
 // adds them.
 func (a *App) Store() *tunnel.Store { return a.tunnels.store }
 
+// LocalStore returns the store of this process's tunnels while a
+// configuration holds it (any configuration whose kas app was provisioned
+// and not yet cleaned up), else nil. It takes no reference and creates
+// nothing.
+//
+// It is for the admin API (admin.api.kas). Caddy provisions admin modules
+// for every configuration, before any app, and from outside the apps'
+// lifecycle: taking the app with ctx.App("kas") there would provision and
+// start the kas app even in a configuration that never mentions it. Looking
+// the store up when a request comes needs neither, and finds the one store
+// the tunnels live in across reloads.
+func LocalStore() *tunnel.Store {
+	var store *tunnel.Store
+	tunnelPools.Range(func(key, value any) bool {
+		if key != localTunnelsKey {
+			return true
+		}
+		store = value.(*pooledTunnels).store
+		return false
+	})
+	return store
+}
+
 // Router returns the router that finds a tunnel for a proxied request.
 func (a *App) Router() *tunnel.Router { return a.tunnels.router }
 

@@ -148,3 +148,33 @@ func TestStartRefusesUndeclaredAgents(t *testing.T) {
 		})
 	}
 }
+
+// TestLocalStore: the admin API finds the store while a configuration holds
+// it, the same one across a reload, and nothing once the last is gone.
+func TestLocalStore(t *testing.T) {
+	if s := LocalStore(); s != nil {
+		t.Fatal("LocalStore found a store before any kas app was provisioned")
+	}
+	var old, next App
+	if err := old.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	if LocalStore() != old.Store() {
+		t.Error("LocalStore is not the kas app's store")
+	}
+	if err := next.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if LocalStore() != next.Store() {
+		t.Error("LocalStore after a reload is not the kas app's store")
+	}
+	if err := next.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if s := LocalStore(); s != nil {
+		t.Error("LocalStore found a store after the last kas app was cleaned up")
+	}
+}
