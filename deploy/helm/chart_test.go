@@ -21,9 +21,10 @@ import (
 
 const repoRoot = "../.."
 
-// newHelm returns the pinned Helm and reads every file of the chart, so
-// that go test's cache (which tracks the files a test opens) drops a cached
-// result when the chart changes: Helm reads them in another process.
+// newHelm returns the pinned Helm and reads every file of the chart and
+// the pin, so that go test's cache (which tracks the files a test opens)
+// drops a cached result when they change: Helm reads them in another
+// process.
 func newHelm(t *testing.T) *helmchart.Helm {
 	t.Helper()
 	root, err := filepath.Abs(repoRoot)
@@ -41,6 +42,9 @@ func newHelm(t *testing.T) *helmchart.Helm {
 		return err
 	})
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.ReadFile(filepath.Join(root, helmchart.ToolModuleDir, "go.mod")); err != nil {
 		t.Fatal(err)
 	}
 	return h
