@@ -131,7 +131,7 @@ func TestHelmChartAgentkInPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	env := append(pod.env, "KUBERNETES_SERVICE_HOST="+apiserver.Hostname(), "KUBERNETES_SERVICE_PORT="+apiserver.Port(),
-		"PATH="+os.Getenv("PATH"))
+		"PATH="+os.Getenv("PATH")) // for sh and mount below
 	// A private mount namespace in which the pod's /var/run (where the
 	// service account is) is this test's directory; as root where the test
 	// runs as root, else as root of a new user namespace. exec keeps the
