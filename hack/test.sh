@@ -20,6 +20,11 @@ KUBE_TESTBIN=$(bash hack/kube-apiserver/build.sh)
 export KUBE_TESTBIN
 echo "    $KUBE_TESTBIN"
 
+# Once, before the tests, so that the chart's tests and the integration tests, which run in parallel,
+# do not both build it; go tool keeps it in Go's build cache.
+echo "==> helm for the Helm chart's tests (hack/helm pins it; the first build takes a few minutes)"
+(cd hack/helm && go tool helm version --short)
+
 echo "==> go vet ./..."
 go vet ./...
 
