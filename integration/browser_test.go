@@ -273,6 +273,21 @@ func (p *tab) signIn(host, session string) {
 	}
 }
 
+// cookies are the browser's cookies that it would send to url.
+func (p *tab) cookies(url string) []*network.Cookie {
+	p.t.Helper()
+	var got []*network.Cookie
+	err := p.do(chromedp.Func(func(ctx context.Context, _ *chromedp.Target) error {
+		r, err := chromedp.Call(ctx, network.GetCookies, network.GetCookiesParams{URLs: []string{url}})
+		got = r.Cookies
+		return err
+	}))
+	if err != nil {
+		p.t.Fatalf("read the cookies for %s: %v", url, err)
+	}
+	return got
+}
+
 // open loads the test page from host (GitLab's, or another) for agent
 // glAgentID and checks that its script ran.
 func (p *tab) open(host string) {
@@ -444,9 +459,12 @@ func TestBrowserGitLabUI(t *testing.T) {
 	patIdentity := e.caddy.kubectlWithToken(t, "maria-pat-browser", patToken(glAgentID, pat)).whoami(t)
 
 	b := startBrowser(t, page, e.caddy)
-	deployments := []struct{ name, proxyURL string }{
-		{"split deployment", "https://" + browserKASHost + "/k8s-proxy/"},
-		{"same origin", glExternalURL + "/-/kubernetes-agent/k8s-proxy/"},
+	deployments := []struct {
+		name, proxyURL, cookiePath string
+		split                      bool // the proxy on a host of its own
+	}{
+		{"split deployment", "https://" + browserKASHost + "/k8s-proxy/", "/k8s-proxy/", true},
+		{"same origin", glExternalURL + "/-/kubernetes-agent/k8s-proxy/", "/-/kubernetes-agent/k8s-proxy/", false},
 	}
 	for _, d := range deployments {
 		t.Run(d.name, func(t *testing.T) {
@@ -459,6 +477,39 @@ func TestBrowserGitLabUI(t *testing.T) {
 			if st := p.state(); st.Origin != glExternalURL || st.ProxyURL != d.proxyURL {
 				t.Fatalf("the page runs on %s with proxy %s, want %s and %s", st.Origin, st.ProxyURL, glExternalURL, d.proxyURL)
 			}
+
+			t.Run("the browser keeps GitLab's cookie for the proxy", func(t *testing.T) {
+				// Rails' attributes, as the browser applied them: for the
+				// proxy's host (GitLab's domain when KAS is on a subdomain)
+				// and path only, HttpOnly, so that the page's script cannot
+				// read it.
+				wantDomain := browserGitLabHost // host-only
+				if d.split {
+					wantDomain = "." + browserGitLabHost
+				}
+				var kas []*network.Cookie
+				for _, c := range p.cookies(d.proxyURL) {
+					if c.Name == fakegitlab.KASCookie {
+						kas = append(kas, c)
+					}
+				}
+				if len(kas) != 1 {
+					t.Fatalf("%d _gitlab_kas cookies for %s, want 1", len(kas), d.proxyURL)
+				}
+				c := kas[0]
+				if c.Domain != wantDomain || c.Path != d.cookiePath || !c.HTTPOnly || !c.Secure || c.SameSite != network.CookieSameSiteLax || c.Session {
+					t.Errorf("_gitlab_kas: domain %q, path %q, HttpOnly %v, Secure %v, SameSite %q, session %v; want domain %q, path %q, HttpOnly, Secure, Lax, an expiry",
+						c.Domain, c.Path, c.HTTPOnly, c.Secure, c.SameSite, c.Session, wantDomain, d.cookiePath)
+				}
+				if js := eval[string](p, "document.cookie"); strings.Contains(js, fakegitlab.KASCookie) {
+					t.Errorf("the page's script reads the _gitlab_kas cookie: %q", js)
+				}
+				for _, c := range p.cookies("https://" + browserGitLabHost + fakegitlab.PathPages) {
+					if c.Name == fakegitlab.KASCookie {
+						t.Errorf("_gitlab_kas is sent to GitLab's pages too (domain %q, path %q)", c.Domain, c.Path)
+					}
+				}
+			})
 
 			t.Run("namespaces and pods render", func(t *testing.T) {
 				eval[any](p, "kasPage.listNamespaces()")
