@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
@@ -91,10 +92,7 @@ func requireGitLabUIPage(t *testing.T, s *suite) gitlabUIPage {
 
 // findChromium finds the browser: $CHROMIUM, or chromium on PATH.
 func findChromium() (string, error) {
-	if path := os.Getenv("CHROMIUM"); path != "" {
-		return path, nil
-	}
-	return exec.LookPath("chromium")
+	return exec.LookPath(cmp.Or(os.Getenv("CHROMIUM"), "chromium"))
 }
 
 // buildGitLabUIPage copies the page's sources into the suite's work
