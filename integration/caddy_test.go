@@ -58,6 +58,14 @@ type kasConfig struct {
 	// gitlab, when set, puts Caddy in GitLab mode: agents and users then
 	// come from GitLab, and agents and users above must be empty.
 	gitlab *gitlabOptions
+	// sites are more sites on the same HTTPS port, after the main one.
+	sites []caddySite
+}
+
+// caddySite is a site block https://<host>:<HTTPS port> with a certificate
+// from Caddy's internal CA; body is the rest of the block.
+type caddySite struct {
+	host, body string
 }
 
 // gitlabOptions is the "gitlab" block of the kas global option.
@@ -193,6 +201,13 @@ https://localhost:{{.HTTPSPort}} {
 {{- end}}
 	respond "not kas" 404
 }
+{{- range .Sites}}
+
+https://{{.Host}}:{{$.HTTPSPort}} {
+	tls internal
+	{{.Body}}
+}
+{{- end}}
 `))
 
 // caddyServer is one running Caddy with the kas modules and its state.
@@ -310,6 +325,7 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		URL, SecretFile, CAFile, ExternalURL, APIListen string
 		Extra                                           []string
 	}
+	type siteData struct{ Host, Body string }
 	type userData struct {
 		Name, TokenFile, Impersonate string
 		Agents                       []int
@@ -322,6 +338,7 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		Agents                         []agentData
 		Users                          []userData
 		GitLab                         *gitlabData
+		Sites                          []siteData
 	}{
 		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort,
 		StateDir: c.dir, WaitForAgent: config.waitForAgent, ServerOptions: config.serverOptions,
@@ -329,6 +346,9 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 	if g := config.gitlab; g != nil {
 		data.GitLab = &gitlabData{URL: g.url, SecretFile: g.secretFile, CAFile: g.caFile,
 			ExternalURL: g.externalURL, APIListen: g.apiListen, Extra: g.extra}
+	}
+	for _, site := range config.sites {
+		data.Sites = append(data.Sites, siteData{Host: site.host, Body: site.body})
 	}
 	for _, a := range config.agents {
 		d := agentData{ID: a.id, Name: a.name, TokenEnv: a.tokenEnv}

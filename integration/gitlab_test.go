@@ -89,6 +89,11 @@ type gitlabEnvOptions struct {
 	// config is the agent's configuration file at the start; empty means
 	// an empty file.
 	config string
+	// agentKubeconfig is the cluster our agentk reaches; empty: the test
+	// kube-apiserver.
+	agentKubeconfig string
+	// sites, when set, gives Caddy more sites, made once GitLab runs.
+	sites func(e *gitlabEnv) []caddySite
 }
 
 // startGitLabEnv starts it all.
@@ -136,8 +141,13 @@ func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 	g.AddMember(glDeployBot.Username, glAppProjectPath, "developer")
 	g.AddMember(glRita.Username, glGroupPath, "reporter")
 	g.AddAgent(fakegitlab.Agent{ID: glAgentID, ProjectID: glProjectID, Name: glAgentName, Token: e.agentToken})
+	var sites []caddySite
+	if o.sites != nil {
+		sites = o.sites(e)
+	}
 	e.caddy = startCaddy(t, s, kasConfig{
 		waitForAgent: "2s",
+		sites:        sites,
 		gitlab: &gitlabOptions{
 			url:         e.gitlab.URL,
 			secretFile:  secretFile,
@@ -150,7 +160,7 @@ func startGitLabEnv(t *testing.T, s *suite, o gitlabEnvOptions) *gitlabEnv {
 	if o.noAgentk {
 		return e
 	}
-	e.agentk = e.caddy.startAgentk(t, agentkOptions{agentID: glAgentID, token: e.agentToken})
+	e.agentk = e.caddy.startAgentk(t, agentkOptions{agentID: glAgentID, token: e.agentToken, kubeconfig: o.agentKubeconfig})
 	e.agentk.waitReady(t)
 	// The agent's tunnel makes KAS read its configuration and hand it to
 	// GitLab.

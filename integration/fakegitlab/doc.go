@@ -63,5 +63,12 @@
 // the answer), and SetFailure makes an endpoint answer with an error status
 // after those checks, to test how KAS copes with a failing GitLab.
 //
+// ServePages serves test pages under PathPages from GitLab's origin, as
+// Rails serves its pages to a signed-in user (the _gitlab_session cookie
+// of a session added with AddSession): an HTML page gets the session's
+// CSRF token and the k8s proxy's URL filled in, and its answer sets the
+// _gitlab_kas cookie with the attributes Rails gives it. Browser tests load
+// such a page, which then calls the k8s proxy as GitLab's frontend does.
+//
 // Failure messages never show agent tokens, job tokens, access keys or JWTs.
 package fakegitlab

@@ -9,12 +9,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"reflect"
 	"regexp"
 	"strings"
 	"sync"
 	"testing"
+	"testing/fstest"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -991,5 +993,86 @@ func TestConcurrentCalls(t *testing.T) {
 	}
 	if v := f.violations.take(); len(v) != 0 {
 		t.Errorf("violations: %q", v)
+	}
+}
+
+func TestServePages(t *testing.T) {
+	f := newFixture(t, false)
+	f.AddUser(User{ID: 1235, Username: "web-user"})
+	f.AddSession("web-user", "cookie 1", "csrf-1")
+	f.AddSession("web-user", "cookie-expired", "csrf-x")
+	f.ExpireSession("cookie-expired")
+	files := fstest.MapFS{
+		"index.html": {Data: []byte(`<meta name="csrf-token" content="{{.CSRFToken}}"><meta name="k8s-proxy-url" content="{{.K8sProxyURL}}">`)},
+		"bundle.js":  {Data: []byte(`console.log("<not a template>")`)},
+	}
+	get := func(t *testing.T, name, session string) (*http.Response, string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, f.URL+PathPages+name, nil)
+		if session != "" {
+			req.AddCookie(&http.Cookie{Name: SessionCookie, Value: url.QueryEscape(session)})
+		}
+		resp, err := f.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp, string(body)
+	}
+
+	tests := []struct {
+		name, proxyURL       string
+		wantDomain, wantPath string
+	}{
+		{"split: KAS on a subdomain", "https://kas.gitlab.example.com/k8s-proxy/", "gitlab.example.com", "/k8s-proxy/"},
+		{"same host", "https://gitlab.example.com/-/kubernetes-agent/k8s-proxy/", "", "/-/kubernetes-agent/k8s-proxy/"},
+		{"another domain", "https://kas.example.net/", "", "/"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f.ServePages(Pages{Files: files, ExternalURL: "https://gitlab.example.com", K8sProxyURL: tt.proxyURL})
+			resp, body := get(t, "index.html", "cookie 1")
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("index.html: %s %s", resp.Status, body)
+			}
+			want := `<meta name="csrf-token" content="csrf-1"><meta name="k8s-proxy-url" content="` + tt.proxyURL + `">`
+			if body != want {
+				t.Errorf("index.html:\n got %s\nwant %s", body, want)
+			}
+			cookies := resp.Cookies()
+			if len(cookies) != 1 {
+				t.Fatalf("Set-Cookie: %q, want one cookie", resp.Header.Values("Set-Cookie"))
+			}
+			c := cookies[0]
+			if c.Name != KASCookie || c.Value != url.QueryEscape("cookie 1") || c.Domain != tt.wantDomain || c.Path != tt.wantPath ||
+				!c.HttpOnly || !c.Secure || c.SameSite != http.SameSiteLaxMode || time.Until(c.Expires) < 23*time.Hour {
+				t.Errorf("Set-Cookie %q: want _gitlab_kas, domain %q, path %q, HttpOnly, Secure, SameSite=Lax, a day", resp.Header.Get("Set-Cookie"), tt.wantDomain, tt.wantPath)
+			}
+		})
+	}
+
+	t.Run("assets as they are", func(t *testing.T) {
+		resp, body := get(t, "bundle.js", "")
+		if resp.StatusCode != http.StatusOK || body != `console.log("<not a template>")` || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/javascript") {
+			t.Errorf("bundle.js: %s %q %q", resp.Status, resp.Header.Get("Content-Type"), body)
+		}
+	})
+	for name, session := range map[string]string{"no session": "", "unknown session": "cookie-2", "expired session": "cookie-expired"} {
+		t.Run(name, func(t *testing.T) {
+			if resp, _ := get(t, "index.html", session); resp.StatusCode != http.StatusUnauthorized || len(resp.Cookies()) != 0 {
+				t.Errorf("%s: %s with cookies %q, want 401 and none", name, resp.Status, resp.Header.Values("Set-Cookie"))
+			}
+		})
+	}
+	t.Run("missing pages", func(t *testing.T) {
+		for _, name := range []string{"", "nothing.html", "../server.go"} {
+			if resp, _ := get(t, name, "cookie 1"); resp.StatusCode != http.StatusNotFound {
+				t.Errorf("%q: %s, want 404", name, resp.Status)
+			}
+		}
+	})
+	if n := f.Calls(PathPages); n != 0 {
+		t.Errorf("page requests counted as KAS calls: %d", n)
 	}
 }
