@@ -65,6 +65,41 @@ func TestProductionCaddyfileAdapts(t *testing.T) {
 	}
 }
 
+// TestGuideCaddyfilesAdapt adapts every other Caddyfile of the guide too:
+// snippets such as a second site block.
+func TestGuideCaddyfilesAdapt(t *testing.T) {
+	blocks := caddyfileBlocks(readGuide(t))
+	if len(blocks) < 2 {
+		t.Fatalf("found %d Caddyfile blocks in the guide, want the production one and the snippets", len(blocks))
+	}
+	for _, b := range blocks {
+		if !strings.Contains(adapt(t, b), `"handler":"kubernetes_agent"`) {
+			t.Errorf("a Caddyfile of the guide serves no agents:\n%s", b)
+		}
+	}
+}
+
+// caddyfileBlocks returns the contents of every ```caddyfile block, also
+// those indented in a list item, without their indentation.
+func caddyfileBlocks(guide string) []string {
+	var blocks []string
+	var block []string
+	indent, in := "", false
+	for _, line := range strings.Split(guide, "\n") {
+		trimmed := strings.TrimLeft(line, " ")
+		switch {
+		case !in && trimmed == "```caddyfile":
+			indent, in, block = line[:len(line)-len(trimmed)], true, nil
+		case in && trimmed == "```":
+			blocks = append(blocks, strings.Join(block, "\n")+"\n")
+			in = false
+		case in:
+			block = append(block, strings.TrimPrefix(line, indent))
+		}
+	}
+	return blocks
+}
+
 // adapt returns the JSON config of a Caddyfile; warnings fail the test.
 func adapt(t *testing.T, caddyfile string) string {
 	t.Helper()
