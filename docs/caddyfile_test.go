@@ -79,16 +79,20 @@ func TestGuideCaddyfilesAdapt(t *testing.T) {
 	}
 }
 
-// caddyfileBlocks returns the contents of every ```caddyfile block, also
-// those indented in a list item, without their indentation.
-func caddyfileBlocks(guide string) []string {
+// caddyfileBlocks returns the contents of every ```caddyfile block of the
+// guide.
+func caddyfileBlocks(guide string) []string { return fencedBlocks(guide, "caddyfile") }
+
+// fencedBlocks returns the contents of every fenced block of the language,
+// also those indented in a list item, without their indentation.
+func fencedBlocks(guide, language string) []string {
 	var blocks []string
 	var block []string
 	indent, in := "", false
 	for _, line := range strings.Split(guide, "\n") {
 		trimmed := strings.TrimLeft(line, " ")
 		switch {
-		case !in && trimmed == "```caddyfile":
+		case !in && trimmed == "```"+language:
 			indent, in, block = line[:len(line)-len(trimmed)], true, nil
 		case in && trimmed == "```":
 			blocks = append(blocks, strings.Join(block, "\n")+"\n")
