@@ -2,11 +2,14 @@ package docs
 
 import (
 	"bufio"
+	"encoding/json"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
@@ -25,7 +28,9 @@ var offSetting = regexp.MustCompile(`(?m)^(\s*)#([a-z][a-z0-9_]*)(\s|$)`)
 // TestProductionCaddyfileAdapts runs the guide's Caddyfile through the
 // Caddyfile adapter, as "caddy adapt" does, with our modules: once as
 // written and once with every setting that is off turned on, so that a
-// misspelt or removed setting anywhere in it fails.
+// misspelt or removed setting anywhere in it fails. As written, Caddy must
+// also validate it (provision every module), so that a wrong value fails
+// too.
 func TestProductionCaddyfileAdapts(t *testing.T) {
 	guide := readGuide(t)
 	written := productionCaddyfile(t, guide)
@@ -49,6 +54,24 @@ func TestProductionCaddyfileAdapts(t *testing.T) {
 			}
 		})
 	}
+
+	// As written, it is a configuration Caddy runs: every value is
+	// checked, and the secret file is loaded from where systemd puts it.
+	t.Run("valid", func(t *testing.T) {
+		dir := t.TempDir()
+		t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
+		t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
+		t.Setenv("CREDENTIALS_DIRECTORY", dir)
+		writeSecret(t, filepath.Join(dir, "gitlab_kas_secret"))
+		body := strings.ReplaceAll(written, "/var/log/caddy-kas/", dir+"/")
+		var cfg caddy.Config
+		if err := json.Unmarshal([]byte(adapt(t, body)), &cfg); err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Validate(&cfg); err != nil {
+			t.Errorf("the guide's Caddyfile does not validate: %v", err)
+		}
+	})
 
 	// Every setting the guide explains in its tables is in the Caddyfile,
 	// so the adapter checked it.

@@ -197,12 +197,8 @@ func scrapeCaddy(t *testing.T) map[string]bool {
 	dir := t.TempDir()
 	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
 	t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
-	secret := make([]byte, 32)
-	rand.Read(secret)
 	secretFile := filepath.Join(dir, "gitlab_kas_secret")
-	if err := os.WriteFile(secretFile, []byte(base64.StdEncoding.EncodeToString(secret)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	writeSecret(t, secretFile)
 	// A GitLab that knows no credential: every check is a call, answered 401.
 	refusing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -298,6 +294,17 @@ http://%s {
 		t.Fatal(err)
 	}
 	return names
+}
+
+// writeSecret writes a GitLab shared secret file: the base64 of 32 random
+// bytes.
+func writeSecret(t *testing.T, file string) {
+	t.Helper()
+	secret := make([]byte, 32)
+	rand.Read(secret)
+	if err := os.WriteFile(file, []byte(base64.StdEncoding.EncodeToString(secret)), 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // load adapts a Caddyfile and runs it, replacing the running config.
