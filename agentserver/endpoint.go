@@ -27,6 +27,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/redisregistry"
 	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
@@ -92,6 +93,10 @@ type Endpoint struct {
 	// GitLabExternalURL is GitLab's external URL, part of the
 	// configuration GitLab's agentk gets; empty if not known.
 	GitLabExternalURL string
+	// Registry, if set, is the registry several nodes share: every tunnel
+	// admitted here is published there for as long as it lives, so that
+	// the other nodes forward requests for its agent here.
+	Registry *redisregistry.Registry
 }
 
 // recheckTimeout bounds one re-check of a connected agent's token.
@@ -207,6 +212,10 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 	if e.Configs != nil {
 		unwatch = e.Configs.Watch(info.ID, token)
 	}
+	unpublish := func() {}
+	if e.Registry != nil {
+		unpublish = e.Registry.Publish(t)
+	}
 	var rc *recheck
 	if e.Recheck > 0 {
 		rc = &recheck{e: e, tunnel: t, token: token}
@@ -217,6 +226,7 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 			rc.stop()
 		}
 		remove()
+		unpublish()
 		unwatch()
 		if e.Observer != nil {
 			e.Observer.AgentDisconnected(info)

@@ -13,6 +13,8 @@
 package railsapi
 
 import (
+	"context"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -25,17 +27,101 @@ import (
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/notificationsrpc"
 	"github.com/caddy-kas/caddy-kas/railsapi/pb/serverinforpc"
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/redisregistry"
 )
 
-// Connections is the set of live tunnels the agent tracker reports.
-// [*tunnel.Store] satisfies it with this node's tunnels, of every
-// protocol.
+// Connections lists the live agent connections the agent tracker
+// reports: this node's ([Local]) or those of every node sharing a registry
+// ([Shared]).
 type Connections interface {
-	// All returns every live tunnel, of every agent.
-	All() []tunnel.Tunnel
+	// ByAgentIDs returns the connections of the agents, ByProjectIDs
+	// those of the agents whose configuration project is one of the
+	// projects, All every connection.
+	ByAgentIDs(ctx context.Context, ids []int64) ([]Connection, error)
+	ByProjectIDs(ctx context.Context, ids []int64) ([]Connection, error)
+	All(ctx context.Context) ([]Connection, error)
 }
 
-var _ Connections = (*tunnel.Store)(nil)
+// Connection is one live tunnel connection of an agent.
+type Connection struct {
+	AgentID, ProjectID int64
+	Meta               tunnel.AgentMeta
+	ConnectedAt        time.Time
+}
+
+// Local lists the live tunnels of this node; a [*tunnel.Store] provides
+// them.
+type Local struct {
+	Tunnels interface{ All() []tunnel.Tunnel }
+}
+
+var _ Connections = Local{}
+
+// ByAgentIDs implements [Connections].
+func (l Local) ByAgentIDs(_ context.Context, ids []int64) ([]Connection, error) {
+	return l.list(func(a tunnel.AgentInfo) bool { return slices.Contains(ids, a.ID) }), nil
+}
+
+// ByProjectIDs implements [Connections].
+func (l Local) ByProjectIDs(_ context.Context, ids []int64) ([]Connection, error) {
+	return l.list(func(a tunnel.AgentInfo) bool { return slices.Contains(ids, a.ProjectID) }), nil
+}
+
+// All implements [Connections].
+func (l Local) All(context.Context) ([]Connection, error) {
+	return l.list(func(tunnel.AgentInfo) bool { return true }), nil
+}
+
+func (l Local) list(match func(tunnel.AgentInfo) bool) []Connection {
+	if l.Tunnels == nil {
+		return nil
+	}
+	var out []Connection
+	for _, t := range l.Tunnels.All() {
+		if t.Err() != nil { // closing; the store drops it shortly
+			continue
+		}
+		a := t.Agent()
+		if match(a) {
+			out = append(out, Connection{AgentID: a.ID, ProjectID: a.ProjectID, Meta: a.Meta, ConnectedAt: t.ConnectedAt()})
+		}
+	}
+	return out
+}
+
+// Shared lists the connections of every node, from the registry they
+// share.
+type Shared struct {
+	Registry *redisregistry.Registry
+}
+
+var _ Connections = Shared{}
+
+// ByAgentIDs implements [Connections].
+func (s Shared) ByAgentIDs(ctx context.Context, ids []int64) ([]Connection, error) {
+	return shared(s.Registry.ConnectionsByAgentIDs(ctx, ids))
+}
+
+// ByProjectIDs implements [Connections].
+func (s Shared) ByProjectIDs(ctx context.Context, ids []int64) ([]Connection, error) {
+	return shared(s.Registry.ConnectionsByProjectIDs(ctx, ids))
+}
+
+// All implements [Connections].
+func (s Shared) All(ctx context.Context) ([]Connection, error) {
+	return shared(s.Registry.AllConnections(ctx))
+}
+
+func shared(list []redisregistry.Connection, err error) ([]Connection, error) {
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Connection, 0, len(list))
+	for _, c := range list {
+		out = append(out, Connection{AgentID: c.AgentID, ProjectID: c.ProjectID, Meta: c.Meta, ConnectedAt: c.ConnectedAt})
+	}
+	return out, nil
+}
 
 // Limits of the server, see [Server.ServerOptions].
 const (

@@ -36,9 +36,9 @@ func (t *agentTracker) GetConnectedAgents(ctx context.Context, req *agenttracker
 	// set (gitlab-wire A.2).
 	switch r := req.GetRequest().(type) {
 	case *agenttrackerrpc.GetConnectedAgentsRequest_ProjectId:
-		agents, err = t.byProjects([]int64{r.ProjectId})
+		agents, err = t.byProjects(ctx, []int64{r.ProjectId})
 	case *agenttrackerrpc.GetConnectedAgentsRequest_AgentId:
-		agents, err = t.byAgents([]int64{r.AgentId})
+		agents, err = t.byAgents(ctx, []int64{r.AgentId})
 	default:
 		return nil, status.Error(codes.InvalidArgument, "request must set project_id or agent_id")
 	}
@@ -49,7 +49,7 @@ func (t *agentTracker) GetConnectedAgents(ctx context.Context, req *agenttracker
 }
 
 func (t *agentTracker) GetConnectedAgentsByProjectIds(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByProjectIdsRequest) (*agenttrackerrpc.GetConnectedAgentsByProjectIdsResponse, error) {
-	agents, err := t.byProjects(req.GetProjectIds())
+	agents, err := t.byProjects(ctx, req.GetProjectIds())
 	if err != nil {
 		return nil, err
 	}
@@ -57,7 +57,7 @@ func (t *agentTracker) GetConnectedAgentsByProjectIds(ctx context.Context, req *
 }
 
 func (t *agentTracker) GetConnectedAgentsByAgentIds(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByAgentIdsRequest) (*agenttrackerrpc.GetConnectedAgentsByAgentIdsResponse, error) {
-	agents, err := t.byAgents(req.GetAgentIds())
+	agents, err := t.byAgents(ctx, req.GetAgentIds())
 	if err != nil {
 		return nil, err
 	}
@@ -65,7 +65,7 @@ func (t *agentTracker) GetConnectedAgentsByAgentIds(ctx context.Context, req *ag
 }
 
 func (t *agentTracker) GetConnectedAgentsByProjectIDs(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByProjectIDsRequest) (*agenttrackerrpc.GetConnectedAgentsByProjectIDsResponse, error) {
-	agents, err := t.byProjects(req.GetProjectIds())
+	agents, err := t.byProjects(ctx, req.GetProjectIds())
 	if err != nil {
 		return nil, err
 	}
@@ -73,7 +73,7 @@ func (t *agentTracker) GetConnectedAgentsByProjectIDs(ctx context.Context, req *
 }
 
 func (t *agentTracker) GetConnectedAgentsByAgentIDs(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentsByAgentIDsRequest) (*agenttrackerrpc.GetConnectedAgentsByAgentIDsResponse, error) {
-	agents, err := t.byAgents(req.GetAgentIds())
+	agents, err := t.byAgents(ctx, req.GetAgentIds())
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +81,7 @@ func (t *agentTracker) GetConnectedAgentsByAgentIDs(ctx context.Context, req *ag
 }
 
 func (t *agentTracker) GetConnectedAgentksByAgentIDs(ctx context.Context, req *agenttrackerrpc.GetConnectedAgentksByAgentIDsRequest) (*agenttrackerrpc.GetConnectedAgentksByAgentIDsResponse, error) {
-	agents, err := t.byAgents(req.GetAgentIds())
+	agents, err := t.byAgents(ctx, req.GetAgentIds())
 	if err != nil {
 		return nil, err
 	}
@@ -90,33 +90,57 @@ func (t *agentTracker) GetConnectedAgentksByAgentIDs(ctx context.Context, req *a
 
 // CountAgentsByAgentVersions counts connected agentk pods (not tunnels) per
 // agentk version, over all agents. Rails uses it for usage statistics.
-func (t *agentTracker) CountAgentsByAgentVersions(_ context.Context, _ *agenttrackerrpc.CountAgentsByAgentVersionsRequest) (*agenttrackerrpc.CountAgentsByAgentVersionsResponse, error) {
+func (t *agentTracker) CountAgentsByAgentVersions(ctx context.Context, _ *agenttrackerrpc.CountAgentsByAgentVersionsRequest) (*agenttrackerrpc.CountAgentsByAgentVersionsResponse, error) {
+	conns, err := t.connections(ctx, Connections.All)
+	if err != nil {
+		return nil, err
+	}
 	counts := make(map[string]int64)
-	for _, p := range t.pods(func(tunnel.AgentInfo) bool { return true }) {
+	for _, p := range groupPods(conns) {
 		counts[p.meta.Version]++
 	}
 	return &agenttrackerrpc.CountAgentsByAgentVersionsResponse{AgentVersions: counts}, nil
 }
 
 // byAgents reports the pods of the given agents.
-func (t *agentTracker) byAgents(ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
-	want, err := idSet("agent", ids)
-	if err != nil {
+func (t *agentTracker) byAgents(ctx context.Context, ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
+	if _, err := idSet("agent", ids); err != nil {
 		return nil, err
 	}
 	t.s.logger().Debug("listing connected agents", zap.Int64s("agent_ids", ids))
-	return t.report(func(a tunnel.AgentInfo) bool { return want[a.ID] }), nil
+	conns, err := t.connections(ctx, func(c Connections, ctx context.Context) ([]Connection, error) { return c.ByAgentIDs(ctx, ids) })
+	if err != nil {
+		return nil, err
+	}
+	return report(conns), nil
 }
 
 // byProjects reports the pods of the agents whose configuration project is
 // one of the given projects.
-func (t *agentTracker) byProjects(ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
-	want, err := idSet("project", ids)
-	if err != nil {
+func (t *agentTracker) byProjects(ctx context.Context, ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
+	if _, err := idSet("project", ids); err != nil {
 		return nil, err
 	}
 	t.s.logger().Debug("listing connected agents", zap.Int64s("project_ids", ids))
-	return t.report(func(a tunnel.AgentInfo) bool { return want[a.ProjectID] }), nil
+	conns, err := t.connections(ctx, func(c Connections, ctx context.Context) ([]Connection, error) { return c.ByProjectIDs(ctx, ids) })
+	if err != nil {
+		return nil, err
+	}
+	return report(conns), nil
+}
+
+// connections runs list on the server's Connections; a registry out of
+// reach is Unavailable, which Rails shows as the agent's status unknown.
+func (t *agentTracker) connections(ctx context.Context, list func(Connections, context.Context) ([]Connection, error)) ([]Connection, error) {
+	if t.s.Connections == nil {
+		return nil, nil
+	}
+	conns, err := list(t.s.Connections, ctx)
+	if err != nil {
+		t.s.logger().Warn("cannot list connected agents", zap.Error(err))
+		return nil, status.Error(codes.Unavailable, "cannot list connected agents now")
+	}
+	return conns, nil
 }
 
 // idSet validates the ids of a request: positive, and not too many of
@@ -148,39 +172,28 @@ type pod struct {
 // it on every tunnel.
 type podKey struct{ agentID, podID int64 }
 
-// pods groups the live connections of the agents match accepts into
-// agentk pods, in a stable order: by agent id, then connection time, then
+// groupPods groups connections into agentk pods, in a stable order: by agent id, then connection time, then
 // connection id. A pod's connected_at is when its first live tunnel
 // connected, and its metadata comes from that tunnel.
 //
 // An agentk that sends no pod id gets one entry per tunnel, named by its
 // connection id, rather than all such tunnels folding into one entry.
-func (t *agentTracker) pods(match func(tunnel.AgentInfo) bool) []*pod {
-	if t.s.Connections == nil {
-		return nil
-	}
+func groupPods(conns []Connection) []*pod {
 	byKey := make(map[podKey]*pod)
-	for _, c := range t.s.Connections.All() {
-		if c.Err() != nil { // closing; the registry drops it shortly
-			continue
-		}
-		a := c.Agent()
-		if !match(a) {
-			continue
-		}
-		id := a.Meta.PodID
+	for _, c := range conns {
+		id := c.Meta.PodID
 		if id == 0 {
-			id = a.Meta.ConnectionID
+			id = c.Meta.ConnectionID
 		}
-		k := podKey{agentID: a.ID, podID: id}
+		k := podKey{agentID: c.AgentID, podID: id}
 		p, ok := byKey[k]
-		if !ok || c.ConnectedAt().Before(p.connectedAt) {
+		if !ok || c.ConnectedAt.Before(p.connectedAt) {
 			byKey[k] = &pod{
-				agentID:      a.ID,
-				projectID:    a.ProjectID,
+				agentID:      c.AgentID,
+				projectID:    c.ProjectID,
 				connectionID: id,
-				connectedAt:  c.ConnectedAt(),
-				meta:         a.Meta,
+				connectedAt:  c.ConnectedAt,
+				meta:         c.Meta,
 			}
 		}
 	}
@@ -198,12 +211,12 @@ func (t *agentTracker) pods(match func(tunnel.AgentInfo) bool) []*pod {
 	return out
 }
 
-// report describes the pods of the agents match accepts in the shape Rails
-// reads (gitlab-wire A.2). Warnings are left empty for now.
-func (t *agentTracker) report(match func(tunnel.AgentInfo) bool) []*agenttracker.ConnectedAgentInfo {
-	pods := t.pods(match)
-	out := make([]*agenttracker.ConnectedAgentInfo, 0, len(pods))
-	for _, p := range pods {
+// report describes the pods of conns in the shape Rails reads
+// (gitlab-wire A.2). Warnings are left empty for now.
+func report(conns []Connection) []*agenttracker.ConnectedAgentInfo {
+	ps := groupPods(conns)
+	out := make([]*agenttracker.ConnectedAgentInfo, 0, len(ps))
+	for _, p := range ps {
 		out = append(out, &agenttracker.ConnectedAgentInfo{
 			AgentMeta: &entity.AgentMeta{
 				Version:           p.meta.Version,

@@ -88,7 +88,7 @@ func pods(agents []*agenttracker.ConnectedAgentInfo) []string {
 
 func TestAgentTracker(t *testing.T) {
 	f := newFleet(t)
-	c := start(t, &Server{Connections: f.conns})
+	c := start(t, &Server{Connections: Local{f.conns}})
 
 	type call func(context.Context, []int64) ([]*agenttracker.ConnectedAgentInfo, error)
 	byAgent := map[string]call{
@@ -195,7 +195,7 @@ func TestGetConnectedAgentsUnset(t *testing.T) {
 // gives its connection time and metadata, its pod id is the connection id.
 func TestAgentTrackerDetails(t *testing.T) {
 	f := newFleet(t)
-	c := start(t, &Server{Connections: f.conns})
+	c := start(t, &Server{Connections: Local{f.conns}})
 	resp, err := c.tracker.GetConnectedAgentsByAgentIDs(railsCtx(t), &agenttrackerrpc.GetConnectedAgentsByAgentIDsRequest{AgentIds: []int64{1, 2, 5}})
 	if err != nil {
 		t.Fatal(err)
@@ -248,8 +248,8 @@ func TestCountAgentsByAgentVersions(t *testing.T) {
 		want  map[string]int64
 	}{
 		// Pods, not tunnels: agentk-a counts once.
-		{"fleet", f.conns, map[string]int64{"v17.0.0": 2, "v17.1.0": 2, "v16.5.0": 2}},
-		{"nothing connected", fakeConns(nil), map[string]int64{}},
+		{"fleet", Local{f.conns}, map[string]int64{"v17.0.0": 2, "v17.1.0": 2, "v16.5.0": 2}},
+		{"nothing connected", Local{fakeConns(nil)}, map[string]int64{}},
 		{"no store", nil, map[string]int64{}},
 	}
 	for _, tt := range tests {

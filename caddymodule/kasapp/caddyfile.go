@@ -44,6 +44,36 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	        gitaly_global_rate_limit     <refill per second> <bucket size>
 //	        gitaly_per_server_rate_limit <refill per second> <bucket size>
 //	    }
+//	    redis {
+//	        addresses <host:port>...
+//	        master_name <Sentinel master name>
+//	        cluster
+//	        username <user>
+//	        password_file <path>
+//	        sentinel_username <user>
+//	        sentinel_password_file <path>
+//	        database_index <n>
+//	        tls {
+//	            ca_file     <path>
+//	            cert_file   <path>
+//	            key_file    <path>
+//	            server_name <name>
+//	        }
+//	        key_prefix     <prefix>
+//	        tunnel_ttl     <duration>
+//	        tunnel_refresh <duration>
+//	    }
+//	    private_api {
+//	        listen      <network address>
+//	        secret_file <path>
+//	        tls         <cert file> <key file>
+//	        ca_file     <path>
+//	        own_url     <grpc(s)://host:port>
+//	        own_cidrs   <cidr>...
+//	        own_scheme  grpc|grpcs
+//	        own_port    <port>
+//	        own_host    <TLS server name>
+//	    }
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the option name
@@ -61,6 +91,28 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.GitLab = new(GitLab)
 			if err := a.GitLab.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+		case "redis":
+			if a.Redis != nil {
+				return d.Err("redis given twice")
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.Redis = new(Redis)
+			if err := a.Redis.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+		case "private_api":
+			if a.PrivateAPI != nil {
+				return d.Err("private_api given twice")
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.PrivateAPI = new(PrivateAPI)
+			if err := a.PrivateAPI.unmarshalCaddyfile(d); err != nil {
 				return err
 			}
 		default:
@@ -133,6 +185,110 @@ func (g *GitLab) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			*rateLimits[name] = &RateLimit{RefillRatePerSecond: r, BucketSize: n}
 		default:
 			return d.Errf("unrecognized gitlab option %q", name)
+		}
+	}
+	return nil
+}
+
+func (r *Redis) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	texts := map[string]*string{
+		"master_name":            &r.MasterName,
+		"username":               &r.Username,
+		"password_file":          &r.PasswordFile,
+		"sentinel_username":      &r.SentinelUsername,
+		"sentinel_password_file": &r.SentinelPasswordFile,
+		"key_prefix":             &r.KeyPrefix,
+	}
+	durations := map[string]*caddy.Duration{"tunnel_ttl": &r.TunnelTTL, "tunnel_refresh": &r.TunnelRefresh}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		switch {
+		case texts[name] != nil:
+			if !d.AllArgs(texts[name]) {
+				return d.ArgErr()
+			}
+		case durations[name] != nil:
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return d.Errf("%s: %q is not a positive duration", name, v)
+			}
+			*durations[name] = caddy.Duration(dur)
+		case name == "addresses":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			r.Addresses = append(r.Addresses, args...)
+		case name == "cluster":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			r.Cluster = true
+		case name == "database_index":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 {
+				return d.Errf("database_index: %q is not a database number", v)
+			}
+			r.DatabaseIndex = n
+		case name == "tls":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			r.TLS = new(RedisTLS)
+			tlsTexts := map[string]*string{"ca_file": &r.TLS.CAFile, "cert_file": &r.TLS.CertFile, "key_file": &r.TLS.KeyFile, "server_name": &r.TLS.ServerName}
+			for n := d.Nesting(); d.NextBlock(n); {
+				f := tlsTexts[d.Val()]
+				if f == nil {
+					return d.Errf("unrecognized redis tls option %q", d.Val())
+				}
+				if !d.AllArgs(f) {
+					return d.ArgErr()
+				}
+			}
+		default:
+			return d.Errf("unrecognized redis option %q", name)
+		}
+	}
+	return nil
+}
+
+func (p *PrivateAPI) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	texts := map[string]*string{
+		"listen":      &p.Listen,
+		"secret_file": &p.SecretFile,
+		"ca_file":     &p.CAFile,
+		"own_url":     &p.OwnURL,
+		"own_scheme":  &p.OwnScheme,
+		"own_port":    &p.OwnPort,
+		"own_host":    &p.OwnHost,
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		switch {
+		case texts[name] != nil:
+			if !d.AllArgs(texts[name]) {
+				return d.ArgErr()
+			}
+		case name == "tls":
+			if !d.AllArgs(&p.CertFile, &p.KeyFile) {
+				return d.ArgErr()
+			}
+		case name == "own_cidrs":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			p.OwnCIDRs = append(p.OwnCIDRs, args...)
+		default:
+			return d.Errf("unrecognized private_api option %q", name)
 		}
 	}
 	return nil

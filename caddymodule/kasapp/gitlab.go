@@ -387,7 +387,7 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 	if cfg.APIListen != "" {
 		rt.api = &railsapi.Server{
 			Secret:      secret,
-			Connections: a.tunnels.store,
+			Connections: a.trackerConnections(),
 			Version:     buildinfo.Version(),
 			GitRef:      buildinfo.Commit(),
 			OnGitPush: func(projectID int64, fullPath string) {
@@ -410,6 +410,15 @@ func (a *App) provisionGitLab(ctx caddy.Context) error {
 	}
 	a.gitlab = rt
 	return metrics.Register(ctx)
+}
+
+// trackerConnections are the connections the agent tracker reports: this
+// node's, or every node's when they share a registry.
+func (a *App) trackerConnections() railsapi.Connections {
+	if a.nodes != nil {
+		return railsapi.Shared{Registry: a.nodes.registry}
+	}
+	return railsapi.Local{Tunnels: a.tunnels.store}
 }
 
 // modeKey names the authentication mode of this configuration, so that a

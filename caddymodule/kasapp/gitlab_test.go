@@ -57,7 +57,46 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 				`"gitaly_per_server_rate_limit":{"refill_rate_per_second":30,"bucket_size":80}}}`,
 		},
 		{name: "empty", input: `kas`, want: `{}`},
-		{name: "unknown option", input: "kas {\n redis localhost\n}", wantErr: `unrecognized kas option "redis"`},
+		{name: "unknown option", input: "kas {\n memcached localhost\n}", wantErr: `unrecognized kas option "memcached"`},
+		{
+			name: "several nodes",
+			input: `kas {
+				redis {
+					addresses 10.0.0.1:26379 10.0.0.2:26379
+					addresses 10.0.0.3:26379
+					master_name gitlab-redis
+					username kas
+					password_file /etc/kas/redis.pass
+					sentinel_password_file /etc/kas/sentinel.pass
+					database_index 2
+					tls {
+						ca_file /etc/kas/redis-ca.pem
+						server_name redis.internal
+					}
+					key_prefix kas-prod
+					tunnel_ttl 2m
+					tunnel_refresh 90s
+				}
+				private_api {
+					listen :8155
+					secret_file /etc/kas/private.secret
+					tls /etc/kas/node.crt /etc/kas/node.key
+					ca_file /etc/kas/nodes-ca.pem
+					own_cidrs 10.0.0.0/24 fd00::/64
+					own_scheme grpcs
+					own_host kas.internal
+				}
+			}`,
+			want: `{"redis":{"addresses":["10.0.0.1:26379","10.0.0.2:26379","10.0.0.3:26379"],"master_name":"gitlab-redis","username":"kas",` +
+				`"password_file":"/etc/kas/redis.pass","sentinel_password_file":"/etc/kas/sentinel.pass","database_index":2,` +
+				`"tls":{"ca_file":"/etc/kas/redis-ca.pem","server_name":"redis.internal"},"key_prefix":"kas-prod","tunnel_ttl":120000000000,"tunnel_refresh":90000000000},` +
+				`"private_api":{"listen":":8155","secret_file":"/etc/kas/private.secret","cert_file":"/etc/kas/node.crt","key_file":"/etc/kas/node.key",` +
+				`"ca_file":"/etc/kas/nodes-ca.pem","own_cidrs":["10.0.0.0/24","fd00::/64"],"own_scheme":"grpcs","own_host":"kas.internal"}}`,
+		},
+		{name: "redis cluster flag takes no argument", input: "kas {\n redis {\n cluster yes\n }\n}", wantErr: "wrong argument count"},
+		{name: "unknown redis option", input: "kas {\n redis {\n sentinels a\n }\n}", wantErr: `unrecognized redis option "sentinels"`},
+		{name: "bad database index", input: "kas {\n redis {\n database_index one\n }\n}", wantErr: `database_index: "one"`},
+		{name: "unknown private_api option", input: "kas {\n private_api {\n address x\n }\n}", wantErr: `unrecognized private_api option "address"`},
 		{name: "unknown gitlab option", input: "kas {\n gitlab {\n address x\n }\n}", wantErr: `unrecognized gitlab option "address"`},
 		{name: "bad duration", input: "kas {\n gitlab {\n agent_info_cache_ttl soon\n }\n}", wantErr: "is not a duration"},
 		{name: "api_tls with one file", input: "kas {\n gitlab {\n api_tls a.crt\n }\n}", wantErr: "wrong argument count"},

@@ -15,6 +15,7 @@ import (
 	"github.com/caddy-kas/caddy-kas/agentserver"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/redisregistry"
 )
 
 func init() {
@@ -30,7 +31,18 @@ type App struct {
 	// configuration. Default: standalone mode.
 	GitLab *GitLab `json:"gitlab,omitempty"`
 
+	// Redis, with PrivateAPI, makes this node one of several that share
+	// their agents' tunnels: a request for an agent connected to another
+	// node is forwarded there. Default: one node.
+	Redis *Redis `json:"redis,omitempty"`
+
+	// PrivateAPI is this node's listener for the requests other nodes
+	// forward; required with Redis. Default: none.
+	PrivateAPI *PrivateAPI `json:"private_api,omitempty"`
+
 	tunnels    *pooledTunnels
+	router     *tunnel.Router // this config's; it looks on other nodes when they share a registry
+	nodes      *sharedNodes   // nil with one node
 	modes      *modeTracker
 	poolKey    string
 	logger     *zap.Logger
@@ -134,6 +146,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.tunnels = v.(*pooledTunnels)
 	a.modes, a.poolKey = a.tunnels.modes, localTunnelsKey
+	a.router = a.tunnels.router
+	if a.Redis != nil || a.PrivateAPI != nil {
+		if err := a.provisionNodes(ctx); err != nil {
+			return err
+		}
+	}
 	if a.GitLab != nil {
 		return a.provisionGitLab(ctx)
 	}
@@ -176,8 +194,17 @@ func LocalStore() *tunnel.Store {
 	return store
 }
 
-// Router returns the router that finds a tunnel for a proxied request.
-func (a *App) Router() *tunnel.Router { return a.tunnels.router }
+// Router returns the router that finds a tunnel for a proxied request: on
+// this node, or, when several nodes share a registry, on any of them.
+func (a *App) Router() *tunnel.Router { return a.router }
+
+// Registry returns the registry several nodes share, or nil with one node.
+func (a *App) Registry() *redisregistry.Registry {
+	if a.nodes == nil {
+		return nil
+	}
+	return a.nodes.registry
+}
 
 // GRPCTunnels returns the server of GitLab's agentk connections.
 func (a *App) GRPCTunnels() *grpctunnel.Server { return a.tunnels.grpc }
@@ -185,7 +212,12 @@ func (a *App) GRPCTunnels() *grpctunnel.Server { return a.tunnels.grpc }
 // ConnectionCounter returns the counter of agent tokens' connections per
 // minute. It counts in this process's memory; once several nodes share
 // their tunnels through Redis, a counter in Redis takes its place here.
-func (a *App) ConnectionCounter() agentserver.ConnectionCounter { return a.tunnels.connections }
+func (a *App) ConnectionCounter() agentserver.ConnectionCounter {
+	if a.nodes != nil {
+		return a.nodes.registry
+	}
+	return a.tunnels.connections
+}
 
 // DeclareAgents adds the agents a handler accepts. Handlers call it while
 // they are provisioned.
@@ -311,6 +343,11 @@ func (a *App) Cleanup() error {
 	}
 	if a.configsTaken {
 		if _, err := configWatchers.Delete(configWatcherKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if a.nodes != nil {
+		if _, err := nodePools.Delete(a.nodes.key); err != nil {
 			errs = append(errs, err)
 		}
 	}

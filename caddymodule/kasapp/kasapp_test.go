@@ -1,10 +1,14 @@
 package kasapp
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"errors"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -176,5 +180,44 @@ func TestLocalStore(t *testing.T) {
 	}
 	if s := LocalStore(); s != nil {
 		t.Error("LocalStore found a store after the last kas app was cleaned up")
+	}
+}
+
+// TestProvisionNodesRefuses: several-node settings that cannot work stop
+// Caddy with a message that names the fix.
+func TestProvisionNodesRefuses(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("good.secret", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte("s"), 32)))
+	short := write("short.secret", base64.StdEncoding.EncodeToString([]byte("short")))
+	redisOK := &Redis{Addresses: []string{"127.0.0.1:1"}}
+	tests := []struct {
+		name    string
+		app     App
+		wantErr string
+	}{
+		{"redis alone", App{Redis: redisOK}, "redis and private_api go together"},
+		{"private_api alone", App{PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "redis and private_api go together"},
+		{"no addresses", App{Redis: &Redis{}, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "addresses are required"},
+		{"no listen", App{Redis: redisOK, PrivateAPI: &PrivateAPI{SecretFile: good}}, "listen and secret_file are required"},
+		{"short secret", App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: short}}, "want exactly 32"},
+		{"loopback only", App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "127.0.0.1:8155", SecretFile: good}}, "OWN_PRIVATE_API_URL or OWN_PRIVATE_API_CIDR"},
+		{"grpcs without host", App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good, OwnScheme: "grpcs"}}, "OWN_PRIVATE_API_HOST"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := tt.app
+			err := a.Provision(caddy.Context{})
+			defer a.Cleanup()
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Provision = %v, want an error containing %q", err, tt.wantErr)
+			}
+		})
 	}
 }

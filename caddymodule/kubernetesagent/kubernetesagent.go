@@ -118,6 +118,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.endpoint.Observer = metrics.Agents{}
+	h.endpoint.Registry = app.Registry()
 	return metrics.Register(ctx)
 }
 
