@@ -60,6 +60,9 @@ type kasConfig struct {
 	gitlab *gitlabOptions
 	// sites are more sites on the same HTTPS port, after the main one.
 	sites []caddySite
+	// kasExtra is more of the kas global option's block (redis,
+	// private_api).
+	kasExtra string
 }
 
 // caddySite is a site block https://<host>:<HTTPS port> with a certificate
@@ -142,8 +145,9 @@ var caddyfileTemplate = template.Must(template.New("Caddyfile").Funcs(template.F
 		{{.ServerOptions}}
 	}
 {{- end}}
-{{- with .GitLab}}
+{{- if or .GitLab .KasExtra}}
 	kas {
+{{- with .GitLab}}
 		gitlab {
 			url {{.URL}}
 			secret_file {{.SecretFile}}
@@ -160,6 +164,10 @@ var caddyfileTemplate = template.Must(template.New("Caddyfile").Funcs(template.F
 			{{.}}
 {{- end}}
 		}
+{{- end}}
+{{- if .KasExtra}}
+		{{.KasExtra}}
+{{- end}}
 	}
 {{- end}}
 }
@@ -339,9 +347,11 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		Users                          []userData
 		GitLab                         *gitlabData
 		Sites                          []siteData
+		KasExtra                       string
 	}{
 		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort,
 		StateDir: c.dir, WaitForAgent: config.waitForAgent, ServerOptions: config.serverOptions,
+		KasExtra: config.kasExtra,
 	}
 	if g := config.gitlab; g != nil {
 		data.GitLab = &gitlabData{URL: g.url, SecretFile: g.secretFile, CAFile: g.caFile,

@@ -92,6 +92,16 @@ func (k kubectl) mustRun(t testing.TB, args ...string) string {
 	return r.stdout
 }
 
+// mustRunStdin is mustRun with stdin as kubectl's standard input.
+func (k kubectl) mustRunStdin(t testing.TB, stdin string, args ...string) string {
+	t.Helper()
+	r := k.runInput(strings.NewReader(stdin), args...)
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	return r.stdout
+}
+
 // mustFail runs kubectl and fails t unless it exits with an error whose
 // stderr contains wantInStderr (case-insensitive; empty matches any); it
 // returns stderr.
