@@ -101,6 +101,8 @@ type Config struct {
 type Watcher struct {
 	wg sync.WaitGroup // the agents' poll loops
 
+	events eventLog // outage lines of every agent
+
 	mu        sync.Mutex // guards opts, closed, agents, published, starts and the fields of every agent marked so
 	opts      Options
 	closed    bool
@@ -308,11 +310,15 @@ type pollState struct {
 	// noBranch is set while the project has no default branch, which is
 	// logged once.
 	noBranch bool
+	// events bounds the log lines of outages, shared by every agent, and
+	// base is the logger without the agent's fields, for their counts.
+	events *eventLog
+	base   *zap.Logger
 }
 
 // run is the poll loop of a, until ctx ends.
 func (w *Watcher) run(ctx context.Context, a *agent) {
-	var st pollState
+	st := pollState{events: &w.events}
 	for {
 		wait := w.poll(ctx, a, &st)
 		t := time.NewTimer(wait)
@@ -330,7 +336,8 @@ func (w *Watcher) run(ctx context.Context, a *agent) {
 // poll runs one poll of a and returns how long to wait for the next.
 func (w *Watcher) poll(ctx context.Context, a *agent, st *pollState) time.Duration {
 	opts := w.options()
-	log := opts.logger().With(zap.Int64("agent_id", a.id))
+	st.base = opts.logger()
+	log := st.base.With(zap.Int64("agent_id", a.id))
 	period := opts.pollPeriod()
 	token := w.token(a)
 	if token == "" {
@@ -461,7 +468,9 @@ func (st *pollState) failed(ctx context.Context, log *zap.Logger, what string, e
 	st.failures++
 	if st.failures == 1 {
 		st.failure = what
-		log.Warn("agent configuration poll failed: keeping the last configuration, retrying", zap.String("step", what), zap.Error(err))
+		st.events.note(st.base, eventFailed, func() {
+			log.Warn("agent configuration poll failed: keeping the last configuration, retrying", zap.String("step", what), zap.Error(err))
+		})
 	}
 	wait := minRetry << min(st.failures-1, 20)
 	if wait > period || wait <= 0 {
@@ -473,8 +482,63 @@ func (st *pollState) failed(ctx context.Context, log *zap.Logger, what string, e
 // succeeded records a successful poll and returns period.
 func (st *pollState) succeeded(log *zap.Logger, period time.Duration) time.Duration {
 	if st.failures > 0 {
-		log.Info("agent configuration poll works again", zap.String("failed_step", st.failure), zap.Int("failed_polls", st.failures))
+		failure, failures := st.failure, st.failures
+		st.events.note(st.base, eventRecovered, func() {
+			log.Info("agent configuration poll works again", zap.String("failed_step", failure), zap.Int("failed_polls", failures))
+		})
 	}
 	st.failures, st.failure = 0, ""
 	return period
+}
+
+// Kinds of outage log lines.
+const (
+	eventFailed    = "failed"
+	eventRecovered = "recovered"
+)
+
+// eventBurst is how many outage lines of one kind are logged per
+// eventWindow; the rest are counted and reported in one line. A Gitaly or
+// GitLab outage hits every connected agent at once: a thousand agents must
+// not make a thousand lines, and the first ones, which say what broke, are
+// never dropped.
+const (
+	eventBurst  = 5
+	eventWindow = time.Minute
+)
+
+// eventLog limits the outage lines of all the agents of a Watcher.
+type eventLog struct {
+	mu         sync.Mutex // guards the fields below
+	start      time.Time  // of the current window
+	logged     map[string]int
+	suppressed map[string]int
+}
+
+// note logs with emit, unless eventBurst lines of kind were logged in this
+// window already; then it counts the line. The counts of the window before
+// are logged when a new one starts.
+func (l *eventLog) note(base *zap.Logger, kind string, emit func()) {
+	l.mu.Lock()
+	now := time.Now()
+	var report map[string]int
+	if l.start.IsZero() || now.Sub(l.start) >= eventWindow {
+		report = l.suppressed
+		l.start, l.logged, l.suppressed = now, map[string]int{}, map[string]int{}
+	}
+	ok := l.logged[kind] < eventBurst
+	if ok {
+		l.logged[kind]++
+	} else {
+		l.suppressed[kind]++
+	}
+	l.mu.Unlock()
+	for k, n := range report {
+		if n > 0 {
+			base.Warn("more agent configuration poll events", zap.String("kind", k), zap.Int("count", n), zap.Duration("within", eventWindow))
+		}
+	}
+	if ok {
+		emit()
+	}
 }
