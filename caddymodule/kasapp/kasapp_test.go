@@ -199,16 +199,16 @@ func TestProvisionNodesRefuses(t *testing.T) {
 	redisOK := &Redis{Addresses: []string{"127.0.0.1:1"}}
 	tests := []struct {
 		name    string
-		app     App
+		app     *App
 		wantErr string
 	}{
-		{"redis alone", App{Redis: redisOK}, "redis and private_api go together"},
-		{"private_api alone", App{PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "redis and private_api go together"},
-		{"no addresses", App{Redis: &Redis{}, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "addresses are required"},
-		{"no listen", App{Redis: redisOK, PrivateAPI: &PrivateAPI{SecretFile: good}}, "listen and secret_file are required"},
-		{"short secret", App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: short}}, "want exactly 32"},
-		{"loopback only", App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "127.0.0.1:8155", SecretFile: good}}, "OWN_PRIVATE_API_URL or OWN_PRIVATE_API_CIDR"},
-		{"grpcs without host", App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good, OwnScheme: "grpcs"}}, "OWN_PRIVATE_API_HOST"},
+		{"redis alone", &App{Redis: redisOK}, "redis and private_api go together"},
+		{"private_api alone", &App{PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "redis and private_api go together"},
+		{"no addresses", &App{Redis: &Redis{}, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "addresses are required"},
+		{"no listen", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{SecretFile: good}}, "listen and secret_file are required"},
+		{"short secret", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: short}}, "want exactly 32"},
+		{"loopback only", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "127.0.0.1:8155", SecretFile: good}}, "OWN_PRIVATE_API_URL or OWN_PRIVATE_API_CIDR"},
+		{"grpcs without host", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good, OwnScheme: "grpcs"}}, "OWN_PRIVATE_API_HOST"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
