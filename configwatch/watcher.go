@@ -31,11 +31,13 @@ import (
 )
 
 // DefaultPollPeriod is how often an agent's configuration project is
-// polled when no push is reported. GitLab's agent server defaults to
-// 300 s (agent.configuration.poll_period), but GitLab's Linux package, the
-// way most GitLab instances run it, sets 20 s; a poll is one cheap ref
-// advertisement, and pushes poke the poll anyway.
-const DefaultPollPeriod = 20 * time.Second
+// polled when no push is reported: 300 s, GitLab's agent server default
+// (agent.configuration.poll_period). GitLab's Linux package sets 20 s, but
+// every poll is a call to the project's Gitaly server, whose per-server
+// rate limit (15 calls a second by default) 20 s polls of 300 agents
+// already fill; at 300 s it takes 4,500. Pushes that Rails reports poke
+// the poll at once, so a change is read without waiting either way.
+const DefaultPollPeriod = 300 * time.Second
 
 // pollTimeout bounds one poll: locating the agent, reading the branch and
 // the file, and telling GitLab. A slow Gitaly delays the next poll by at

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-kas/caddy-kas/agentk"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
@@ -38,6 +39,11 @@ type Config struct {
 	Sources []net.IP
 	// Parallel bounds how many handshakes run at once. Zero means 32.
 	Parallel int
+	// Reconnect makes each agent behave as agentk does: a failed handshake
+	// is tried again, and a lost tunnel dialled again, after agentk's
+	// backoff (1 s growing to 20 s, with jitter), until Stop. Start then
+	// returns once every agent has been started, not connected.
+	Reconnect bool
 }
 
 // Sim is a running set of simulated agents.
@@ -85,6 +91,16 @@ func Start(ctx context.Context, cfg Config) (*Sim, error) {
 	})}
 
 	sem := make(chan struct{}, parallel)
+	if cfg.Reconnect {
+		for i := range cfg.Count {
+			s.wg.Add(1)
+			go func(id int) {
+				defer s.wg.Done()
+				s.reconnectLoop(runCtx, client, srv, sem, cfg.URL, cfg.Token(id), id)
+			}(cfg.FirstID + i)
+		}
+		return s, nil
+	}
 	var hs sync.WaitGroup // handshakes in progress
 	for i := range cfg.Count {
 		if ctx.Err() != nil {
@@ -115,6 +131,40 @@ func Start(ctx context.Context, cfg Config) (*Sim, error) {
 	hs.Wait()
 	client.CloseIdleConnections()
 	return s, ctx.Err()
+}
+
+// reconnectLoop keeps one agent connected, as agentk does, until ctx ends.
+func (s *Sim) reconnectLoop(ctx context.Context, client *http.Client, srv *h2tunnel.Server, sem chan struct{}, url, token string, id int) {
+	b := agentk.DefaultBackoff()
+	for ctx.Err() == nil {
+		var uptime time.Duration
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		nc, err := dial(ctx, client, url, token, id)
+		<-sem
+		if err != nil {
+			s.failed.Add(1)
+		} else {
+			s.connected.Add(1)
+			start := time.Now()
+			_ = srv.ServeConn(ctx, nc)
+			uptime = time.Since(start)
+			s.connected.Add(-1)
+			if !s.stopping.Load() {
+				s.lost.Add(1)
+			}
+		}
+		t := time.NewTimer(b.Next(uptime))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
 }
 
 func dial(ctx context.Context, client *http.Client, url, token string, id int) (net.Conn, error) {

@@ -106,9 +106,10 @@ type GitLab struct {
 	// for a new .gitlab/agents/<name>/config.yaml, which is then handed to
 	// GitLab so that it grants CI and user access from it. A push that
 	// GitLab reports through the gRPC API (api_listen) makes the poll
-	// happen at once. Default: 20s, what GitLab's Linux package sets
-	// GitLab's agent.configuration.poll_period to (its own default is
-	// 300s).
+	// happen at once. Default: 5m, as GitLab's agent.configuration.
+	// poll_period (GitLab's Linux package sets 20s; every poll is a call
+	// to Gitaly, whose per-server rate limit 20s polls of 300 agents
+	// fill).
 	AgentConfigurationPollPeriod caddy.Duration `json:"agent_configuration_poll_period,omitempty"`
 
 	// GitalyCAFile is the path of a PEM file of certificate authorities
