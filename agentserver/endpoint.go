@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/configwatch"
+	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/grpctunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
@@ -84,6 +85,8 @@ type Endpoint struct {
 	// ConnectionsPerMinute is the limit of Connections; zero means
 	// [DefaultConnectionsPerTokenPerMinute].
 	ConnectionsPerMinute uint64
+
+	refusals logthrottle.Limiter // log lines of refusals, per reason
 	// Configs, if set, keeps the configuration of every agent with a
 	// tunnel here current for as long as it has one (GitLab mode: read
 	// from the agent's configuration project and handed to GitLab), and
@@ -136,6 +139,28 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// logRefusal logs a refused agent: the first of each reason at once, then
+// at most one line per reason a minute, which counts the refusals left out
+// since the line before ("suppressed"). A fleet of agents with a revoked
+// token, or a client trying tokens, would otherwise write a line for every
+// handshake; the metrics count each one.
+func (e *Endpoint) logRefusal(log *zap.Logger, reason string, fields ...zap.Field) {
+	ok, suppressed := e.refusals.Allow(reason)
+	if !ok {
+		return
+	}
+	log.Warn("agent refused", append(fields, zap.String("reason", reason), zap.Int("suppressed", suppressed))...)
+}
+
+// logFailure is logRefusal for a check that could not be made.
+func (e *Endpoint) logFailure(log *zap.Logger, msg string, err error) {
+	ok, suppressed := e.refusals.Allow(msg)
+	if !ok {
+		return
+	}
+	log.Error(msg, zap.Error(err), zap.Int("suppressed", suppressed))
+}
+
 func (e *Endpoint) logger() *zap.Logger {
 	if e.Logger == nil {
 		return nopLogger
@@ -156,7 +181,7 @@ type handshake struct {
 // refuse answers the handshake with code and message, and logs and counts
 // the refusal under reason, one of a few fixed strings.
 func (hs *handshake) refuse(code int, reason, message string, fields ...zap.Field) {
-	hs.log.Warn("agent refused", append(fields, zap.String("reason", reason), zap.Int("status", code))...)
+	hs.e.logRefusal(hs.log, reason, append(fields, zap.Int("status", code))...)
 	if hs.e.Observer != nil {
 		hs.e.Observer.AgentRefused(reason)
 	}
@@ -178,7 +203,7 @@ func (hs *handshake) authenticate(token string) (agent Agent, ok bool) {
 		hs.refuseRetryLater("authentication rate limited", limited)
 		return Agent{}, false
 	case err != nil:
-		hs.log.Error("cannot authenticate agent now", zap.Error(err))
+		hs.e.logFailure(hs.log, "cannot authenticate agent now", err)
 		if hs.e.Observer != nil {
 			hs.e.Observer.AgentRefused("authentication unavailable")
 		}

@@ -160,6 +160,28 @@ func TestEndpointRefuses(t *testing.T) {
 	}
 }
 
+// TestEndpointRefusalsLoggedOnce: 200 handshakes with a wrong token make
+// one log line, at once, not 200 (the issue found 200 lines in 0.4 s).
+func TestEndpointRefusalsLoggedOnce(t *testing.T) {
+	e := newEnv(t, nil)
+	for range 200 {
+		req, _ := http.NewRequest(http.MethodGet, "http"+strings.TrimPrefix(endpointURL, "ws"), nil)
+		req.Header = wsHeader(h2tunnel.Subprotocol, wrongToken)
+		resp, err := e.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+	}
+	refusals := e.logged("agent refused")
+	if len(refusals) != 1 || refusals[0].ContextMap()["reason"] != "unknown agent token" || refusals[0].ContextMap()["suppressed"] != int64(0) {
+		t.Errorf("refusal lines %v, want the first one only", refusals)
+	}
+}
+
 func TestEndpointWrongTokenThroughDial(t *testing.T) {
 	e := newEnv(t, nil)
 	resp, err := e.dial(context.Background(), wrongToken, tunnel.AgentMeta{}, http.NotFoundHandler())

@@ -64,13 +64,13 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 	var limited *RateLimitedError
 	switch {
 	case errors.Is(err, ErrUnknownToken):
-		log.Warn("agent refused", zap.String("reason", "unknown agent token"), zap.String("protocol", a.protocol))
+		a.e.logRefusal(log, "unknown agent token", zap.String("protocol", a.protocol))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("unknown agent token")
 		}
 		return tunnel.AgentInfo{}, status.Error(codes.Unauthenticated, "unauthenticated")
 	case errors.As(err, &limited):
-		log.Warn("agent refused", zap.String("reason", "authentication rate limited"), zap.String("protocol", a.protocol),
+		a.e.logRefusal(log, "authentication rate limited", zap.String("protocol", a.protocol),
 			zap.Duration("retry_after", limited.RetryAfter), zap.Error(limited.Err))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("authentication rate limited")
@@ -87,7 +87,7 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 		// 1 s, growing by 1.6 up to 20 s, with jitter.
 		return tunnel.AgentInfo{}, status.Error(codes.Unavailable, "cannot authenticate the agent now (rate limited); retry later")
 	case err != nil:
-		log.Error("cannot authenticate agent now", zap.Error(err))
+		a.e.logFailure(log, "cannot authenticate agent now", err)
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("authentication unavailable")
 		}
@@ -107,7 +107,7 @@ func (a *grpcAdmission) CountCall(ctx context.Context, token string) error {
 	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr), zap.String("protocol", a.protocol))
 	var limited *RateLimitedError
 	if errors.As(err, &limited) {
-		log.Warn("agent refused", zap.String("reason", "connection rate limit"), zap.Duration("retry_after", limited.RetryAfter))
+		a.e.logRefusal(log, "connection rate limit", zap.Duration("retry_after", limited.RetryAfter))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("connection rate limit")
 		}
@@ -116,7 +116,7 @@ func (a *grpcAdmission) CountCall(ctx context.Context, token string) error {
 		// Authenticate).
 		return status.Error(codes.ResourceExhausted, "new connection rate limit exhausted for this agent, try again later")
 	}
-	log.Error("cannot count the agent's connections now", zap.Error(err))
+	a.e.logFailure(log, "cannot count the agent's connections now", err)
 	if a.e.Observer != nil {
 		a.e.Observer.AgentRefused("connection count unavailable")
 	}

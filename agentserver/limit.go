@@ -142,7 +142,7 @@ func (hs *handshake) countConnection(token string) (ok bool) {
 		hs.refuseRetryLater("connection rate limit", limited)
 		return false
 	case err != nil:
-		hs.log.Error("cannot count the agent's connections now", zap.Error(err))
+		hs.e.logFailure(hs.log, "cannot count the agent's connections now", err)
 		if hs.e.Observer != nil {
 			hs.e.Observer.AgentRefused("connection count unavailable")
 		}

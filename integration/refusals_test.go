@@ -36,8 +36,12 @@ func TestAgentWithWrongTokenIsRefused(t *testing.T) {
 		if !agent.proc.Running() {
 			return kubetest.Permanent(fmt.Errorf("agentk should keep retrying: %w", agent.proc.ExitError()))
 		}
-		if n := countLogEntries(kas.proc.Stderr(), refusal); n < 2 {
-			return fmt.Errorf("caddy logged %d JSON lines with %v, want 2", n, refusal)
+		// One line per reason a minute; the metric counts every one.
+		if n := countLogEntries(kas.proc.Stderr(), refusal); n < 1 {
+			return fmt.Errorf("caddy logged no JSON line with %v", refusal)
+		}
+		if n := kas.scrapeMetrics(t)[`caddy_kas_agent_refusals_total{reason="unknown agent token"}`]; n < 2 {
+			return fmt.Errorf("caddy counted %v refusals, want 2", n)
 		}
 		return nil
 	})
