@@ -145,7 +145,13 @@ func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // token, or a client trying tokens, would otherwise write a line for every
 // handshake; the metrics count each one.
 func (e *Endpoint) logRefusal(log *zap.Logger, reason string, fields ...zap.Field) {
-	ok, suppressed := e.refusals.Allow(reason)
+	e.logRefusalOf(log, reason, "", fields...)
+}
+
+// logRefusalOf is logRefusal counting the refusals of each protocol
+// apart, so that one agent protocol's refusals do not hide another's.
+func (e *Endpoint) logRefusalOf(log *zap.Logger, reason, protocol string, fields ...zap.Field) {
+	ok, suppressed := e.refusals.Allow(reason + " " + protocol)
 	if !ok {
 		return
 	}

@@ -64,13 +64,13 @@ func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.
 	var limited *RateLimitedError
 	switch {
 	case errors.Is(err, ErrUnknownToken):
-		a.e.logRefusal(log, "unknown agent token", zap.String("protocol", a.protocol))
+		a.e.logRefusalOf(log, "unknown agent token", a.protocol, zap.String("protocol", a.protocol))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("unknown agent token")
 		}
 		return tunnel.AgentInfo{}, status.Error(codes.Unauthenticated, "unauthenticated")
 	case errors.As(err, &limited):
-		a.e.logRefusal(log, "authentication rate limited", zap.String("protocol", a.protocol),
+		a.e.logRefusalOf(log, "authentication rate limited", a.protocol, zap.String("protocol", a.protocol),
 			zap.Duration("retry_after", limited.RetryAfter), zap.Error(limited.Err))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("authentication rate limited")
@@ -107,7 +107,7 @@ func (a *grpcAdmission) CountCall(ctx context.Context, token string) error {
 	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr), zap.String("protocol", a.protocol))
 	var limited *RateLimitedError
 	if errors.As(err, &limited) {
-		a.e.logRefusal(log, "connection rate limit", zap.Duration("retry_after", limited.RetryAfter))
+		a.e.logRefusalOf(log, "connection rate limit", a.protocol, zap.String("protocol", a.protocol), zap.Duration("retry_after", limited.RetryAfter))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("connection rate limit")
 		}
