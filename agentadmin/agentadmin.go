@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/redisregistry"
 )
 
 // Listing answers GET /kas/agents: every agent with a live tunnel to
@@ -178,4 +179,44 @@ func connectionOf(t tunnel.Tunnel, node string) Connection {
 		ConnectedAt:        t.ConnectedAt().UTC(),
 		RequestsInFlight:   t.Load(),
 	}
+}
+
+// ListShared lists the connections of every node sharing a registry,
+// grouped per agent, each naming the node (its private URL) that holds it.
+// What only the holding node knows (remote address, requests in flight)
+// is left empty; node is the node that answered.
+func ListShared(conns []redisregistry.Connection, node string) Listing {
+	l := Listing{Node: node, Agents: []Agent{}}
+	byID := make(map[int64]*Agent)
+	newest := make(map[int64]time.Time)
+	for _, c := range conns {
+		a := byID[c.AgentID]
+		if a == nil {
+			a = &Agent{ID: c.AgentID}
+			byID[c.AgentID] = a
+		}
+		if !c.ConnectedAt.Before(newest[c.AgentID]) {
+			newest[c.AgentID] = c.ConnectedAt
+			a.Name, a.ProjectID = c.AgentName, c.ProjectID
+		}
+		m := c.Meta
+		a.Connections = append(a.Connections, Connection{
+			Node:               c.Node,
+			ConnectionID:       m.ConnectionID,
+			Pod:                Pod{Namespace: m.PodNamespace, Name: m.PodName, ID: m.PodID},
+			AgentkVersion:      m.Version,
+			AgentkCommit:       m.CommitID,
+			KubernetesVersion:  m.KubernetesVersion,
+			KubernetesPlatform: m.KubernetesPlatform,
+			ConnectedAt:        c.ConnectedAt.UTC(),
+		})
+	}
+	for _, a := range byID {
+		slices.SortFunc(a.Connections, func(x, y Connection) int {
+			return cmp.Or(x.ConnectedAt.Compare(y.ConnectedAt), cmp.Compare(x.Node, y.Node), cmp.Compare(x.ConnectionID, y.ConnectionID))
+		})
+		l.Agents = append(l.Agents, *a)
+	}
+	slices.SortFunc(l.Agents, func(a, b Agent) int { return cmp.Compare(a.ID, b.ID) })
+	return l
 }

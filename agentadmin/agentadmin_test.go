@@ -6,9 +6,11 @@ import (
 	"net/http"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
+	"github.com/caddy-kas/caddy-kas/tunnel/redisregistry"
 )
 
 const testNode = "kas-node-1"
@@ -230,5 +232,28 @@ func TestDisconnect(t *testing.T) {
 	}
 	if d := Disconnect(nil, testNode, 7); d.Closed != 0 {
 		t.Errorf("Disconnect without a store closed %d", d.Closed)
+	}
+}
+
+func TestListShared(t *testing.T) {
+	at := time.Date(2026, 11, 26, 3, 0, 0, 0, time.UTC)
+	conns := []redisregistry.Connection{
+		{AgentID: 7, AgentName: "old-name", ProjectID: 3, Node: "grpc://10.0.0.2:8155", ConnectedAt: at,
+			Meta: tunnel.AgentMeta{ConnectionID: 2, PodName: "agentk-b", PodNamespace: "gitlab-agent", Version: "v17.0.0"}},
+		{AgentID: 7, AgentName: "prod", ProjectID: 3, Node: "grpc://10.0.0.1:8155", ConnectedAt: at.Add(time.Second),
+			Meta: tunnel.AgentMeta{ConnectionID: 1, PodName: "agentk-a", PodNamespace: "gitlab-agent", Version: "v17.0.0"}},
+		{AgentID: 2, AgentName: "dev", Node: "grpc://10.0.0.1:8155", ConnectedAt: at},
+	}
+	l := ListShared(conns, "node-c")
+	if l.Node != "node-c" || len(l.Agents) != 2 || l.Agents[0].ID != 2 || l.Agents[1].ID != 7 {
+		t.Fatalf("listing %+v", l)
+	}
+	a := l.Agents[1]
+	if a.Name != "prod" || a.ProjectID != 3 || len(a.Connections) != 2 ||
+		a.Connections[0].Node != "grpc://10.0.0.2:8155" || a.Connections[0].Pod.Name != "agentk-b" || a.Connections[1].Node != "grpc://10.0.0.1:8155" {
+		t.Errorf("agent 7: %+v", a)
+	}
+	if empty := ListShared(nil, "node-c"); empty.Agents == nil || len(empty.Agents) != 0 {
+		t.Errorf("empty listing %+v", empty)
 	}
 }

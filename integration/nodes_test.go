@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-kas/caddy-kas/agentadmin"
 	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 	"github.com/caddy-kas/caddy-kas/internal/redistest"
@@ -179,20 +180,27 @@ func TestSeveralNodes(t *testing.T) {
 		}
 	})
 
-	t.Run("the tracker answers for every node", func(t *testing.T) {
-		// Both replicas, one per node, in C's agent list through the
-		// admin API's store-free path: C's Redis-backed tracker is what
-		// Rails reads; here the metric of connected tunnels per node
-		// shows where they are.
-		for i, n := range []*caddyServer{a, b, c} {
-			metrics := n.scrapeMetrics(t)
-			want := 1.0
-			if n == c {
-				want = 0
-			}
-			if got := metrics["caddy_kas_agent_tunnels"]; got != want {
-				t.Errorf("node %d: %v tunnels, want %v", i, got, want)
-			}
+	t.Run("every node's agents through any node's admin API", func(t *testing.T) {
+		resp, body := c.adminRequest(t, http.MethodGet, "/kas/agents?scope=all", nil)
+		requireAdminStatus(t, resp, body, http.StatusOK)
+		var l agentadmin.Listing
+		mustUnmarshal(t, body, &l)
+		if len(l.Agents) != 1 || l.Agents[0].ID != 1 || len(l.Agents[0].Connections) != 2 {
+			t.Fatalf("listing through C: %s", body)
+		}
+		pods := map[string]string{}
+		for _, conn := range l.Agents[0].Connections {
+			pods[conn.Pod.Name] = conn.Node
+		}
+		if pods["agentk-on-a"] == "" || pods["agentk-on-b"] == "" || pods["agentk-on-a"] == pods["agentk-on-b"] {
+			t.Errorf("the replicas and their nodes: %v", pods)
+		}
+		// C's own listing has none: it holds no tunnel.
+		resp, body = c.adminRequest(t, http.MethodGet, "/kas/agents", nil)
+		requireAdminStatus(t, resp, body, http.StatusOK)
+		mustUnmarshal(t, body, &l)
+		if len(l.Agents) != 0 {
+			t.Errorf("C's own listing: %s", body)
 		}
 	})
 }

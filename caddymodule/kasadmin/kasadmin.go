@@ -90,6 +90,19 @@ func (a *Admin) serveAgents(w http.ResponseWriter, r *http.Request) error {
 	if err := requireMethod(w, r, http.MethodGet); err != nil {
 		return err
 	}
+	if r.URL.Query().Get("scope") == "all" {
+		// Every node's agents, from the registry they share.
+		reg := kasapp.SharedRegistry()
+		if reg == nil {
+			return caddy.APIError{HTTPStatus: http.StatusNotFound,
+				Err: errors.New("scope=all lists the agents of every node sharing a Redis registry, and this node shares none")}
+		}
+		conns, err := reg.AllConnections(r.Context())
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("listing every node's agents: %w", err)}
+		}
+		return writeJSON(w, agentadmin.ListShared(conns, a.node))
+	}
 	return writeJSON(w, agentadmin.List(a.store(), a.node))
 }
 

@@ -194,6 +194,18 @@ func LocalStore() *tunnel.Store {
 	return store
 }
 
+// SharedRegistry returns the registry this process shares with other
+// nodes, or nil with one node. Like LocalStore, it is for the admin API,
+// which Caddy provisions apart from the apps.
+func SharedRegistry() *redisregistry.Registry {
+	var r *redisregistry.Registry
+	nodePools.Range(func(_, value any) bool {
+		r = value.(*sharedNodes).registry
+		return false
+	})
+	return r
+}
+
 // Router returns the router that finds a tunnel for a proxied request: on
 // this node, or, when several nodes share a registry, on any of them.
 func (a *App) Router() *tunnel.Router { return a.router }
