@@ -3,6 +3,7 @@ package kasbench
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -14,7 +15,8 @@ import (
 // builds the real binaries, starts them, and checks that each table got
 // numbers. It asserts nothing about speed. GitLab's agentk's rows are
 // covered when its binary is at hand (see GitLabAgentkPath), and checked to
-// be left out with a reason when it is not.
+// be left out with a reason when it is not; so are the cross-node rows,
+// which need redis-server.
 func TestQuickRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and starts caddy and agentk")
@@ -88,6 +90,27 @@ func TestQuickRun(t *testing.T) {
 	}
 	if !withGitLab && (gitlabRows != 0 || rep.GitLabAgentkNote == "") {
 		t.Errorf("without GitLab's agentk: %d rows of it, note %q", gitlabRows, rep.GitLabAgentkNote)
+	}
+	// The cross-node rows need Debian's redis-server; under CI=true it
+	// must be there.
+	_, err = exec.LookPath("redis-server")
+	withRedis := err == nil || os.Getenv("CI") == "true"
+	var crossRows int
+	for _, c := range rep.Small {
+		if strings.HasPrefix(c.target, crossNodeName+" ") {
+			crossRows++
+			if c.cpuPerOp <= 0 || c.holderCPU < 0 || c.agentCPU < 0 {
+				t.Errorf("%s c=%d: CPU per request %v, node B %v, agentk %v", c.target, c.conc, c.cpuPerOp, c.holderCPU, c.agentCPU)
+			}
+		}
+	}
+	switch {
+	case withRedis && crossRows != 2*len(cfg.Concurrency):
+		t.Errorf("%d 1 KiB cross-node rows, want %d (%s)", crossRows, 2*len(cfg.Concurrency), rep.CrossNodeNote)
+	case withRedis && !strings.Contains(rep.Tables(), "### Across nodes"):
+		t.Errorf("no cross-node comparison:\n%s", rep.Tables())
+	case !withRedis && (crossRows != 0 || rep.CrossNodeNote == ""):
+		t.Errorf("without redis-server: %d cross-node rows, note %q", crossRows, rep.CrossNodeNote)
 	}
 	md := rep.Markdown("go test")
 	if len(md) < 500 {

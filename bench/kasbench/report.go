@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -17,7 +18,10 @@ type cell struct {
 	res      loadResult
 	cpu      time.Duration // CPU of Caddy and the agent (ours or GitLab's) during the cell
 	agentCPU time.Duration // the part of cpu that the agent used
-	cpuPerOp time.Duration
+	// holderCPU is the part of cpu that node B (the node holding the
+	// agent's tunnel) used in a cross-node cell; zero in the others.
+	holderCPU time.Duration
+	cpuPerOp  time.Duration
 }
 
 type watchCell struct {
@@ -59,6 +63,10 @@ type Report struct {
 	GitLabAgentk, GitLabAgentkNote    string
 	GitLabAgentkBinary                int64
 	GitLabAgentkIdle, GitLabAgentkEnd memory
+
+	// Redis is the version of redis-server the cross-node rows ran with,
+	// empty if they were left out; CrossNodeNote then says why.
+	Redis, CrossNodeNote string
 
 	Small, Bulk []cell
 	Watches     []watchCell
@@ -162,7 +170,7 @@ func (r *Report) Tables() string {
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 
 	w("### 1 KiB GET\n\n")
-	w("| path | c | req/s | × direct | p50 ms | p99 ms | added p50 ms | CPU µs/req (Caddy + agentk) | of which agentk |\n")
+	w("| path | c | req/s | × direct | p50 ms | p99 ms | added p50 ms | CPU µs/req (Caddy + agentk; cross-node: both nodes + agentk) | of which agentk |\n")
 	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, c := range r.Small {
 		d, _ := directOf(r.Small, c)
@@ -179,8 +187,10 @@ func (r *Report) Tables() string {
 			ms(c.res.quantile(0.5)), ms(c.res.quantile(0.99)), added, cpu, agentCPU)
 	}
 
+	r.crossNodeTables(w)
+
 	w("\n### 10 MiB GET and PUT\n\n")
-	w("| op | path | c | MiB/s | × direct | CPU ms/GiB (Caddy + agentk) |\n")
+	w("| op | path | c | MiB/s | × direct | CPU ms/GiB (Caddy + agentk; cross-node: both nodes + agentk) |\n")
 	w("|---|---|---:|---:|---:|---:|\n")
 	for _, c := range r.Bulk {
 		d, _ := directOf(r.Bulk, c)
@@ -196,7 +206,7 @@ func (r *Report) Tables() string {
 
 	if len(r.Watches) > 0 {
 		w("\n### Watch streams (one flushed line every 10 ms, HTTP/2 client)\n\n")
-		w("| path | streams | lines | lost | delay p50 ms | p99 ms | max ms | CPU %% of a core (Caddy + agentk) |\n")
+		w("| path | streams | lines | lost | delay p50 ms | p99 ms | max ms | CPU %% of a core (Caddy + agentk; cross-node: both nodes + agentk) |\n")
 		w("|---|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, c := range r.Watches {
 			cpu := ""
@@ -328,7 +338,14 @@ func (r *Report) Targets() string {
 				fmt.Sprintf("%d at %.1f KiB each", s.connected, per), s.connected == 10000 && per <= 36, true})
 		}
 	}
-	rows = append(rows, targetRow{"cross-node CPU per request", "≤ 1.3× single node", "not measured: no multi-node routing yet", false, false})
+	for _, proto := range []string{"h1", "h2"} {
+		x, ok := r.crossNodeRatio(proto, 16)
+		measured := r.CrossNodeNote
+		if ok {
+			measured = fmt.Sprintf("%.2f× (%s µs against %s µs)", x.ratio, perOpMicros(x.cross), perOpMicros(x.single))
+		}
+		rows = append(rows, targetRow{"cross-node CPU per request, c=16 (" + proto + ")", "≤ 1.3× single node", measured, ok && x.ratio <= 1.3, ok})
+	}
 	rows = append(rows, targetRow{"agentk idle RSS / binary", "≤ 20 MiB / ≤ 20 MB",
 		fmt.Sprintf("%s MiB / %.1f MB", mib(r.AgentkIdle.rss), float64(r.AgentkBinary)/1e6),
 		r.AgentkIdle.rss <= 20<<20 && r.AgentkBinary <= 20e6, r.AgentkBinary > 0})
@@ -355,8 +372,12 @@ func (r *Report) Header(command string) string {
 	if r.GitLabAgentk != "" {
 		gitlab = r.GitLabAgentk + " (rows \"single node, GitLab agentk\")"
 	}
-	return fmt.Sprintf("- Date: %s\n- Machine: %s, %d cores, %s\n- Load average at start: %s\n- Go: %s\n- GitLab's agentk: %s\n- Command: `%s`\n- Run time: %s\n",
-		r.Started.UTC().Format("2006-01-02 15:04 MST"), m.CPU, m.Cores, m.Kernel, m.LoadAvg, m.GoVersion, gitlab, command,
+	nodes := r.CrossNodeNote
+	if r.Redis != "" {
+		nodes = "two Caddy nodes sharing redis-server " + r.Redis + " (rows \"" + crossNodeName + "\")"
+	}
+	return fmt.Sprintf("- Date: %s\n- Machine: %s, %d cores, %s\n- Load average at start: %s\n- Go: %s\n- GitLab's agentk: %s\n- Cross node: %s\n- Command: `%s`\n- Run time: %s\n",
+		r.Started.UTC().Format("2006-01-02 15:04 MST"), m.CPU, m.Cores, m.Kernel, m.LoadAvg, m.GoVersion, gitlab, nodes, command,
 		r.Finished.Sub(r.Started).Round(time.Second))
 }
 
@@ -392,4 +413,116 @@ func (r *Report) WriteDoc(path, command string) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	return nil
+}
+
+// crossNodeComparison is one cross-node cell next to the single-node and
+// direct cells of the same load, protocol and concurrency.
+type crossNodeComparison struct {
+	cross, single, direct cell
+	// ratio is the cross-node CPU per request (per byte in the 10 MiB
+	// table) over the single node's.
+	ratio float64
+}
+
+// crossNodeOf finds the single-node and direct cells that the cross-node
+// cell c is compared with.
+func crossNodeOf(cells []cell, c cell) (crossNodeComparison, bool) {
+	x := crossNodeComparison{cross: c}
+	proto := c.target[strings.LastIndexByte(c.target, ' ')+1:]
+	var okSingle, okDirect bool
+	for _, d := range cells {
+		if d.conc != c.conc || d.op != c.op {
+			continue
+		}
+		switch d.target {
+		case "single node " + proto:
+			x.single, okSingle = d, true
+		case "direct " + proto:
+			x.direct, okDirect = d, true
+		}
+	}
+	if !okSingle || !okDirect {
+		return x, false
+	}
+	// Per request for 1 KiB; per byte for 10 MiB, so that transfers
+	// still running at the end of a cell count for what they moved.
+	single, cross := float64(x.single.cpuPerOp), float64(c.cpuPerOp)
+	if c.op != "" {
+		single = float64(x.single.cpu) / float64(max(x.single.res.bytes, 1))
+		cross = float64(c.cpu) / float64(max(c.res.bytes, 1))
+	}
+	if single > 0 {
+		x.ratio = cross / single
+	}
+	return x, single > 0 && cross > 0
+}
+
+// crossNodeRatio is the comparison of the 1 KiB cross-node cell of proto
+// at conc, if it was measured.
+func (r *Report) crossNodeRatio(proto string, conc int) (crossNodeComparison, bool) {
+	for _, c := range r.Small {
+		if c.target == crossNodeName+" "+proto && c.conc == conc {
+			return crossNodeOf(r.Small, c)
+		}
+	}
+	return crossNodeComparison{}, false
+}
+
+// perOpMicros is a cell's CPU per request in whole microseconds.
+func perOpMicros(c cell) string { return fmt.Sprintf("%d", c.cpuPerOp.Microseconds()) }
+
+// crossNodeTables compare the cross-node cells with the single-node ones
+// of the same run: CPU split between the processes, and added latency.
+func (r *Report) crossNodeTables(w func(string, ...any)) {
+	isCross := func(c cell) bool { return strings.HasPrefix(c.target, crossNodeName+" ") }
+	if !slices.ContainsFunc(r.Small, isCross) && !slices.ContainsFunc(r.Bulk, isCross) {
+		return
+	}
+	per := func(d time.Duration, c cell) string {
+		if c.res.requests == 0 {
+			return ""
+		}
+		return fmt.Sprintf("%d", (d / time.Duration(c.res.requests)).Microseconds())
+	}
+	w("\n### Across nodes: client → node A → node B → agentk (1 KiB GET)\n\n")
+	w("CPU per request counts both Caddy nodes and agentk; the single-node row of the same run counts its Caddy and agentk.\n\n")
+	w("| client | c | req/s | CPU µs/req: single node | cross-node | × single node | node A | node B | agentk | p50 ms | added p50 ms vs direct | vs single node |\n")
+	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, c := range r.Small {
+		if !isCross(c) {
+			continue
+		}
+		x, ok := crossNodeOf(r.Small, c)
+		if !ok {
+			continue
+		}
+		p50 := c.res.quantile(0.5)
+		w("| %s | %d | %.0f | %s | %s | %.2f× | %s | %s | %s | %s | %+.2f | %+.2f |\n",
+			c.target[len(crossNodeName)+1:], c.conc, c.res.perSecond(), perOpMicros(x.single), perOpMicros(c), x.ratio,
+			per(c.cpu-c.holderCPU-c.agentCPU, c), per(c.holderCPU, c), per(c.agentCPU, c), ms(p50),
+			float64(p50-x.direct.res.quantile(0.5))/float64(time.Millisecond),
+			float64(p50-x.single.res.quantile(0.5))/float64(time.Millisecond))
+	}
+	if !slices.ContainsFunc(r.Bulk, isCross) {
+		return
+	}
+	w("\n### Across nodes: 10 MiB GET and PUT\n\n")
+	w("| op | client | c | MiB/s: single node | cross-node | CPU ms/GiB: single node | cross-node | × single node | of which node A / node B / agentk |\n")
+	w("|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	perGiB := func(d time.Duration, c cell) float64 {
+		return float64(d.Milliseconds()) / (float64(max(c.res.bytes, 1)) / (1 << 30))
+	}
+	for _, c := range r.Bulk {
+		if !isCross(c) {
+			continue
+		}
+		x, ok := crossNodeOf(r.Bulk, c)
+		if !ok {
+			continue
+		}
+		w("| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.2f× | %.0f / %.0f / %.0f |\n",
+			c.op, c.target[len(crossNodeName)+1:], c.conc, x.single.res.mibPerSecond(), c.res.mibPerSecond(),
+			perGiB(x.single.cpu, x.single), perGiB(c.cpu, c), x.ratio,
+			perGiB(c.cpu-c.holderCPU-c.agentCPU, c), perGiB(c.holderCPU, c), perGiB(c.agentCPU, c))
+	}
 }

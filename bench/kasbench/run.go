@@ -59,8 +59,8 @@ type Config struct {
 	ProfileDir  string
 	ProfileConc int
 	// Skip names measurements to leave out: "small", "bulk", "watch",
-	// "stalled", "gitlab" (the rows of GitLab's agentk; the scale one is
-	// left out with no ScaleAgents).
+	// "stalled", "gitlab" (the rows of GitLab's agentk), "nodes" (the
+	// cross-node rows); the scale one is left out with no ScaleAgents.
 	Skip map[string]bool
 	// Settle is how long the harness waits for things to calm down
 	// (after a start, before reading memory).
@@ -206,7 +206,19 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 		stacks = append(stacks, base)
 	}
-	if err := runSingleNode(ctx, cfg, rep, stacks, gitlabBin, p, up, dir, logf); err != nil {
+	var nodes *crossNode
+	redisBin, redisVersion, note := findRedis(ctx, cfg)
+	rep.Redis, rep.CrossNodeNote = redisVersion, note
+	if redisBin != "" {
+		logf("starting redis-server %s, two caddy nodes and agentk on node B", redisVersion)
+		if nodes, err = startCrossNode(ctx, cfg, bins, redisBin, p, up, filepath.Join(dir, "nodes")); err != nil {
+			return rep, err
+		}
+		defer nodes.stop()
+	} else {
+		logf("cross-node: %s", note)
+	}
+	if err := runRequests(ctx, cfg, rep, stacks, gitlabBin, nodes, p, up, dir, logf); err != nil {
 		return rep, err
 	}
 	if len(cfg.ScaleAgents) > 0 {
@@ -292,10 +304,15 @@ func (s *stack) stop() {
 	s.caddy.proc.stop()
 }
 
-// route is how one proxied row reaches the upstream: the Caddy and the
-// agent process whose CPU a cell counts, and what its profiles are named.
+// route is how one proxied row reaches the upstream: the Caddy the
+// clients send to, the Caddy that holds the agent's tunnel if that is
+// another node, and the agent process, whose CPU a cell counts; and what
+// its profiles are named.
 type route struct {
-	caddy         *caddyServer
+	caddy *caddyServer
+	// holder is the node that the agent is connected to, which caddy
+	// forwards each request to; nil when it is caddy itself.
+	holder        *caddyServer
 	agent         *agentkProcess
 	t             target
 	profileSuffix string
@@ -322,7 +339,7 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 	if variant != "" {
 		env = cfg.BaselineCaddyEnv
 	}
-	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, gitlabBin != "", env)
+	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, gitlabBin != "", env, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -374,7 +391,7 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 	return s, nil
 }
 
-// runSingleNode measures client → Caddy → agentk → upstream against the
+// runRequests measures client → Caddy → agentk → upstream against the
 // upstream reached directly. With a baseline, its stack runs at the same
 // time and each of its cells is measured right after the same cell of
 // the main stack (and of GitLab's agentk), so that all are compared with
@@ -383,7 +400,11 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 // gitlabBin, if not empty, is GitLab's agentk: it connects to the Caddy of
 // the binaries under test (not the baseline's) as a second agent, and each
 // of its cells is measured right after the same cell through our agentk.
-func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries, gitlabBin string, p *pki, up *upstream, dir string, logf func(string, ...any)) error {
+//
+// nodes, if not nil, are two nodes of the binaries under test: each cell
+// is also measured through node A to the agent on node B, last, and
+// compared with the same direct and single-node cells.
+func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, gitlabBin string, nodes *crossNode, p *pki, up *upstream, dir string, logf func(string, ...any)) error {
 	var stacks []*stack
 	defer func() {
 		for _, s := range stacks {
@@ -439,46 +460,70 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 		d, _ := cpuTime(pid)
 		return d
 	}
+	// holderCPU is the CPU time of rt's holder so far, zero without one.
+	holderCPU := func(rt *route) time.Duration {
+		if rt.holder == nil {
+			return 0
+		}
+		return cpuOf(rt.holder.proc.pid())
+	}
+	// profiles are the admin URLs of the Caddys of rt to profile, by file
+	// name: with a holder, both nodes, as <profile>-node-a and -node-b.
+	profiles := func(rt *route, profile string) map[string]string {
+		if rt.holder == nil {
+			return map[string]string{profile: rt.caddy.adminURL}
+		}
+		base := strings.TrimSuffix(profile, ".pprof")
+		return map[string]string{base + "-node-a.pprof": rt.caddy.adminURL, base + "-node-b.pprof": rt.holder.adminURL}
+	}
 	// measure runs one cell against t, which goes through rt (nil:
-	// direct); the CPU counted is that of rt's Caddy and agent.
+	// direct); the CPU counted is that of rt's Caddy, its holder if any
+	// and its agent.
 	measure := func(rt *route, t target, conc int, op func(context.Context, *meter) error, profile string) cell {
-		var c0, c1, a0, a1 time.Duration
+		var c0, c1, a0, a1, h0, h1 time.Duration
 		var prof sync.WaitGroup
 		mark := func(start bool) {
 			if rt == nil {
 				return
 			}
 			if start {
-				a0, c0 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid())
+				a0, c0, h0 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid()), holderCPU(rt)
 				if profile != "" && cfg.ProfileDir != "" {
-					prof.Add(1)
-					go func() { // owned by measure: waited for below
-						defer prof.Done()
-						saveProfile(admin, rt.caddy.adminURL, cfg.Phase, filepath.Join(cfg.ProfileDir, profile))
-					}()
+					for name, adminURL := range profiles(rt, profile) {
+						prof.Add(1)
+						go func() { // owned by measure: waited for below
+							defer prof.Done()
+							saveProfile(admin, adminURL, cfg.Phase, filepath.Join(cfg.ProfileDir, name))
+						}()
+					}
 				}
 			} else {
-				a1, c1 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid())
+				a1, c1, h1 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid()), holderCPU(rt)
 			}
 		}
 		r := runLoad(ctx, conc, cfg.Warmup, cfg.Phase, cfg.MaxOps, mark, op)
 		prof.Wait()
 		c := cell{target: t.label(), conc: conc, res: r}
 		if rt != nil && r.requests > 0 {
-			c.cpu = (c1 - c0) + (a1 - a0)
+			c.cpu = (c1 - c0) + (h1 - h0) + (a1 - a0)
 			c.agentCPU = a1 - a0
+			c.holderCPU = h1 - h0
 			c.cpuPerOp = c.cpu / time.Duration(r.requests)
 		}
 		return c
 	}
 	// each runs one cell directly, then through every route of every
-	// stack: ours, GitLab's agentk, the baseline.
+	// stack: ours, GitLab's agentk, the baseline; then across nodes.
 	each := func(proto string, f func(r *route, t target)) {
 		f(nil, direct[proto])
 		for _, s := range stacks {
 			for _, r := range s.routes(proto) {
 				f(&r, r.t)
 			}
+		}
+		if nodes != nil {
+			r := nodes.route(proto)
+			f(&r, r.t)
 		}
 	}
 
@@ -530,12 +575,12 @@ func runSingleNode(ctx context.Context, cfg Config, rep *Report, bins []binaries
 			logf("%d watch streams, %s", n, t.label())
 			var c0 time.Duration
 			if r != nil {
-				c0 = cpuOf(r.caddy.proc.pid()) + cpuOf(r.agent.proc.pid())
+				c0 = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + cpuOf(r.agent.proc.pid())
 			}
 			w := runWatches(ctx, t, up, n, cfg.WatchLines)
 			wc := watchCell{target: t.label(), watchResult: w}
 			if r != nil {
-				wc.cpu = cpuOf(r.caddy.proc.pid()) + cpuOf(r.agent.proc.pid()) - c0
+				wc.cpu = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + cpuOf(r.agent.proc.pid()) - c0
 			}
 			rep.Watches = append(rep.Watches, wc)
 		})
@@ -675,7 +720,7 @@ func runStalled(ctx context.Context, cfg Config, t target) (*stalledResult, erro
 func runScale(ctx context.Context, cfg Config, rep *Report, bins binaries, p *pki, dir string, logf func(string, ...any)) error {
 	maxAgents := cfg.ScaleAgents[len(cfg.ScaleAgents)-1]
 	logf("starting caddy with %d declared agents", maxAgents)
-	caddy, err := startCaddy(ctx, bins.caddy, dir, p, maxAgents, false, cfg.CaddyEnv)
+	caddy, err := startCaddy(ctx, bins.caddy, dir, p, maxAgents, false, cfg.CaddyEnv, nil)
 	if err != nil {
 		return err
 	}

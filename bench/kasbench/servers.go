@@ -159,6 +159,18 @@ var caddyfile = template.Must(template.New("Caddyfile").Parse(`{
 	log {
 		level WARN
 	}
+{{- with .Node}}
+	kas {
+		redis {
+			addresses {{.RedisAddr}}
+		}
+		private_api {
+			listen 127.0.0.1:{{.PrivatePort}}
+			secret_file {{.SecretFile}}
+			own_url grpc://127.0.0.1:{{.PrivatePort}}
+		}
+	}
+{{- end}}
 }
 
 https://127.0.0.1:{{.HTTPSPort}} {
@@ -204,10 +216,21 @@ type caddyServer struct {
 	simFirstID, simCount int
 }
 
+// nodeSettings make a Caddy one node of several: the Redis they share, the
+// private API secret they share, this node's private API port, and the
+// agent and user tokens, which every node must accept alike.
+type nodeSettings struct {
+	RedisAddr, SecretFile string
+	PrivatePort           int
+	agentToken, userToken string
+}
+
 // startCaddy writes a Caddyfile with agent 1 (for agentk), agent
 // gitlabAgentID (for GitLab's agentk) if gitlabAgent is set, and simAgents
-// simulated agents, and starts Caddy with it.
-func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, gitlabAgent bool, extraEnv []string) (*caddyServer, error) {
+// simulated agents, and starts Caddy with it. With node set, the Caddy is
+// one node of several (see nodeSettings); otherwise it stands alone with
+// tokens of its own.
+func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, gitlabAgent bool, extraEnv []string, node *nodeSettings) (*caddyServer, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", dir, err)
 	}
@@ -224,6 +247,9 @@ func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, git
 		simTokenPrefix: randomToken() + "-",
 		simFirstID:     1000,
 		simCount:       simAgents,
+	}
+	if node != nil {
+		c.agentToken, c.userTok = node.agentToken, node.userToken
 	}
 	c.agentURL = fmt.Sprintf("wss://127.0.0.1:%d/-/kubernetes-agent/", ports[2])
 	c.proxyURL = c.siteURL + "/-/kubernetes-agent/k8s-proxy"
@@ -247,6 +273,7 @@ func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, git
 		"CertFile": p.certFile, "KeyFile": p.keyFile,
 		"SimAgents": sim, "SimTokenPrefix": c.simTokenPrefix,
 		"GitLabAgent": gitlabAgent, "GitLabAgentID": gitlabAgentID,
+		"Node": node,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("rendering the Caddyfile: %w", err)

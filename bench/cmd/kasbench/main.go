@@ -48,7 +48,7 @@ func run() error {
 	flag.Var(&caddyEnv, "caddy-env", "`KEY=VALUE` added to Caddy's environment (repeatable)")
 	var baselineCaddyEnv stringsFlag
 	flag.Var(&baselineCaddyEnv, "baseline-caddy-env", "`KEY=VALUE` added to the baseline Caddy's environment instead of -caddy-env (repeatable)")
-	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled, gitlab (GitLab's agentk's rows)")
+	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled, gitlab (GitLab's agentk's rows), nodes (the cross-node rows)")
 	gitlabAgentk := flag.String("gitlab-agentk", os.Getenv(kasbench.GitLabAgentkEnv),
 		"GitLab's agentk binary, measured behind the same Caddy next to ours (default $"+kasbench.GitLabAgentkEnv+", else "+kasbench.GitLabAgentkDefault+" relative to -root); if absent, its rows are left out")
 	release := flag.Bool("release", true, "build stripped binaries with -trimpath, like a release (false keeps symbols for perf)")
