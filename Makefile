@@ -33,7 +33,8 @@ proto-check:
 	bash hack/protoc/generate.sh --check
 
 # Benchmarks on loopback: caddy-kas next to a direct connection to the same upstream, 10,000 idle agents
-# on one Caddy, a stalled reader (about 5 minutes); writes the results into docs/benchmarks.md.
+# on one Caddy, a stalled reader, two nodes sharing a redis-server (about 6 minutes); writes the results into
+# docs/benchmarks.md.
 .PHONY: bench
 bench:
 	go run ./bench/cmd/kasbench -write docs/benchmarks.md

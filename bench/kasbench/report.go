@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"slices"
 	"strings"
 	"time"
 )
@@ -457,12 +456,27 @@ func crossNodeOf(cells []cell, c cell) (crossNodeComparison, bool) {
 	return x, single > 0 && cross > 0
 }
 
+// crossNodeComparisons are the cross-node cells among cells, each with the
+// single-node and direct cells it is compared with.
+func crossNodeComparisons(cells []cell) []crossNodeComparison {
+	var xs []crossNodeComparison
+	for _, c := range cells {
+		if !strings.HasPrefix(c.target, crossNodeName+" ") {
+			continue
+		}
+		if x, ok := crossNodeOf(cells, c); ok {
+			xs = append(xs, x)
+		}
+	}
+	return xs
+}
+
 // crossNodeRatio is the comparison of the 1 KiB cross-node cell of proto
 // at conc, if it was measured.
 func (r *Report) crossNodeRatio(proto string, conc int) (crossNodeComparison, bool) {
-	for _, c := range r.Small {
-		if c.target == crossNodeName+" "+proto && c.conc == conc {
-			return crossNodeOf(r.Small, c)
+	for _, x := range crossNodeComparisons(r.Small) {
+		if x.cross.target == crossNodeName+" "+proto && x.cross.conc == conc {
+			return x, true
 		}
 	}
 	return crossNodeComparison{}, false
@@ -474,55 +488,37 @@ func perOpMicros(c cell) string { return fmt.Sprintf("%d", c.cpuPerOp.Microsecon
 // crossNodeTables compare the cross-node cells with the single-node ones
 // of the same run: CPU split between the processes, and added latency.
 func (r *Report) crossNodeTables(w func(string, ...any)) {
-	isCross := func(c cell) bool { return strings.HasPrefix(c.target, crossNodeName+" ") }
-	if !slices.ContainsFunc(r.Small, isCross) && !slices.ContainsFunc(r.Bulk, isCross) {
-		return
-	}
-	per := func(d time.Duration, c cell) string {
-		if c.res.requests == 0 {
-			return ""
+	client := func(c cell) string { return c.target[len(crossNodeName)+1:] }
+	if small := crossNodeComparisons(r.Small); len(small) > 0 {
+		per := func(d time.Duration, c cell) string {
+			return fmt.Sprintf("%d", (d / time.Duration(max(c.res.requests, 1))).Microseconds())
 		}
-		return fmt.Sprintf("%d", (d / time.Duration(c.res.requests)).Microseconds())
-	}
-	w("\n### Across nodes: client → node A → node B → agentk (1 KiB GET)\n\n")
-	w("CPU per request counts both Caddy nodes and agentk; the single-node row of the same run counts its Caddy and agentk.\n\n")
-	w("| client | c | req/s | CPU µs/req: single node | cross-node | × single node | node A | node B | agentk | p50 ms | added p50 ms vs direct | vs single node |\n")
-	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-	for _, c := range r.Small {
-		if !isCross(c) {
-			continue
+		w("\n### Across nodes: client → node A → node B → agentk (1 KiB GET)\n\n")
+		w("CPU per request counts both Caddy nodes and agentk; the single-node row of the same run counts its Caddy and agentk.\n\n")
+		w("| client | c | req/s | CPU µs/req: single node | cross-node | × single node | node A | node B | agentk | p50 ms | added p50 ms vs direct | vs single node |\n")
+		w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, x := range small {
+			c, p50 := x.cross, x.cross.res.quantile(0.5)
+			w("| %s | %d | %.0f | %s | %s | %.2f× | %s | %s | %s | %s | %+.2f | %+.2f |\n",
+				client(c), c.conc, c.res.perSecond(), perOpMicros(x.single), perOpMicros(c), x.ratio,
+				per(c.cpu-c.holderCPU-c.agentCPU, c), per(c.holderCPU, c), per(c.agentCPU, c), ms(p50),
+				float64(p50-x.direct.res.quantile(0.5))/float64(time.Millisecond),
+				float64(p50-x.single.res.quantile(0.5))/float64(time.Millisecond))
 		}
-		x, ok := crossNodeOf(r.Small, c)
-		if !ok {
-			continue
-		}
-		p50 := c.res.quantile(0.5)
-		w("| %s | %d | %.0f | %s | %s | %.2f× | %s | %s | %s | %s | %+.2f | %+.2f |\n",
-			c.target[len(crossNodeName)+1:], c.conc, c.res.perSecond(), perOpMicros(x.single), perOpMicros(c), x.ratio,
-			per(c.cpu-c.holderCPU-c.agentCPU, c), per(c.holderCPU, c), per(c.agentCPU, c), ms(p50),
-			float64(p50-x.direct.res.quantile(0.5))/float64(time.Millisecond),
-			float64(p50-x.single.res.quantile(0.5))/float64(time.Millisecond))
 	}
-	if !slices.ContainsFunc(r.Bulk, isCross) {
-		return
-	}
-	w("\n### Across nodes: 10 MiB GET and PUT\n\n")
-	w("| op | client | c | MiB/s: single node | cross-node | CPU ms/GiB: single node | cross-node | × single node | of which node A / node B / agentk |\n")
-	w("|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
-	perGiB := func(d time.Duration, c cell) float64 {
-		return float64(d.Milliseconds()) / (float64(max(c.res.bytes, 1)) / (1 << 30))
-	}
-	for _, c := range r.Bulk {
-		if !isCross(c) {
-			continue
+	if bulk := crossNodeComparisons(r.Bulk); len(bulk) > 0 {
+		perGiB := func(d time.Duration, c cell) float64 {
+			return float64(d.Milliseconds()) / (float64(max(c.res.bytes, 1)) / (1 << 30))
 		}
-		x, ok := crossNodeOf(r.Bulk, c)
-		if !ok {
-			continue
+		w("\n### Across nodes: 10 MiB GET and PUT\n\n")
+		w("| op | client | c | MiB/s: single node | cross-node | CPU ms/GiB: single node | cross-node | × single node | of which node A / node B / agentk |\n")
+		w("|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, x := range bulk {
+			c := x.cross
+			w("| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.2f× | %.0f / %.0f / %.0f |\n",
+				c.op, client(c), c.conc, x.single.res.mibPerSecond(), c.res.mibPerSecond(),
+				perGiB(x.single.cpu, x.single), perGiB(c.cpu, c), x.ratio,
+				perGiB(c.cpu-c.holderCPU-c.agentCPU, c), perGiB(c.holderCPU, c), perGiB(c.agentCPU, c))
 		}
-		w("| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.2f× | %.0f / %.0f / %.0f |\n",
-			c.op, c.target[len(crossNodeName)+1:], c.conc, x.single.res.mibPerSecond(), c.res.mibPerSecond(),
-			perGiB(x.single.cpu, x.single), perGiB(c.cpu, c), x.ratio,
-			perGiB(c.cpu-c.holderCPU-c.agentCPU, c), perGiB(c.holderCPU, c), perGiB(c.agentCPU, c))
 	}
 }

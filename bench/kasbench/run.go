@@ -1,7 +1,8 @@
 // Package kasbench measures caddy-kas side by side with a direct connection
 // to the same upstream, in one run on loopback: requests per second,
 // latency, CPU per request, bulk throughput, watch delivery delay, memory,
-// idle agents per node and isolation from a stalled reader. See
+// idle agents per node and isolation from a stalled reader; and the same
+// requests across two Caddy nodes sharing a Redis. See
 // docs/benchmarks.md for the results and bench/cmd/kasbench for the
 // command.
 package kasbench
@@ -55,7 +56,8 @@ type Config struct {
 	Sources     int
 	// ProfileDir, if set, receives CPU profiles of Caddy taken during
 	// the 1 KiB GET phase at ProfileConc and the 10 MiB GET phase at the
-	// highest bulk concurrency, through Caddy over HTTP/2.
+	// highest bulk concurrency, through Caddy over HTTP/2; of both nodes
+	// in the cross-node phases (files ending in -node-a and -node-b).
 	ProfileDir  string
 	ProfileConc int
 	// Skip names measurements to leave out: "small", "bulk", "watch",

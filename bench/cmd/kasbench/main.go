@@ -2,7 +2,7 @@
 // same upstream, in one run on 127.0.0.1, and prints the tables of
 // docs/benchmarks.md:
 //
-//	go run ./bench/cmd/kasbench                          # full run, about 6 minutes
+//	go run ./bench/cmd/kasbench                          # full run, about 6–7 minutes
 //	go run ./bench/cmd/kasbench -write docs/benchmarks.md
 //	go run ./bench/cmd/kasbench -quick                   # a few requests of everything
 //
@@ -10,7 +10,10 @@
 // (HTTPS, HTTP/1.1 and HTTP/2), Caddy with a throwaway certificate and
 // agentk, and measures each load directly and through Caddy and agentk.
 // If GitLab's agentk is at hand (-gitlab-agentk), it connects to the same
-// Caddy as a second agent and each load is measured through it too.
+// Caddy as a second agent and each load is measured through it too. If
+// redis-server is on PATH, two more Caddy nodes share their tunnels through
+// it, a second agentk connects to node B, and each load is also measured
+// sent to node A, which forwards it to node B (-skip nodes leaves this out).
 // Every load is bounded in time and count and aimed at 127.0.0.x only.
 package main
 
@@ -41,7 +44,7 @@ func run() error {
 	phase := flag.Duration("phase", 0, "measured time of one table cell (default 3s)")
 	agents := flag.String("agents", "", "comma-separated idle agent counts, increasing (default 1000,5000,10000; \"none\" skips)")
 	idle := flag.Duration("idle-window", 0, "how long idle CPU is measured at each agent count (default 20s)")
-	profiles := flag.String("pprof", "", "directory for CPU profiles of Caddy during the 1 KiB c=16 and 10 MiB GET c=8 HTTP/2 phases")
+	profiles := flag.String("pprof", "", "directory for CPU profiles of Caddy (of both nodes across nodes) during the 1 KiB c=16 and 10 MiB GET c=8 HTTP/2 phases")
 	root := flag.String("root", ".", "module root to build from")
 	baseline := flag.String("baseline", "", "a second source tree (the code before a change) measured in the same run, rows marked (baseline)")
 	var caddyEnv stringsFlag
