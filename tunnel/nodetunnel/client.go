@@ -51,6 +51,44 @@ type Client struct {
 
 	mu         sync.Mutex // guards transports
 	transports map[string]*http2.Transport
+
+	tokenMu sync.Mutex // guards tokens
+	tokens  map[int64]signedToken
+}
+
+// signedToken is a token kept for reuse: signing one per request cost a
+// tenth of the forwarding node's CPU (docs/benchmarks.md), and a token is
+// good for jwtValidity.
+type signedToken struct {
+	token    string
+	signedAt time.Time
+}
+
+// tokenReuse is how long a signed token is reused: well within its
+// validity, so that it is still good when the other node checks it.
+const tokenReuse = jwtValidity / 2
+
+// maxCachedTokens bounds the tokens kept, one per agent.
+const maxCachedTokens = 10_000
+
+// token returns a token for agentID, reusing one signed less than
+// tokenReuse ago.
+func (c *Client) token(agentID int64) (string, error) {
+	now := c.now()
+	c.tokenMu.Lock()
+	defer c.tokenMu.Unlock()
+	if t, ok := c.tokens[agentID]; ok && now.Sub(t.signedAt) < tokenReuse && !now.Before(t.signedAt) {
+		return t.token, nil
+	}
+	token, err := signToken(c.Secret, agentID, now)
+	if err != nil {
+		return "", err
+	}
+	if c.tokens == nil || len(c.tokens) >= maxCachedTokens {
+		c.tokens = make(map[int64]signedToken)
+	}
+	c.tokens[agentID] = signedToken{token: token, signedAt: now}
+	return token, nil
 }
 
 func (c *Client) now() time.Time {
@@ -149,7 +187,7 @@ func (c *Client) Open(ctx context.Context, nodeURL string, agentID int64) (*Remo
 	if err != nil {
 		return nil, err
 	}
-	token, err := signToken(c.Secret, agentID, c.now())
+	token, err := c.token(agentID)
 	if err != nil {
 		return nil, err
 	}

@@ -99,6 +99,15 @@ func (f *Finder) log() *zap.Logger {
 // race asks the nodes, each after a stagger or as soon as the one before
 // failed, and returns the first ready Remote, or nil.
 func (f *Finder) race(ctx context.Context, agentID int64, urls []string) *Remote {
+	if len(urls) == 1 {
+		// One node to ask (the usual case: one replica elsewhere):
+		// nothing to race, and no goroutine to start.
+		r, err := f.Client.Open(ctx, urls[0], agentID)
+		if err != nil && !errors.Is(err, ErrNoTunnel) && ctx.Err() == nil {
+			f.log().Debug("node unreachable", zap.Int64("agent_id", agentID), zap.Error(err))
+		}
+		return r
+	}
 	stagger := f.Stagger
 	if stagger <= 0 {
 		stagger = DefaultStagger

@@ -50,8 +50,9 @@ func signToken(secret []byte, agentID int64, now time.Time) (string, error) {
 // errBadToken is wrapped by the errors of verifyToken.
 var errBadToken = errors.New("invalid node token")
 
-// verifyToken checks a token and returns the agent it names.
-func verifyToken(secret []byte, token string, now time.Time) (int64, error) {
+// verifyToken checks a token and returns the agent it names and when the
+// token expires.
+func verifyToken(secret []byte, token string, now time.Time) (int64, time.Time, error) {
 	var c claims
 	_, err := jwt.ParseWithClaims(token, &c, func(*jwt.Token) (any, error) { return secret, nil },
 		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
@@ -62,10 +63,10 @@ func verifyToken(secret []byte, token string, now time.Time) (int64, error) {
 		jwt.WithTimeFunc(func() time.Time { return now }),
 	)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %w", errBadToken, err)
+		return 0, time.Time{}, fmt.Errorf("%w: %w", errBadToken, err)
 	}
 	if c.AgentID <= 0 {
-		return 0, fmt.Errorf("%w: no agent", errBadToken)
+		return 0, time.Time{}, fmt.Errorf("%w: no agent", errBadToken)
 	}
-	return c.AgentID, nil
+	return c.AgentID, c.ExpiresAt.Time, nil
 }

@@ -52,6 +52,42 @@ type Server struct {
 	Now func() time.Time
 
 	refusals refusalLog
+
+	verifiedMu sync.Mutex // guards verified
+	verified   map[string]verifiedToken
+}
+
+// verifiedToken is a token found valid, kept until it expires: the
+// forwarding node reuses a token for a while, and checking one costs a
+// tenth of the receiving node's CPU per request (docs/benchmarks.md).
+type verifiedToken struct {
+	agentID int64
+	expires time.Time
+}
+
+// maxVerifiedTokens bounds the tokens kept.
+const maxVerifiedTokens = 10_000
+
+// verify checks a token, from the tokens verified before if it is one.
+func (s *Server) verify(token string) (int64, error) {
+	now := s.now()
+	s.verifiedMu.Lock()
+	v, ok := s.verified[token]
+	s.verifiedMu.Unlock()
+	if ok && now.Before(v.expires) {
+		return v.agentID, nil
+	}
+	agentID, expires, err := verifyToken(s.Secret, token, now)
+	if err != nil {
+		return 0, err
+	}
+	s.verifiedMu.Lock()
+	if s.verified == nil || len(s.verified) >= maxVerifiedTokens {
+		s.verified = make(map[string]verifiedToken)
+	}
+	s.verified[token] = verifiedToken{agentID: agentID, expires: expires}
+	s.verifiedMu.Unlock()
+	return agentID, nil
 }
 
 func (s *Server) now() time.Time {
@@ -83,7 +119,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusUnauthorized, "no token", "unauthenticated")
 		return
 	}
-	agentID, err := verifyToken(s.Secret, token, s.now())
+	agentID, err := s.verify(token)
 	if err != nil {
 		s.refuse(w, r, http.StatusUnauthorized, "invalid token", "unauthenticated")
 		return
