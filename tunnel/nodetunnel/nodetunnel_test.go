@@ -5,12 +5,15 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -312,5 +315,62 @@ func TestServerRefuses(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("no token: %s", resp.Status)
+	}
+}
+
+// TestForwardedOverTLS: nodes that serve their private listener with TLS
+// (grpcs://) and a unix socket (unix://) forward the same way.
+func TestForwardedOverTLS(t *testing.T) {
+	store := tunnel.NewStore()
+	t.Cleanup(func() { store.Close() })
+	srv := httptest.NewUnstartedServer(&nodetunnel.Server{Secret: secret, Local: store})
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	p := h2tunneltest.NewPair(t, &cluster{}, h2tunneltest.Options{Agent: tunnel.AgentInfo{ID: agentID}})
+	t.Cleanup(store.Add(p.KAS))
+
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate())
+	f := &nodetunnel.Finder{
+		Nodes:  newRegistry("grpcs://" + strings.TrimPrefix(srv.URL, "https://")),
+		Client: &nodetunnel.Client{Secret: secret, TLS: &tls.Config{RootCAs: roots, ServerName: "example.com"}},
+	}
+	a := &tunnel.Router{Local: tunnel.NewStore(), Remote: f.Find}
+	req, _ := http.NewRequest(http.MethodPost, "http://agent/echo", strings.NewReader("over tls"))
+	resp, err := find(t, a).RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "over tls" {
+		t.Errorf("echo over TLS: %q", body)
+	}
+
+	// A unix socket.
+	dir, err := os.MkdirTemp("", "nodetunnel")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "private.sock")
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	us := &http.Server{Handler: h2c.NewHandler(&nodetunnel.Server{Secret: secret, Local: store}, &http2.Server{})}
+	go us.Serve(lis)
+	t.Cleanup(func() { us.Close() })
+	f.Nodes = newRegistry("unix://" + sock)
+	req, _ = http.NewRequest(http.MethodPost, "http://agent/echo", strings.NewReader("over a socket"))
+	resp, err = find(t, a).RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "over a socket" {
+		t.Errorf("echo over a unix socket: %q", body)
 	}
 }
