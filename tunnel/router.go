@@ -117,16 +117,23 @@ func (r *Router) waitLocal(ctx context.Context, agentID int64, remote <-chan Tun
 	}
 }
 
-// leastLoaded returns the live tunnel with the fewest requests, or nil.
+// leastLoaded returns the live tunnel with the fewest requests, or nil. A
+// tunnel whose agent was asked to move ([Movable]) is taken only when the
+// agent has no other: until its new tunnel is up, the old one still
+// answers, so no request waits or fails because of the move.
 func leastLoaded(tunnels []Tunnel) Tunnel {
 	var best Tunnel
 	var bestLoad int64
+	bestMoving := false
 	for _, t := range tunnels {
 		if t.Err() != nil {
 			continue // done since it was listed; its owner removes it shortly
 		}
-		if load := t.Load(); best == nil || load < bestLoad {
-			best, bestLoad = t, load
+		moving := isMoving(t)
+		load := t.Load()
+		switch {
+		case best == nil, bestMoving && !moving, bestMoving == moving && load < bestLoad:
+			best, bestLoad, bestMoving = t, load, moving
 		}
 	}
 	return best

@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"sync"
 	"time"
 )
@@ -15,7 +16,7 @@ type Store struct {
 	// connected since, the start of its absence.
 	created time.Time
 
-	mu     sync.Mutex // guards agents, lastConnected and closed
+	mu     sync.Mutex // guards agents, lastConnected, closed and drain
 	agents map[int64]*agentEntry
 	// lastConnected holds, for every agent that has had a tunnel here and
 	// has none now, when its last tunnel was removed. One entry per agent
@@ -23,6 +24,18 @@ type Store struct {
 	// added, so made-up ids cannot grow it.
 	lastConnected map[int64]time.Time
 	closed        bool
+	// drain is set while the node stops: every tunnel, also one added
+	// from then on, is drained with it.
+	drain *storeDrain
+}
+
+// storeDrain is the state of [Store.Drain]; the Store's mu guards its
+// pending and over.
+type storeDrain struct {
+	ctx     context.Context // ends at the end of the grace period
+	grace   time.Duration
+	pending int           // tunnels being drained
+	over    chan struct{} // closed once pending dropped to zero
 }
 
 // agentEntry is the store's state for one agent. It exists while the agent
@@ -57,6 +70,10 @@ func (s *Store) Add(t Tunnel) (remove func()) {
 	delete(s.lastConnected, id)
 	close(e.added)
 	e.added = make(chan struct{})
+	if d := s.drain; d != nil {
+		// It got through the handshake as the node began to stop.
+		s.drainLocked(d, t)
+	}
 	s.mu.Unlock()
 
 	var once sync.Once
@@ -202,4 +219,59 @@ func (s *Store) Close() error {
 		t.Close()
 	}
 	return nil
+}
+
+// Drain is for a node that stops while agents can reach another: it asks
+// every agent to move ([Movable]) and closes each tunnel once it carries no
+// request, or when grace has passed since Drain began, or when ctx is
+// done. A tunnel added meanwhile is drained too. Drain returns once every
+// tunnel is closed; calling it again waits for the same drain. Tunnels that
+// cannot move are closed once idle as well.
+func (s *Store) Drain(ctx context.Context, grace time.Duration) {
+	s.mu.Lock()
+	d := s.drain
+	if d == nil {
+		dctx, cancel := context.WithTimeout(ctx, grace)
+		defer cancel()
+		d = &storeDrain{ctx: dctx, grace: grace, over: make(chan struct{})}
+		s.drain = d
+		for _, e := range s.agents {
+			for _, t := range e.tunnels {
+				s.drainLocked(d, t)
+			}
+		}
+		if d.pending == 0 {
+			close(d.over)
+		}
+	}
+	s.mu.Unlock()
+	<-d.over
+}
+
+// drainLocked drains t in a goroutine of its own, which d.ctx bounds and
+// [Store.Drain] waits for; after the drain is over, t is closed at once.
+func (s *Store) drainLocked(d *storeDrain, t Tunnel) {
+	select {
+	case <-d.over:
+		go t.Close() // Close may call back into the store
+		return
+	default:
+	}
+	d.pending++
+	go func() {
+		Drain(d.ctx, t, DrainOptions{Grace: d.grace})
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if d.pending--; d.pending == 0 {
+			close(d.over)
+		}
+	}()
+}
+
+// Draining reports whether [Store.Drain] was called: the node is stopping,
+// and an agent endpoint should send agents elsewhere.
+func (s *Store) Draining() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.drain != nil
 }
