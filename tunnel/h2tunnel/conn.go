@@ -106,6 +106,8 @@ type Conn struct {
 	// closed or request failed). Unlike cc.InFlight it also counts requests
 	// that are waiting for a free stream slot.
 	active atomic.Int64
+	// moving is set once KAS asked the agent to move ([Conn.Move]).
+	moving atomic.Bool
 }
 
 // connKey carries the net.Conn to dialFromContext.
@@ -256,6 +258,32 @@ func (c *Conn) Close() error {
 	return err
 }
 
+// Move implements [tunnel.Movable]: it asks agentk, with a request that
+// carries [MoveHeader], to open a new tunnel while this one carries on.
+// An agentk that does not know the request forwards it to its cluster,
+// which refuses it; Move then reports an error and the tunnel simply
+// closes once idle.
+func (c *Conn) Move(ctx context.Context) error {
+	c.moving.Store(true)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/", http.NoBody)
+	if err != nil {
+		return fmt.Errorf("asking agent %d to move: %w", c.info.ID, err)
+	}
+	req.Header.Set(MoveHeader, "1")
+	resp, err := c.cc.RoundTrip(req)
+	if err != nil {
+		return fmt.Errorf("asking agent %d to move: %w", c.info.ID, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		return fmt.Errorf("asking agent %d to move: agentk answered %s", c.info.ID, resp.Status)
+	}
+	return nil
+}
+
+// Moving implements [tunnel.Movable].
+func (c *Conn) Moving() bool { return c.moving.Load() }
+
 // RoundTrip implements [tunnel.Tunnel]: it sends req to the agent on a new
 // HTTP/2 stream, with the identity and upgrade encoded in this protocol's
 // headers (see the package documentation). The response body streams;
@@ -322,4 +350,4 @@ func (w *prefaceWatcher) Read(p []byte) (int, error) {
 	return n, err
 }
 
-var _ tunnel.Tunnel = (*Conn)(nil)
+var _ tunnel.Movable = (*Conn)(nil)

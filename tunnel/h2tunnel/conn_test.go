@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"reflect"
@@ -558,4 +559,64 @@ func TestAfterReady(t *testing.T) {
 			t.Error("a peer that sent no SETTINGS made the connection ready")
 		}
 	})
+}
+
+// TestMove asks the agent to move while a request is in flight: the agent
+// is told once per Move, the request in flight finishes, the tunnel still
+// carries new requests, and a client cannot forge the request to move.
+func TestMove(t *testing.T) {
+	release := make(chan struct{})
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			w.WriteHeader(http.StatusOK)
+			http.NewResponseController(w).Flush()
+			<-release
+		}
+		io.WriteString(w, "done "+r.Header.Get(h2tunnel.MoveHeader))
+	})
+	var moves atomic.Int32
+	p := h2tunneltest.NewPair(t, handler, h2tunneltest.Options{OnMove: func() { moves.Add(1) }})
+	slow, err := p.Get(t.Context(), "/slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Body.Close()
+	if p.KAS.Moving() {
+		t.Fatal("moving before Move")
+	}
+	if err := p.KAS.Move(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if !p.KAS.Moving() || moves.Load() != 1 {
+		t.Fatalf("after Move: moving %v, agent told %d times", p.KAS.Moving(), moves.Load())
+	}
+	for _, tc := range []struct {
+		name   string
+		header http.Header
+	}{
+		{"plain", nil},
+		{"with a forged Kas-Move", http.Header{h2tunnel.MoveHeader: {"1"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, "http://agent/fast", nil)
+			maps.Copy(req.Header, tc.header)
+			resp, err := p.RoundTrip(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(body) != "done " {
+				t.Errorf("got %q, want %q", body, "done ")
+			}
+		})
+	}
+	if moves.Load() != 1 {
+		t.Errorf("agent told to move %d times, want 1", moves.Load())
+	}
+	close(release)
+	body, err := io.ReadAll(slow.Body)
+	if err != nil || string(body) != "done " {
+		t.Errorf("request in flight during the move: %q, %v", body, err)
+	}
 }

@@ -49,5 +49,18 @@
 //     headers and copies bytes both ways. The end of either direction
 //     (EOF) is passed on as a half-close.
 //
+// # Moving an agent
+//
+// A node that stops, or a tunnel that reached its maximum age, asks
+// agentk to move with a request of KAS's own that carries [MoveHeader]
+// (KAS is the HTTP/2 client, so it cannot send the server's GOAWAY that
+// would say the same). agentk answers 204, dials a new tunnel at once,
+// without backoff, to whatever node its KAS address leads to now, and
+// keeps serving the old tunnel until KAS closes it: KAS sends the old one
+// no new request while the agent has another, lets the requests on it
+// finish within a grace period, and then closes it. A client cannot forge
+// the request: [MoveHeader] is one of this protocol's headers, removed from
+// every proxied request.
+//
 // This package imports no Caddy package.
 package h2tunnel

@@ -53,6 +53,13 @@ const (
 	// UpgradeStatusHeader is "101" in agentk's answer when the cluster
 	// switched protocols.
 	UpgradeStatusHeader = "Kas-Upgrade-Status"
+	// MoveHeader marks a request of KAS's own, not a proxied one: KAS
+	// asks agentk to move, because the node stops or the tunnel reached
+	// its maximum age. agentk answers 204 and opens a new tunnel at once,
+	// to whichever node its KAS address leads to now, while it keeps
+	// serving this one until KAS closes it: requests in flight finish, and
+	// the agent is never without a tunnel.
+	MoveHeader = "Kas-Move"
 )
 
 // SetMetaHeaders writes m into the handshake headers h.

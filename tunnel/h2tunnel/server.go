@@ -24,6 +24,24 @@ type Server struct {
 	// after its context is done, before it closes the connection. Zero
 	// closes at once.
 	ShutdownGrace time.Duration
+	// OnMove, if set, is called when KAS asks the agent to move (a
+	// request with [MoveHeader]): it should open a new tunnel, and leave
+	// this one serving until KAS closes it. It must not block; it may be
+	// called more than once.
+	OnMove func()
+}
+
+// serveMoves answers KAS's requests to move and passes every other request
+// to s.Handler.
+func (s *Server) serveMoves(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get(MoveHeader) == "" {
+		s.Handler.ServeHTTP(w, r)
+		return
+	}
+	if s.OnMove != nil {
+		s.OnMove()
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 // ServeConn serves requests from KAS on nc until the connection ends or ctx
@@ -38,7 +56,7 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 		errorLog = log.New(discard{}, "", 0)
 	}
 	srv := &http.Server{
-		Handler:   s.Handler,
+		Handler:   http.HandlerFunc(s.serveMoves),
 		Protocols: h2cOnly(),
 		HTTP2:     s.Options.http2Config(),
 		ErrorLog:  errorLog,

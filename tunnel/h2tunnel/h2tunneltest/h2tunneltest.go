@@ -37,6 +37,8 @@ type Options struct {
 	Tunnel h2tunnel.Options
 	// Agent describes the agent; ID 0 becomes 1.
 	Agent tunnel.AgentInfo
+	// OnMove is the agent side's [h2tunnel.Server.OnMove].
+	OnMove func()
 }
 
 // NewPair starts a tunnel whose agent side serves h. Cleanup closes it.
@@ -75,7 +77,7 @@ func NewPair(t testing.TB, h http.Handler, o Options) *Pair {
 		cancel()
 		t.Fatalf("dial: %v", err)
 	}
-	srv := &h2tunnel.Server{Handler: h, Options: o.Tunnel}
+	srv := &h2tunnel.Server{Handler: h, Options: o.Tunnel, OnMove: o.OnMove}
 	p := &Pair{AgentNet: agentNet, Served: make(chan error, 1), Cancel: cancel}
 	go func() { p.Served <- srv.ServeConn(ctx, agentConn) }()
 
