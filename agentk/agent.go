@@ -328,12 +328,20 @@ type attemptResult struct {
 	refusal      *refusal      // the answer to a refused handshake, else nil
 }
 
-// runTunnel keeps one tunnel open until ctx is done.
+// runTunnel keeps one tunnel open until ctx is done. When KAS asks the
+// tunnel to move (its node stops, or the tunnel reached its maximum age),
+// the slot dials a new tunnel at once, and the old one serves on, in a
+// goroutine the slot waits for, until KAS closes it.
 func (a *Agent) runTunnel(ctx context.Context, slot int) {
 	backoff := a.cfg.Backoff // a copy: each tunnel has its own state
 	tlog := a.log.With(zap.Int("slot", slot), zap.String("kas_url", a.kasURL))
+	var moved sync.WaitGroup // tunnels that were asked to move and still serve
+	defer moved.Wait()
 	for {
-		r := a.attempt(ctx, tlog)
+		r, movedAway := a.attemptOrMove(ctx, tlog, &moved)
+		if movedAway {
+			continue // no backoff: the old tunnel still serves meanwhile
+		}
 		if ctx.Err() != nil {
 			if r.connected {
 				tlog.Info("tunnel disconnected", zap.Int64("connection", r.connectionID), zap.String("reason", "agentk is stopping"))
@@ -382,8 +390,32 @@ func errString(err error) string {
 	return err.Error()
 }
 
-// attempt opens one tunnel and serves it until it ends or ctx is done.
-func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
+// attemptOrMove makes one attempt and returns its result once the tunnel
+// ends; or, if KAS asks the tunnel to move first, returns movedAway at
+// once and leaves the tunnel serving in a goroutine that moved tracks.
+func (a *Agent) attemptOrMove(ctx context.Context, tlog *zap.Logger, moved *sync.WaitGroup) (r attemptResult, movedAway bool) {
+	move := make(chan struct{})
+	onMove := sync.OnceFunc(func() { close(move) })
+	result := make(chan attemptResult, 1)
+	moved.Go(func() { result <- a.attempt(ctx, tlog, onMove) })
+	select {
+	case r = <-result:
+		return r, false
+	case <-move:
+	}
+	a.metrics.moves.Add(1)
+	tlog.Info("KAS asked the agent to move; opening a new tunnel while this one finishes its requests")
+	moved.Go(func() {
+		r := <-result
+		tlog.Info("tunnel disconnected", zap.Int64("connection", r.connectionID),
+			zap.String("reason", "moved"), zap.Duration("connected_for", r.uptime), zap.NamedError("last_error", r.err))
+	})
+	return attemptResult{}, true
+}
+
+// attempt opens one tunnel and serves it until it ends or ctx is done;
+// onMove is called if KAS asks the agent to move.
+func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger, onMove func()) attemptResult {
 	r := attemptResult{connectionID: rand.Int64()}
 	token, err := a.cfg.Token()
 	if err != nil {
@@ -438,6 +470,7 @@ func (a *Agent) attempt(ctx context.Context, tlog *zap.Logger) attemptResult {
 		Options:       a.cfg.TunnelOptions,
 		ErrorLog:      a.httpLog,
 		ShutdownGrace: max(a.cfg.ShutdownGrace, 0),
+		OnMove:        onMove,
 	}
 	r.err = srv.ServeConn(ctx, conn)
 	r.uptime = time.Since(start)

@@ -575,3 +575,43 @@ func TestKubernetesVersionWarnsOnce(t *testing.T) {
 		t.Errorf("logged reachable %d times, want 1", n)
 	}
 }
+
+// TestAgentMovesWhenAsked has KAS ask the tunnel to move: agentk dials a
+// new tunnel at once while the old one keeps serving, and once KAS closes
+// the old one the agent stays connected through the new.
+func TestAgentMovesWhenAsked(t *testing.T) {
+	api := fakeAPI(t)
+	kas := newFakeKAS(t, "agent-token", 0)
+	tokenPath := filepath.Join(t.TempDir(), "token")
+	writeFile(t, tokenPath, []byte("agent-token"))
+	ta := startTestAgent(t, kas, api, tokenPath, 1)
+
+	old := kas.next(t)
+	if err := old.Move(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	moved := kas.next(t)
+	if moved.Agent().Meta.ConnectionID == old.Agent().Meta.ConnectionID {
+		t.Error("the new tunnel has the old one's connection id")
+	}
+	for name, c := range map[string]*h2tunnel.Conn{"old": old, "new": moved} {
+		if code, _ := proxyGet(t, c, "/version", nil, nil); code != http.StatusOK {
+			t.Errorf("%s tunnel answered %d", name, code)
+		}
+	}
+	eventually(t, "two tunnels counted", func() bool { return ta.metrics.tunnels.Load() == 2 })
+	old.Close()
+	eventually(t, "the old tunnel's end logged", func() bool {
+		return ta.logs.FilterMessage("tunnel disconnected").FilterField(zap.String("reason", "moved")).Len() == 1
+	})
+	eventually(t, "one tunnel counted", func() bool { return ta.metrics.tunnels.Load() == 1 })
+	if n := ta.metrics.moves.Load(); n != 1 {
+		t.Errorf("moves counted: %d, want 1", n)
+	}
+	if kas.handshakeCount() != 2 {
+		t.Errorf("%d handshakes, want 2: the closed old tunnel must not be redialed", kas.handshakeCount())
+	}
+	if _, body := ta.get(t, "/metrics"); !strings.Contains(body, "agentk_tunnel_moves_total 1\n") {
+		t.Errorf("metrics lack the move:\n%s", body)
+	}
+}

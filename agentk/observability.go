@@ -18,6 +18,7 @@ type metrics struct {
 	tunnels         atomic.Int64  // tunnels connected now
 	connects        atomic.Uint64 // tunnels established
 	connectFailures atomic.Uint64 // dial or handshake failures
+	moves           atomic.Uint64 // tunnels KAS asked to move
 	inFlight        atomic.Int64  // proxied requests being served
 
 	mu       sync.Mutex     // guards requests
@@ -48,6 +49,8 @@ func (m *metrics) write(w io.Writer, version, commit string) {
 	fmt.Fprintf(&b, "agentk_tunnel_connects_total %d\n", m.connects.Load())
 	metric("agentk_tunnel_connect_failures_total", "counter", "Failed attempts to open a tunnel to KAS.")
 	fmt.Fprintf(&b, "agentk_tunnel_connect_failures_total %d\n", m.connectFailures.Load())
+	metric("agentk_tunnel_moves_total", "counter", "Tunnels KAS asked to move to a new tunnel (its node stopping, or the tunnel's maximum age).")
+	fmt.Fprintf(&b, "agentk_tunnel_moves_total %d\n", m.moves.Load())
 
 	metric("agentk_proxied_requests_total", "counter", "Requests from KAS answered, by HTTP status code.")
 	m.mu.Lock()

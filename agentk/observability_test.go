@@ -16,6 +16,7 @@ func TestMetricsFormat(t *testing.T) {
 	m.tunnels.Store(2)
 	m.connects.Store(5)
 	m.connectFailures.Store(3)
+	m.moves.Store(4)
 	m.inFlight.Store(1)
 	m.requestDone(404)
 	m.requestDone(200)
@@ -34,6 +35,9 @@ agentk_tunnel_connects_total 5
 # HELP agentk_tunnel_connect_failures_total Failed attempts to open a tunnel to KAS.
 # TYPE agentk_tunnel_connect_failures_total counter
 agentk_tunnel_connect_failures_total 3
+# HELP agentk_tunnel_moves_total Tunnels KAS asked to move to a new tunnel (its node stopping, or the tunnel's maximum age).
+# TYPE agentk_tunnel_moves_total counter
+agentk_tunnel_moves_total 4
 # HELP agentk_proxied_requests_total Requests from KAS answered, by HTTP status code.
 # TYPE agentk_proxied_requests_total counter
 agentk_proxied_requests_total{code="200"} 2
