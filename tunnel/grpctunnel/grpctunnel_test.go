@@ -475,3 +475,98 @@ func TestOverSiteHTTP2(t *testing.T) {
 		t.Fatal("the tunnel outlived its agent's calls")
 	}
 }
+
+// TestDrain stops the server gracefully with a request in flight: one that
+// ends within the grace period completes, one that outlives it fails with
+// an error its reader sees, never a clean end.
+func TestDrain(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		grace      time.Duration
+		finishes   bool // whether the agent answers the request within the grace
+		wantBodyOK bool
+	}{
+		{"the request ends within the grace", time.Minute, true, true},
+		{"the request outlives the grace", 200 * time.Millisecond, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			release := make(chan struct{})
+			defer close(release)
+			e := newEnv(t, firstThenLast(release), 2)
+			e.agentMayFail = true // its calls fail once the server is gone
+			resp := startFirstThenLast(t, e.t)
+			defer resp.Body.Close()
+			drained := make(chan struct{})
+			go func() {
+				defer close(drained)
+				e.srv.Drain(tc.grace)
+			}()
+			if tc.finishes {
+				release <- struct{}{}
+			}
+			rest, err := io.ReadAll(resp.Body)
+			if ok := err == nil && string(rest) == "last"; ok != tc.wantBodyOK {
+				t.Errorf("rest of the body %q, %v; want complete: %v", rest, err, tc.wantBodyOK)
+			}
+			select {
+			case <-drained:
+			case <-time.After(30 * time.Second):
+				t.Fatal("Drain did not return")
+			}
+		})
+	}
+}
+
+// firstThenLast answers "first " at once and "last" once release lets it:
+// a response in flight for as long as a test wants.
+func firstThenLast(release <-chan struct{}) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first ")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "last")
+	})
+}
+
+// startFirstThenLast sends a request to a firstThenLast agent through tun
+// and returns the response once its first part has arrived.
+func startFirstThenLast(t *testing.T, tun tunnel.Tunnel) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, "http://agent/watch", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := tun.RoundTrip(&tunnel.Request{HTTP: req})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, len("first "))
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		resp.Body.Close()
+		t.Fatal(err)
+	}
+	return resp
+}
+
+// TestDrainLeavesSiteHTTP2Calls: a request in flight on a tunnel of calls
+// on the site's own HTTP/2 connection (grpcs://) goes on through Drain,
+// which does not wait for it; Caddy's own HTTP/2 shutdown and the store's
+// drain take care of that connection.
+func TestDrainLeavesSiteHTTP2Calls(t *testing.T) {
+	srv := grpctunnel.NewServer()
+	defer srv.Close()
+	adm := newAdmission(agentToken, 5)
+	release := make(chan struct{})
+	a := &fakeAgent{t: t, conn: connectHTTP2(t, srv, adm), token: agentToken,
+		handler: firstThenLast(release)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go a.serveTunnels(ctx, 2) // its calls end with the server, as they may
+	resp := startFirstThenLast(t, <-adm.ready)
+	defer resp.Body.Close()
+	srv.Drain(time.Minute) // returns: no WebSocket connection has a call
+	close(release)
+	if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "last" {
+		t.Errorf("the request in flight during Drain ended with %q, %v", rest, err)
+	}
+}

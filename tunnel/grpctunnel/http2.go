@@ -55,7 +55,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request, admission Adm
 	defer stop()
 	unwatch := context.AfterFunc(c.ctx, stop)
 	defer unwatch()
-	s.grpc.ServeHTTP(flushWriter{w}, r.WithContext(context.WithValue(ctx, connKey{}, c.agentConn)))
+	s.grpcHTTP.ServeHTTP(flushWriter{w}, r.WithContext(context.WithValue(ctx, connKey{}, c.agentConn)))
 }
 
 // h2ConnFor returns the live agent connection of remoteAddr with one more

@@ -67,8 +67,14 @@ type Admission interface {
 // them, which outlives configuration reloads as the tunnels do. Each
 // connection remembers the [Admission] of the endpoint that accepted it.
 type Server struct {
-	grpc *grpc.Server
-	lis  *connListener
+	// grpc serves the WebSocket connections; grpcHTTP the calls on the
+	// site's own HTTP/2 connections. They are apart because gRPC's
+	// graceful stop sends GOAWAY on the first but closes the second at
+	// once: a stopping node drains only the first, and Caddy's own HTTP/2
+	// shutdown sends the GOAWAY of the second.
+	grpc     *grpc.Server
+	grpcHTTP *grpc.Server
+	lis      *connListener
 
 	mu sync.Mutex // guards h2Conns
 	// h2Conns are the agent connections whose calls come as requests on
@@ -77,22 +83,61 @@ type Server struct {
 	h2Conns map[string]*h2Conn
 
 	serveDone chan struct{} // closed when the goroutine of grpc.Serve returns
+
+	// draining is closed by Drain: calls that only wait (idle Connect
+	// streams, GetConfiguration) end, so that agentk makes them again on
+	// its new connection.
+	draining  chan struct{}
+	drainOnce sync.Once
+}
+
+// Option tunes a [Server].
+type Option func(*serverOptions)
+
+type serverOptions struct {
+	maxConnectionAge time.Duration
+}
+
+// WithMaxConnectionAge limits how long an agent connection lives, as
+// GitLab's KAS max_connection_age does (kas-spec §1.1): after
+// [tunnel.MaxAgeSchedule]'s first part (with gRPC's own jitter of
+// ±10 % on top) the server sends GOAWAY, upon which GitLab's agentk
+// (grpc-go) makes its next calls on a new connection, to whichever node
+// its address leads to then; the connection closes at most maxAge after
+// it opened, failing the calls still on it. Zero or negative: no limit.
+func WithMaxConnectionAge(maxAge time.Duration) Option {
+	return func(o *serverOptions) { o.maxConnectionAge = maxAge }
 }
 
 // NewServer starts a server; [Server.Close] stops it.
-func NewServer() *Server {
-	s := &Server{lis: newConnListener(), serveDone: make(chan struct{}), h2Conns: make(map[string]*h2Conn)}
-	s.grpc = grpc.NewServer(
-		grpc.StatsHandler(connTracker{}),
-		grpc.MaxRecvMsgSize(maxMessageSize),
-		grpc.MaxSendMsgSize(maxMessageSize),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}),
-	)
+func NewServer(opts ...Option) *Server {
+	var o serverOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	params := keepalive.ServerParameters{Time: keepaliveTime, Timeout: keepaliveTimeout}
+	if o.maxConnectionAge > 0 {
+		params.MaxConnectionAge, params.MaxConnectionAgeGrace = tunnel.MaxAgeSchedule(o.maxConnectionAge)
+		// gRPC adds its own jitter of ±10 % to the age; keep the end of
+		// the grace within the limit.
+		params.MaxConnectionAge = params.MaxConnectionAge * 9 / 10
+	}
+	s := &Server{lis: newConnListener(), serveDone: make(chan struct{}), h2Conns: make(map[string]*h2Conn), draining: make(chan struct{})}
 	svc := &services{srv: s}
-	reversetunnelrpc.RegisterReverseTunnelServer(s.grpc, svc)
-	agentregistrarrpc.RegisterAgentRegistrarServer(s.grpc, svc)
-	agentconfigurationrpc.RegisterAgentConfigurationServer(s.grpc, svc)
+	newGRPC := func() *grpc.Server {
+		g := grpc.NewServer(
+			grpc.StatsHandler(connTracker{}),
+			grpc.MaxRecvMsgSize(maxMessageSize),
+			grpc.MaxSendMsgSize(maxMessageSize),
+			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveMinTime, PermitWithoutStream: true}),
+			grpc.KeepaliveParams(params),
+		)
+		reversetunnelrpc.RegisterReverseTunnelServer(g, svc)
+		agentregistrarrpc.RegisterAgentRegistrarServer(g, svc)
+		agentconfigurationrpc.RegisterAgentConfigurationServer(g, svc)
+		return g
+	}
+	s.grpc, s.grpcHTTP = newGRPC(), newGRPC()
 	go func() {
 		defer close(s.serveDone)
 		// Returns once the listener is closed by Stop.
@@ -112,8 +157,38 @@ func (s *Server) Serve(nc net.Conn, remoteAddr string, admission Admission) {
 	}
 }
 
+// Drain is for a node that stops: it sends GOAWAY on every WebSocket
+// connection of an agent (gRPC's graceful stop), upon which GitLab's
+// agentk (grpc-go) makes its next calls on a new connection, to whichever
+// node its address leads to now, and ends the calls that only wait (idle
+// Connect streams, GetConfiguration) so that agentk makes them there at
+// once. Calls that carry a request go on until they end or grace has
+// passed; then the server stops, and calls still on it fail. Drain returns
+// once every call on the WebSocket connections has ended. Calls on the
+// site's own HTTP/2 connections (grpc:// and grpcs:// addresses) go on
+// meanwhile: Caddy's HTTP/2 shutdown sends those connections' GOAWAY, and
+// their tunnels are drained like every other (tunnel.Store.Drain).
+func (s *Server) Drain(grace time.Duration) {
+	s.drainOnce.Do(func() { close(s.draining) })
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		s.grpc.GracefulStop()
+	}()
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	select {
+	case <-stopped:
+	case <-timer.C:
+		s.grpc.Stop()
+		<-stopped
+	}
+	<-s.serveDone
+}
+
 // Close stops the server and closes every connection.
 func (s *Server) Close() error {
+	s.grpcHTTP.Stop()
 	s.grpc.Stop()
 	<-s.serveDone
 	return nil

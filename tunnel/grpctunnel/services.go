@@ -111,6 +111,14 @@ func (s *services) Connect(stream grpc.BidiStreamingServer[reversetunnelrpc.Conn
 		}
 		// Claimed at the same moment: the request owns the stream now.
 		return <-is.finished
+	case <-s.srv.draining:
+		// The node stops and sent GOAWAY: a clean end makes agentk open
+		// the stream again, on its new connection, as GitLab's KAS ends
+		// its long polls before its connections reach their age.
+		if c.removeIdle(is) {
+			return nil
+		}
+		return <-is.finished
 	}
 }
 
@@ -166,6 +174,8 @@ func (s *services) GetConfiguration(req *agentconfigurationrpc.ConfigurationRequ
 			return status.FromContextError(stream.Context().Err()).Err()
 		case <-c.Done():
 			return status.Error(codes.Unavailable, "connection closing")
+		case <-s.srv.draining:
+			return nil // agentk asks again, on its new connection
 		case <-changed:
 		}
 	}
