@@ -100,6 +100,15 @@ type Endpoint struct {
 	// admitted here is published there for as long as it lives, so that
 	// the other nodes forward requests for its agent here.
 	Registry *redisregistry.Registry
+	// MaxConnectionAge, if positive, is how long a tunnel that can move
+	// ([tunnel.Movable], our agentk's) lives: its agent is asked to open
+	// a new tunnel after the first part of [tunnel.MaxAgeSchedule], so
+	// that agents rebalance across nodes and authenticate again, and the
+	// old tunnel closes once its requests are done and the new one is up,
+	// at the latest at the end of the age (GitLab's max_connection_age,
+	// kas-spec §1.1). GitLab's agentk's connections are limited by the
+	// gRPC server ([grpctunnel.WithMaxConnectionAge]).
+	MaxConnectionAge time.Duration
 }
 
 // recheckTimeout bounds one re-check of a connected agent's token.
@@ -119,6 +128,13 @@ type Observer interface {
 // its subprotocol names.
 func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hs := &handshake{e: e, w: w, r: r, log: e.logger().With(zap.String("remote_addr", r.RemoteAddr))}
+	if e.Store.Draining() {
+		// This node stops and has asked its agents to move: a tunnel
+		// opened now would have to move again at once.
+		hs.w.Header().Set("Retry-After", "1")
+		hs.refuse(http.StatusServiceUnavailable, "server stopping", "the agent server is stopping; connect to another node")
+		return
+	}
 	if !wsconn.IsUpgrade(r) {
 		// Someone opened the agent URL in a browser, or a proxy in front
 		// dropped the Upgrade header (kas-spec §9 item 1).
@@ -252,7 +268,9 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 		rc = &recheck{e: e, tunnel: t, token: token}
 		rc.schedule()
 	}
+	stopAging := e.limitAge(t)
 	t.AfterDone(func() {
+		stopAging()
 		if rc != nil {
 			rc.stop()
 		}
@@ -264,6 +282,23 @@ func (e *Endpoint) admit(t tunnel.Tunnel, token string, log *zap.Logger) {
 		}
 		e.tunnelLog(t).Info("agent disconnected", zap.Duration("connected_for", time.Since(t.ConnectedAt())), zap.NamedError("reason", t.Err()))
 	})
+}
+
+// limitAge arranges for a tunnel that can move to be drained once it
+// reaches e.MaxConnectionAge, on a timer rather than in a goroutine of its
+// own; the returned function cancels that for a tunnel that ended first.
+func (e *Endpoint) limitAge(t tunnel.Tunnel) (stop func()) {
+	m, ok := t.(tunnel.Movable)
+	if !ok || e.MaxConnectionAge <= 0 {
+		return func() {}
+	}
+	moveAfter, grace := tunnel.MaxAgeSchedule(e.MaxConnectionAge)
+	timer := time.AfterFunc(moveAfter, func() {
+		e.tunnelLog(m).Info("asking agent to move: the tunnel reached its maximum age",
+			zap.Duration("connected_for", time.Since(m.ConnectedAt())), zap.Duration("grace", grace))
+		tunnel.Drain(context.Background(), m, tunnel.DrainOptions{Grace: grace, Replaced: func() bool { return e.Store.Replaced(m) }})
+	})
+	return func() { timer.Stop() }
 }
 
 // tunnelLog returns the logger for events of a live tunnel. It is made

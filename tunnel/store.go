@@ -153,6 +153,22 @@ func (s *Store) All() []Tunnel {
 	return out
 }
 
+// Replaced reports whether t's agent has a live tunnel here besides t
+// that is not moving: once it has, t may close without a request for the
+// agent finding none.
+func (s *Store) Replaced(t Tunnel) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.agents[t.Agent().ID]; e != nil {
+		for _, x := range e.tunnels {
+			if x != t && x.Err() == nil && !isMoving(x) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // appendLive appends the tunnels that are not done. A done tunnel is
 // still listed for a moment, until its owner removes it.
 func appendLive(dst, tunnels []Tunnel) []Tunnel {
