@@ -26,6 +26,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 // Syntax:
 //
 //	kas {
+//	    shutdown_grace_period <duration>
+//	    max_connection_age    <duration>|off
 //	    gitlab {
 //	        url          <GitLab's internal URL>
 //	        secret_file  <path>
@@ -114,6 +116,25 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.PrivateAPI = new(PrivateAPI)
 			if err := a.PrivateAPI.unmarshalCaddyfile(d); err != nil {
 				return err
+			}
+		case "shutdown_grace_period", "max_connection_age":
+			name := d.Val()
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			if name == "max_connection_age" && v == "off" {
+				a.MaxConnectionAge = -1
+				continue
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return d.Errf("%s: %q is not a positive duration", name, v)
+			}
+			if name == "shutdown_grace_period" {
+				a.ShutdownGracePeriod = caddy.Duration(dur)
+			} else {
+				a.MaxConnectionAge = caddy.Duration(dur)
 			}
 		default:
 			return d.Errf("unrecognized kas option %q", d.Val())

@@ -4,12 +4,16 @@
 package kasapp
 
 import (
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/agentserver"
@@ -39,6 +43,26 @@ type App struct {
 	// PrivateAPI is this node's listener for the requests other nodes
 	// forward; required with Redis. Default: none.
 	PrivateAPI *PrivateAPI `json:"private_api,omitempty"`
+
+	// ShutdownGracePeriod is how long, when Caddy exits (caddy stop, a
+	// signal; not a reload, which keeps the tunnels), requests and
+	// watches on the tunnels may go on after their agents were asked to
+	// move to another node; then they end with an error their clients
+	// see, never a response that looks complete. Default: 1h, as GitLab's
+	// KAS shutdown_grace_period. Caddy's own grace_period does not bound
+	// it.
+	ShutdownGracePeriod caddy.Duration `json:"shutdown_grace_period,omitempty"`
+
+	// MaxConnectionAge is how long an agent's tunnel lives before the
+	// agent is asked to open a new one, so that agents rebalance across
+	// nodes after a scale-out and authenticate again. The agent is asked
+	// after about 35 % of it (less up to 5 % at random), the old tunnel
+	// closes once its requests are done and the new one is up, and at the
+	// latest at the end of the age; as GitLab's KAS max_connection_age.
+	// GitLab's agentk's connections get it from the first configuration
+	// of the process on, ours from the configuration that accepted them.
+	// Default: 2h; negative: no limit.
+	MaxConnectionAge caddy.Duration `json:"max_connection_age,omitempty"`
 
 	tunnels    *pooledTunnels
 	router     *tunnel.Router // this config's; it looks on other nodes when they share a registry
@@ -98,7 +122,34 @@ type pooledTunnels struct {
 	// every kubernetes_agent handler, across reloads as GitLab's KAS
 	// counts them across its nodes.
 	connections *agentserver.MemoryConnectionCounter
+
+	drainOnce    sync.Once
+	drainStarted atomic.Bool   // set by drainOnce, before its goroutine runs
+	drained      chan struct{} // closed once the drain that drainOnce started is over
 }
+
+// drain starts, once, the drain of a process that exits: every agent is
+// asked to move, and the tunnels close as their requests end or grace
+// passes. [pooledTunnels.Destruct] waits for it.
+func (p *pooledTunnels) drain(grace time.Duration, log *zap.Logger) {
+	p.drainOnce.Do(func() {
+		p.drainStarted.Store(true)
+		go func() {
+			defer close(p.drained)
+			start := time.Now()
+			log.Info("asking agents to move: the server is stopping",
+				zap.Int("tunnels", len(p.store.All())), zap.Duration("grace", grace))
+			var grpcDrained sync.WaitGroup
+			grpcDrained.Go(func() { p.grpc.Drain(grace) })
+			p.store.Drain(context.Background(), grace)
+			grpcDrained.Wait()
+			log.Info("tunnels drained", zap.Duration("took", time.Since(start)))
+		}()
+	})
+}
+
+// draining reports whether drain was started.
+func (p *pooledTunnels) draining() bool { return p.drainStarted.Load() }
 
 // modeTracker remembers the authentication mode the store's tunnels
 // were accepted under.
@@ -117,6 +168,9 @@ func (m *modeTracker) swap(mode string) string {
 }
 
 func (p *pooledTunnels) Destruct() error {
+	if p.draining() {
+		<-p.drained
+	}
 	err := p.store.Close()
 	p.grpc.Close()
 	return err
@@ -138,8 +192,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	v, _, err := tunnelPools.LoadOrNew(localTunnelsKey, func() (caddy.Destructor, error) {
 		store := tunnel.NewStore()
-		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), grpc: grpctunnel.NewServer(), modes: new(modeTracker),
-			connections: new(agentserver.MemoryConnectionCounter)}, nil
+		return &pooledTunnels{store: store, router: tunnel.NewRouter(store), modes: new(modeTracker),
+			grpc:        grpctunnel.NewServer(grpctunnel.WithMaxConnectionAge(a.maxConnectionAge())),
+			connections: new(agentserver.MemoryConnectionCounter), drained: make(chan struct{})}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("tunnel store: %w", err)
@@ -152,10 +207,63 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
+	if ctx.Context != nil { // a real configuration, not a test's zero Context
+		if err := a.drainOnExit(ctx); err != nil {
+			return err
+		}
+	}
 	if a.GitLab != nil {
 		return a.provisionGitLab(ctx)
 	}
 	return nil
+}
+
+// drainOnExit has the tunnels drained when Caddy begins to exit. Caddy
+// emits "stopping" before it stops any app, on a reload as on exit; the
+// drain must begin before the http app stops, which waits for proxied
+// requests (forever without a grace_period) that only end once the
+// tunnels under them do. Stop starts it too, should the event not come.
+func (a *App) drainOnExit(ctx caddy.Context) error {
+	v, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("loading events app: %w", err)
+	}
+	events, ok := v.(*caddyevents.App)
+	if !ok {
+		return fmt.Errorf("events app is a %T", v)
+	}
+	return events.On("stopping", exitDrain{a})
+}
+
+// exitDrain is the handler of Caddy's "stopping" event.
+type exitDrain struct{ a *App }
+
+func (d exitDrain) Handle(context.Context, caddy.Event) error {
+	if caddy.Exiting() { // not a reload
+		d.a.tunnels.drain(d.a.shutdownGrace(), d.a.logger)
+	}
+	return nil
+}
+
+func (a *App) shutdownGrace() time.Duration {
+	if a.ShutdownGracePeriod > 0 {
+		return time.Duration(a.ShutdownGracePeriod)
+	}
+	return tunnel.DefaultShutdownGrace
+}
+
+// TunnelMaxAge returns the maximum age of our agentk's tunnels, for the
+// agent endpoint; zero means no limit.
+func (a *App) TunnelMaxAge() time.Duration { return a.maxConnectionAge() }
+
+func (a *App) maxConnectionAge() time.Duration {
+	switch {
+	case a.MaxConnectionAge < 0:
+		return 0
+	case a.MaxConnectionAge == 0:
+		return tunnel.DefaultMaxConnectionAge
+	}
+	return time.Duration(a.MaxConnectionAge)
 }
 
 // GitLabMode returns what the handlers need in GitLab mode, or nil in
@@ -335,11 +443,15 @@ func declared(sets []AgentSet, info tunnel.AgentInfo) bool {
 }
 
 // Stop implements caddy.App. Tunnels are not closed here: on a reload the
-// next config keeps using them. GitLab mode's gRPC API and usage reporter
-// of this config stop.
+// next config keeps using them; on exit their drain starts, if the
+// "stopping" event has not started it, and Destruct waits for it. GitLab
+// mode's gRPC API and usage reporter of this config stop.
 func (a *App) Stop() error {
 	if a.gitlab != nil {
 		a.gitlab.stopRuntime()
+	}
+	if caddy.Exiting() && a.tunnels != nil {
+		a.tunnels.drain(a.shutdownGrace(), a.logger)
 	}
 	return nil
 }

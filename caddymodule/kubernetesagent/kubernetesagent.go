@@ -117,6 +117,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			app.DeclareAgentIDs(a.ID)
 		}
 	}
+	h.endpoint.MaxConnectionAge = app.TunnelMaxAge()
 	h.endpoint.Observer = metrics.Agents{}
 	h.endpoint.Registry = app.Registry()
 	return metrics.Register(ctx)
