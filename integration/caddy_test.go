@@ -172,7 +172,7 @@ var caddyfileTemplate = template.Must(template.New("Caddyfile").Funcs(template.F
 {{- end}}
 }
 
-https://localhost:{{.HTTPSPort}} {
+https://localhost:{{.HTTPSPort}}{{if .OwnPort}}, https://localhost:{{.OwnPort}}{{end}} {
 	tls internal
 {{- if .GitLab}}
 	kubernetes_agent
@@ -225,6 +225,7 @@ type caddyServer struct {
 	adminPort  int
 	httpPort   int
 	httpsPort  int
+	ownPort    int // a second HTTPS port of the site, only this Caddy's when it shares httpsPort; 0: none
 	config     kasConfig
 	proc       *kubetest.Process
 	env        []string // the environment of caddy run, and of caddy reload
@@ -235,14 +236,44 @@ type caddyServer struct {
 // HTTPS with a certificate from its internal CA.
 func startCaddy(t *testing.T, s *suite, config kasConfig) *caddyServer {
 	t.Helper()
-	ports := mustFreeLoopbackPorts(t, 3)
+	return launchCaddy(t, s, config, nil, false)
+}
+
+// startCaddyNode starts a Caddy like startCaddy, with a port of its own
+// beside its HTTPS port. With beside set, it listens on the HTTPS port of
+// that Caddy too (both set SO_REUSEPORT, so the kernel spreads new
+// connections over both, as a load balancer would spread them over two
+// nodes) and has a copy of its internal CA, so that clients of the one
+// trust the other. Only the CA: with the other's certificate in its
+// storage too, Caddy v2.11.9 would emit its first certificate event while
+// its TLS app starts, a data race of Caddy's own that the race detector
+// reports now and then.
+func startCaddyNode(t *testing.T, s *suite, config kasConfig, beside *caddyServer) *caddyServer {
+	t.Helper()
+	return launchCaddy(t, s, config, beside, true)
+}
+
+func launchCaddy(t *testing.T, s *suite, config kasConfig, beside *caddyServer, ownPort bool) *caddyServer {
+	t.Helper()
+	ports := mustFreeLoopbackPorts(t, 4)
 	c := &caddyServer{
 		suite:     s,
 		dir:       testDir(t, s),
 		adminPort: ports[0],
 		httpPort:  ports[1],
 		httpsPort: ports[2],
+		ownPort:   ports[3],
 		config:    config,
+	}
+	if !ownPort {
+		c.ownPort = 0
+	}
+	if beside != nil {
+		c.httpsPort = beside.httpsPort
+		pki := filepath.Join("caddy", "pki")
+		if err := os.CopyFS(filepath.Join(c.dir, pki), os.DirFS(filepath.Join(beside.dir, pki))); err != nil {
+			t.Fatalf("copying the internal CA of the Caddy beside: %v", err)
+		}
 	}
 	home := filepath.Join(c.dir, "home")
 	// Caddy saves its config and looks for its data under these; keep both
@@ -340,16 +371,16 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		AllowImpersonation           bool
 	}
 	data := struct {
-		AdminPort, HTTPPort, HTTPSPort int
-		StateDir, WaitForAgent         string
-		ServerOptions                  string
-		Agents                         []agentData
-		Users                          []userData
-		GitLab                         *gitlabData
-		Sites                          []siteData
-		KasExtra                       string
+		AdminPort, HTTPPort, HTTPSPort, OwnPort int
+		StateDir, WaitForAgent                  string
+		ServerOptions                           string
+		Agents                                  []agentData
+		Users                                   []userData
+		GitLab                                  *gitlabData
+		Sites                                   []siteData
+		KasExtra                                string
 	}{
-		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort,
+		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort, OwnPort: c.ownPort,
 		StateDir: c.dir, WaitForAgent: config.waitForAgent, ServerOptions: config.serverOptions,
 		KasExtra: config.kasExtra,
 	}
