@@ -13,8 +13,9 @@ import (
 )
 
 // TestReloadKeepsTunnelsAndStreams reloads Caddy with a changed config while
-// a watch runs through the tunnel: the new config must take effect, and
-// neither the tunnel nor the watch may notice.
+// a kubectl watch and 100 more watches run through the tunnel, under a loop
+// of requests: the new config must take effect, and neither the tunnel nor
+// a watch nor a request may notice.
 func TestReloadKeepsTunnelsAndStreams(t *testing.T) {
 	s := requireSuite(t)
 	config := standardConfig()
@@ -38,6 +39,11 @@ func TestReloadKeepsTunnelsAndStreams(t *testing.T) {
 		t.Logf("agentk's connections to caddy before the reload: %v", tunnelsBefore)
 	}
 	readiness := monitorReadiness(t, agent)
+	auth := "Bearer " + patToken(1, config.user(t, "ops").token)
+	client := kas.streamingClient(t)
+	watches := openWatches(t, client, kas.proxyURL(), auth, ns, "watch-marker", 100)
+	load := startProxyLoad(t, client, kas.proxyURL(), auth, 4, "api/v1/namespaces/"+ns+"/configmaps", isConfigMapList)
+	time.Sleep(time.Second)
 
 	// the reload removes user plain and adds user newcomer
 	reloaded := config
@@ -50,8 +56,18 @@ func TestReloadKeepsTunnelsAndStreams(t *testing.T) {
 	resp, body := kas.proxyGet(t, "api/v1", removed)
 	requireStatus(t, resp, body, http.StatusUnauthorized)
 
+	time.Sleep(time.Second)
+	reportLoad(t, "requests during the reload", load.finish(), time.Time{})
 	ops.mustRun(t, "create", "configmap", "after-reload", "-n", ns)
 	waitForLine(t, watch, "configmap/after-reload")
+	dropped := 0
+	for i, w := range watches {
+		if err := w.waitSeen("after-reload", time.Minute); err != nil {
+			dropped++
+			t.Errorf("watch %d of %d: %v", i, len(watches), err)
+		}
+	}
+	t.Logf("%d of %d watches delivered the ConfigMap made after the reload", len(watches)-dropped, len(watches))
 
 	if samples, failures := readiness.finish(); len(failures) > 0 {
 		t.Errorf("agentk's /readiness was not 200 in %d of %d samples during the reload, first: %s", len(failures), samples, failures[0])
