@@ -6,13 +6,16 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
@@ -219,5 +222,59 @@ func TestProvisionNodesRefuses(t *testing.T) {
 				t.Fatalf("Provision = %v, want an error containing %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+// TestExitDrain follows Caddy's exit: the drain starts (on the "stopping"
+// event), the agent is asked to move, a request in flight finishes whole,
+// and the last Cleanup waits for the drain before it closes the store.
+func TestExitDrain(t *testing.T) {
+	var a App
+	if err := a.Provision(caddy.Context{}); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	moved := make(chan struct{}, 1)
+	p := h2tunneltest.NewPair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first ")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "last")
+	}), h2tunneltest.Options{OnMove: func() { moved <- struct{}{} }})
+	a.Store().Add(p.KAS)
+
+	resp, err := p.Get(t.Context(), "/watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, len("first "))
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+	a.tunnels.drain(time.Minute, zap.NewNop())
+	cleaned := make(chan error, 1)
+	go func() { cleaned <- a.Cleanup() }()
+	select {
+	case <-moved:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent was not asked to move")
+	}
+	if !p.KAS.Moving() {
+		t.Error("the tunnel is not marked as moving")
+	}
+	close(release)
+	if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "last" {
+		t.Errorf("the request in flight ended with %q, %v", rest, err)
+	}
+	resp.Body.Close() // the request is done: the tunnel is idle
+	if err := <-cleaned; err != nil {
+		t.Fatal(err)
+	}
+	if p.KAS.Err() == nil {
+		t.Error("the tunnel is open after the last Cleanup")
+	}
+	if _, err := a.Router().Find(t.Context(), 1); !errors.Is(err, tunnel.ErrStoreClosed) {
+		t.Errorf("Find after the drain: %v, want ErrStoreClosed", err)
 	}
 }
