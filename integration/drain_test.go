@@ -76,14 +76,53 @@ func TestCaddyStopMovesAgents(t *testing.T) {
 	agent := first.startAgentk(t, agentkOptions{agentID: 1, extraArgs: []string{"--kas-connections", "2"}})
 	agent.waitReady(t)
 	first.waitMetric(t, "caddy_kas_agent_tunnels", 2)
+	ns := makeMarkedNamespace(t, first)
 	// Started once agentk's tunnels are up, so that they are all on the
 	// first, which makes the move visible.
 	second := startCaddyNode(t, s, config, first)
 
-	ops := first.kubectl(t, "ops", 1)
+	stopUnderLoad(t, config, first, second, ns, 2, grace)
+	if moves := agentMetric(t, agent, "agentk_tunnel_moves_total"); moves != 2 {
+		t.Errorf("agentk counted %v moves, want 2", moves)
+	}
+}
+
+// TestGitLabAgentkMovesOnCaddyStop is TestCaddyStopMovesAgents with
+// GitLab's agentk over wss://: the stopping Caddy's GOAWAY makes it open a
+// connection to the other for its next calls.
+func TestGitLabAgentkMovesOnCaddyStop(t *testing.T) {
+	s := requireGitLabAgentk(t)
+	config := standardConfig()
+	config.waitForAgent = "20s"
+	const grace = 5 * time.Second
+	config.kasExtra = fmt.Sprintf("shutdown_grace_period %v", grace)
+	first := startCaddyNode(t, s, config, nil)
+	first.startGitLabAgentk(t, gitlabAgentkOptions{agentID: 1}).waitConnected(t, "Bearer "+patToken(1, config.user(t, "ops").token))
+	first.waitMetric(t, "caddy_kas_agent_tunnels", 1)
+	ns := makeMarkedNamespace(t, first)
+	second := startCaddyNode(t, s, config, first)
+	stopUnderLoad(t, config, first, second, ns, 1, grace)
+}
+
+// makeMarkedNamespace creates, through c, a namespace with a ConfigMap
+// named "marker" in it, and returns its name.
+func makeMarkedNamespace(t *testing.T, c *caddyServer) string {
+	t.Helper()
+	ops := c.kubectl(t, "ops", 1)
 	ns := uniqueName("kas-stop")
 	ops.mustRun(t, "create", "namespace", ns)
 	ops.mustRun(t, "create", "configmap", "marker", "-n", ns)
+	return ns
+}
+
+// stopUnderLoad stops first, whose agent 1 has tunnels tunnels, while
+// requests and watches of the ConfigMaps of ns (which holds one named
+// "marker") go through it, with second beside it: the requests
+// in flight at the stop finish whole, new ones go to second, where the
+// agent's tunnels move, and the watches on first end, after grace, with an
+// error their client sees. It logs what it measured.
+func stopUnderLoad(t *testing.T, config kasConfig, first, second *caddyServer, ns string, tunnels float64, grace time.Duration) {
+	t.Helper()
 	auth := "Bearer " + patToken(1, config.user(t, "ops").token)
 	client := first.streamingClient(t)
 	watches := openWatches(t, client, first.ownProxyURL(), auth, ns, "marker", 20)
@@ -100,7 +139,7 @@ func TestCaddyStopMovesAgents(t *testing.T) {
 	took := first.stop(t)
 	t.Logf("caddy stop took %v with %d open watches and a grace period of %v", took.Round(time.Millisecond), len(watches), grace)
 
-	second.waitMetric(t, "caddy_kas_agent_tunnels", 2)
+	second.waitMetric(t, "caddy_kas_agent_tunnels", tunnels)
 	time.Sleep(4 * time.Second) // load on the second only
 	shortResults, longResults := short.finish(), long.finish()
 	reportLoad(t, "short requests", shortResults, time.Time{})
@@ -133,14 +172,11 @@ func TestCaddyStopMovesAgents(t *testing.T) {
 	}
 	for _, e := range jsonLogLines(log) {
 		if e["msg"] == "tunnels drained" {
-			t.Logf("the stopped Caddy drained its tunnels in %v", e["took"])
+			t.Logf("the stopped Caddy drained its tunnels in %v s", e["took"])
 		}
 	}
 	// The agent's requests now all go through the second Caddy.
 	second.kubectl(t, "ops", 1).mustRun(t, "get", "configmap", "marker", "-n", ns)
-	if moves := agentMetric(t, agent, "agentk_tunnel_moves_total"); moves != 2 {
-		t.Errorf("agentk counted %v moves, want 2", moves)
-	}
 }
 
 // TestMaxConnectionAgeRollsTunnelsOver sets max_connection_age to 6 s under
