@@ -459,6 +459,12 @@ func (a *App) Stop() error {
 // Cleanup drops this config's references to the tunnel store, the usage
 // counters, the configuration watcher and the Gitaly connections.
 func (a *App) Cleanup() error {
+	if a.tunnels != nil && a.tunnels.draining() {
+		// Caddy exits: requests that other nodes forward here run on
+		// the draining tunnels too, so the private API and this node's
+		// place in the registry stay until the drain is over.
+		<-a.tunnels.drained
+	}
 	var errs []error
 	if a.usageTaken {
 		if _, err := usages.Delete(usageKey); err != nil {
