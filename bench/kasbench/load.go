@@ -218,6 +218,18 @@ func runLoad(ctx context.Context, conc int, warmup, d time.Duration, maxOps int6
 	case <-allDone:
 	case <-ctx.Done():
 	}
+	// A phase shorter than one request (a short -quick phase on a loaded
+	// machine) goes on until one ends, so that no cell reports nothing.
+wait:
+	for ops.Load() == 0 && errs.Load() == 0 {
+		select {
+		case <-allDone:
+			break wait
+		case <-ctx.Done():
+			break wait
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 	elapsed := time.Since(start)
 	measuring.Store(false)
 	mark(false)

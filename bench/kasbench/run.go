@@ -132,7 +132,9 @@ func DefaultConfig() Config {
 // requests each.
 func QuickConfig() Config {
 	return Config{
-		Phase:           100 * time.Millisecond,
+		// Long enough for the CPU of a few requests to show in the
+		// processes' clock ticks (10 ms) on a loaded machine.
+		Phase:           250 * time.Millisecond,
 		Warmup:          20 * time.Millisecond,
 		Settle:          200 * time.Millisecond,
 		MaxOps:          200,
