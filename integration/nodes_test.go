@@ -158,21 +158,7 @@ func TestSeveralNodes(t *testing.T) {
 	})
 
 	t.Run("port-forward", func(t *testing.T) {
-		pf := k.start(t, "kubectl-port-forward", c.dir, "port-forward", "--address", "127.0.0.1", "-n", ns, "pod/pod", ":8080")
-		var local string
-		if err := kubetest.Eventually(streamWait, func() error {
-			if !pf.Running() {
-				return kubetest.Permanent(fmt.Errorf("kubectl port-forward exited: %w\n%s", pf.ExitError(), pf.Stderr()))
-			}
-			match := forwardingLine.FindStringSubmatch(pf.Stdout())
-			if match == nil {
-				return fmt.Errorf("no forwarding line yet")
-			}
-			local = "127.0.0.1:" + match[1]
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
+		local := k.portForward(t, "kubectl-port-forward", c.dir, ns)
 		for range 10 {
 			if err := echoThrough(local, 256<<10); err != nil {
 				t.Fatal(err)

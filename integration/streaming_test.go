@@ -297,22 +297,7 @@ func TestPortForwardThroughTunnel(t *testing.T) {
 		st := newAgentStreamingSetup(t, agent, fakecluster.Options{})
 		for _, m := range portForwardModes {
 			t.Run(m.name, func(t *testing.T) {
-				pf := st.ops.withEnv(m.env...).start(t, "kubectl-port-forward-"+m.name, st.dir,
-					"port-forward", "--address", "127.0.0.1", "-n", st.namespace, "pod/pod", ":8080")
-				var local string
-				if err := kubetest.Eventually(streamWait, func() error {
-					if !pf.Running() {
-						return kubetest.Permanent(fmt.Errorf("kubectl port-forward exited: %w\n%s", pf.ExitError(), pf.Stderr()))
-					}
-					match := forwardingLine.FindStringSubmatch(pf.Stdout())
-					if match == nil {
-						return fmt.Errorf("no forwarding line yet")
-					}
-					local = "127.0.0.1:" + match[1]
-					return nil
-				}); err != nil {
-					t.Fatal(err)
-				}
+				local := st.ops.withEnv(m.env...).portForward(t, "kubectl-port-forward-"+m.name, st.dir, st.namespace)
 				const connections, size = 100, 64 << 10
 				var wg sync.WaitGroup
 				errs := make(chan error, connections)
@@ -340,6 +325,28 @@ func TestPortForwardThroughTunnel(t *testing.T) {
 			})
 		}
 	})
+}
+
+// portForward runs kubectl port-forward to pod "pod" port 8080 of
+// namespace and returns the local address it forwards from.
+func (k kubectl) portForward(t *testing.T, name, dir, namespace string) string {
+	t.Helper()
+	pf := k.start(t, name, dir, "port-forward", "--address", "127.0.0.1", "-n", namespace, "pod/pod", ":8080")
+	var local string
+	if err := kubetest.Eventually(streamWait, func() error {
+		if !pf.Running() {
+			return kubetest.Permanent(fmt.Errorf("kubectl port-forward exited: %w\n%s", pf.ExitError(), pf.Stderr()))
+		}
+		match := forwardingLine.FindStringSubmatch(pf.Stdout())
+		if match == nil {
+			return fmt.Errorf("no forwarding line yet")
+		}
+		local = "127.0.0.1:" + match[1]
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return local
 }
 
 // echoThrough sends size random bytes to an echo server at addr,

@@ -85,36 +85,15 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		switch d.Val() {
 		case "gitlab":
-			if a.GitLab != nil {
-				return d.Err("gitlab given twice")
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			a.GitLab = new(GitLab)
-			if err := a.GitLab.unmarshalCaddyfile(d); err != nil {
+			if err := unmarshalBlock(d, &a.GitLab, (*GitLab).unmarshalCaddyfile); err != nil {
 				return err
 			}
 		case "redis":
-			if a.Redis != nil {
-				return d.Err("redis given twice")
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			a.Redis = new(Redis)
-			if err := a.Redis.unmarshalCaddyfile(d); err != nil {
+			if err := unmarshalBlock(d, &a.Redis, (*Redis).unmarshalCaddyfile); err != nil {
 				return err
 			}
 		case "private_api":
-			if a.PrivateAPI != nil {
-				return d.Err("private_api given twice")
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			a.PrivateAPI = new(PrivateAPI)
-			if err := a.PrivateAPI.unmarshalCaddyfile(d); err != nil {
+			if err := unmarshalBlock(d, &a.PrivateAPI, (*PrivateAPI).unmarshalCaddyfile); err != nil {
 				return err
 			}
 		case "shutdown_grace_period", "max_connection_age":
@@ -141,6 +120,19 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalBlock parses the block of the option d is at into a new *T at
+// dst, refusing the option given twice or with arguments.
+func unmarshalBlock[T any](d *caddyfile.Dispenser, dst **T, parse func(*T, *caddyfile.Dispenser) error) error {
+	if *dst != nil {
+		return d.Errf("%s given twice", d.Val())
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	*dst = new(T)
+	return parse(*dst, d)
 }
 
 func (g *GitLab) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
