@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
@@ -83,6 +84,8 @@ type Proxy struct {
 
 	responseHeadersOnce sync.Once
 	responseHeaders     *responseHeaders
+
+	refusals logthrottle.Limiter // log lines of refusals, per status and reason
 }
 
 // Observer is told how requests fared.
@@ -331,6 +334,18 @@ func (p *Proxy) log() *zap.Logger {
 
 var nopLogger = zap.NewNop()
 
+// logRefusal logs a refused request: the first of each status and reason
+// at once, then one line a minute with the count left out since
+// ("suppressed"), so that a client with a bad token cannot fill the log;
+// the metrics count every refusal.
+func (p *Proxy) logRefusal(code int, reason string, fields ...zap.Field) {
+	ok, suppressed := p.refusals.Allow(strconv.Itoa(code) + " " + reason)
+	if !ok {
+		return
+	}
+	p.log().Info("k8s proxy request refused", append(fields, zap.Int("suppressed", suppressed))...)
+}
+
 // refuse answers with a Kubernetes Status for e and logs why.
 func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	fields := []zap.Field{
@@ -339,7 +354,7 @@ func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	if e.AgentID != 0 {
 		fields = append(fields, zap.Int64("agent_id", e.AgentID))
 	}
-	p.log().Info("k8s proxy request refused", fields...)
+	p.logRefusal(e.Code, e.Reason, fields...)
 	if p.Observer != nil {
 		p.Observer.Refused(e.Code)
 	}
