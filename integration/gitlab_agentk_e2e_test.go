@@ -264,7 +264,11 @@ func TestGitLabAgentkGitLabMode(t *testing.T) {
 		t.Errorf("GitLab's agentk was admitted without an agent_info call")
 	}
 	e.waitPosted(t, 0, config)
+	probeHeader := http.Header{"Authorization": {fmt.Sprintf("Bearer ci:%d:%s", glAgentID, probe.Token)}}
 	err := kubetest.Eventually(30*time.Second, func() error {
+		// At debug level agentk logs every request it handles; at its
+		// default level, none.
+		e.caddy.proxyGet(t, "version", probeHeader)
 		if !strings.Contains(agentk.proc.Stderr(), `"level":"debug"`) {
 			return fmt.Errorf("GitLab's agentk logs no debug line: it did not get its configuration")
 		}
