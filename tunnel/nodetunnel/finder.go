@@ -18,7 +18,7 @@ import (
 type NodeLister interface {
 	// Nodes returns the private URLs of the other nodes that hold a
 	// tunnel of the agent, and a channel that is closed when that may
-	// have changed.
+	// have changed. It logs its own failures; the finder only retries.
 	Nodes(ctx context.Context, agentID int64) (urls []string, changed <-chan struct{}, err error)
 }
 
@@ -49,10 +49,8 @@ type Finder struct {
 	// Stagger is the delay between asking one node and the next; zero
 	// means DefaultStagger.
 	Stagger time.Duration
-	// Logger receives registry failures, once per interval.
+	// Logger receives nodes that cannot be reached, at debug level.
 	Logger *zap.Logger
-
-	registryErrors refusalLog
 }
 
 // Find returns a [Remote] of the agent on another node, waiting until a
@@ -61,12 +59,10 @@ type Finder struct {
 func (f *Finder) Find(ctx context.Context, agentID int64) (tunnel.Tunnel, error) {
 	retry := minRetry
 	for {
-		urls, changed, err := f.Nodes.Nodes(ctx, agentID)
-		if err != nil && ctx.Err() == nil {
-			// This node's own tunnels go on working; cross-node routing
-			// resumes when the registry is back.
-			f.registryErrors.note(f.log(), "registry unavailable: "+err.Error(), "")
-		}
+		// An error means the registry is out of reach; it logs that
+		// itself, once per interval. This node's own tunnels go on
+		// working, and forwarding resumes when the registry is back.
+		urls, changed, _ := f.Nodes.Nodes(ctx, agentID)
 		if len(urls) > 0 {
 			if r := f.race(ctx, agentID, urls); r != nil {
 				return r, nil

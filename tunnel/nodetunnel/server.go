@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
 
@@ -51,7 +52,7 @@ type Server struct {
 	// Now tells the time for tokens; nil means time.Now.
 	Now func() time.Time
 
-	refusals refusalLog
+	refusals logthrottle.Limiter // log lines of refusals, per reason
 
 	verifiedMu sync.Mutex // guards verified
 	verified   map[string]verifiedToken
@@ -307,45 +308,11 @@ func writeResponse(w io.Writer, rc *http.ResponseController, resp *http.Response
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // refuse answers a request that is not a valid forwarded request, and logs
-// it once per reason per interval.
+// it once per reason a minute with the count left out since, so that a
+// misconfigured or hostile peer cannot flood the log.
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, code int, reason, message string) {
-	s.refusals.note(s.log(), reason, r.RemoteAddr)
+	if ok, suppressed := s.refusals.Allow(reason); ok {
+		s.log().Warn("private API request refused", zap.String("reason", reason), zap.String("remote_addr", r.RemoteAddr), zap.Int("suppressed", suppressed))
+	}
 	http.Error(w, message, code)
-}
-
-// refusalLog logs refusals once per reason per minute, with how many there
-// were since the last line, so that a misconfigured or hostile peer cannot
-// flood the log.
-type refusalLog struct {
-	mu      sync.Mutex // guards reasons
-	reasons map[string]*refusalCount
-}
-
-type refusalCount struct {
-	last  time.Time
-	count int
-}
-
-const refusalLogInterval = time.Minute
-
-func (l *refusalLog) note(log *zap.Logger, reason, remoteAddr string) {
-	l.mu.Lock()
-	if l.reasons == nil {
-		l.reasons = make(map[string]*refusalCount)
-	}
-	c := l.reasons[reason]
-	if c == nil {
-		c = &refusalCount{}
-		l.reasons[reason] = c
-	}
-	c.count++
-	now := time.Now()
-	if !c.last.IsZero() && now.Sub(c.last) < refusalLogInterval {
-		l.mu.Unlock()
-		return
-	}
-	count := c.count
-	c.count, c.last = 0, now
-	l.mu.Unlock()
-	log.Warn("private API request refused", zap.String("reason", reason), zap.String("remote_addr", remoteAddr), zap.Int("count", count))
 }
