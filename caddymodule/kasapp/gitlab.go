@@ -579,16 +579,9 @@ func gitlabHTTPClient(caFile string) (*http.Client, error) {
 	transport.Proxy = nil // an internal URL; do not send it to HTTP_PROXY
 	transport.MaxIdleConnsPerHost = 32
 	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
+		pool, err := systemRootsWith(caFile)
 		if err != nil {
 			return nil, fmt.Errorf("ca_file: %w", err)
-		}
-		pool, err := x509.SystemCertPool()
-		if err != nil {
-			pool = x509.NewCertPool()
-		}
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("ca_file %s: no PEM certificate in it", caFile)
 		}
 		transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}

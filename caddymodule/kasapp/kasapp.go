@@ -203,7 +203,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.modes, a.poolKey = a.tunnels.modes, localTunnelsKey
 	a.router = a.tunnels.router
 	if a.Redis != nil || a.PrivateAPI != nil {
-		if err := a.provisionNodes(ctx); err != nil {
+		if err := a.provisionNodes(); err != nil {
 			return err
 		}
 	}

@@ -209,7 +209,7 @@ func TestProvisionNodesRefuses(t *testing.T) {
 		{"private_api alone", &App{PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "redis and private_api go together"},
 		{"no addresses", &App{Redis: &Redis{}, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good}}, "addresses are required"},
 		{"no listen", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{SecretFile: good}}, "listen and secret_file are required"},
-		{"short secret", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: short}}, "want exactly 32"},
+		{"short secret", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: short}}, "must hold the base64 encoding of exactly 32 bytes; it decodes to 5 bytes"},
 		{"loopback only", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "127.0.0.1:8155", SecretFile: good}}, "OWN_PRIVATE_API_URL or OWN_PRIVATE_API_CIDR"},
 		{"grpcs without host", &App{Redis: redisOK, PrivateAPI: &PrivateAPI{Listen: "10.0.0.5:8155", SecretFile: good, OwnScheme: "grpcs"}}, "OWN_PRIVATE_API_HOST"},
 	}

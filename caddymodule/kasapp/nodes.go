@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -23,6 +22,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/h2c"
 
+	"github.com/caddy-kas/caddy-kas/gitlab"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/nodetunnel"
 	"github.com/caddy-kas/caddy-kas/tunnel/redisregistry"
@@ -139,10 +139,9 @@ type sharedNodes struct {
 	secret   []byte
 	tlsPeers *tls.Config // for grpcs:// peers; nil: system's roots
 
-	mu       sync.Mutex // guards server and listener
-	server   *http.Server
-	listener net.Listener
-	served   chan struct{}
+	mu     sync.Mutex // guards server and served
+	server *http.Server
+	served chan struct{} // closed when server's Serve returns
 }
 
 var nodePools = caddy.NewUsagePool()
@@ -175,7 +174,7 @@ func (n *sharedNodes) Destruct() error {
 
 // provisionNodes sets up several-node mode: the registry, the private
 // listener's server and the router that looks on other nodes.
-func (a *App) provisionNodes(ctx caddy.Context) error {
+func (a *App) provisionNodes() error {
 	if (a.Redis == nil) != (a.PrivateAPI == nil) {
 		return errors.New("redis and private_api go together: several nodes share their tunnels through Redis and reach each other through the private API")
 	}
@@ -193,9 +192,9 @@ func (a *App) provisionNodes(ctx caddy.Context) error {
 	if p.Listen == "" || p.SecretFile == "" {
 		return errors.New("private_api: listen and secret_file are required")
 	}
-	secret, err := loadPrivateSecret(p.SecretFile)
+	secret, err := gitlab.LoadBase64SecretFile(p.SecretFile, "private API secret", nodetunnel.SecretSize)
 	if err != nil {
-		return fmt.Errorf("private_api: %w", err)
+		return fmt.Errorf("private_api: %w (make one with: head -c %d /dev/urandom | base64)", err, nodetunnel.SecretSize)
 	}
 	addr, err := caddy.ParseNetworkAddress(p.Listen)
 	if err != nil {
@@ -246,7 +245,6 @@ func (a *App) provisionNodes(ctx caddy.Context) error {
 	}
 	a.router = &tunnel.Router{Local: a.tunnels.store, Remote: finder.Find}
 	log.Info("several-node mode", zap.Strings("own_urls", ownURLs), zap.Strings("redis", r.Addresses))
-	_ = ctx
 	return nil
 }
 
@@ -361,7 +359,7 @@ func (n *sharedNodes) serve(p *PrivateAPI, store *tunnel.Store, log *zap.Logger)
 		srv.Handler = h2c.NewHandler(handler, h2s)
 	}
 	n.mu.Lock()
-	n.server, n.listener, n.served = srv, l, make(chan struct{})
+	n.server, n.served = srv, make(chan struct{})
 	served := n.served
 	n.mu.Unlock()
 	go func() { // owned by sharedNodes; Destruct waits for it
@@ -372,24 +370,6 @@ func (n *sharedNodes) serve(p *PrivateAPI, store *tunnel.Store, log *zap.Logger)
 	}()
 	log.Info("serving the private API", zap.String("address", l.Addr().String()), zap.Bool("tls", p.CertFile != ""))
 	return nil
-}
-
-// loadPrivateSecret reads the nodes' shared secret: the base64 of exactly
-// nodetunnel.SecretSize bytes, as GitLab's private API secret.
-func loadPrivateSecret(file string) ([]byte, error) {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return nil, fmt.Errorf("secret_file: %w", err)
-	}
-	secret, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
-	if err != nil {
-		return nil, fmt.Errorf("secret_file %s: not base64: %w", file, err)
-	}
-	if len(secret) != nodetunnel.SecretSize {
-		return nil, fmt.Errorf("secret_file %s: decodes to %d bytes, want exactly %d (make one with: head -c %d /dev/urandom | base64)",
-			file, len(secret), nodetunnel.SecretSize, nodetunnel.SecretSize)
-	}
-	return secret, nil
 }
 
 func readPasswordFile(file string) (string, error) {
