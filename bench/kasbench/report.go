@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
@@ -21,6 +22,10 @@ type cell struct {
 	// agent's tunnel) used in a cross-node cell; zero in the others.
 	holderCPU time.Duration
 	cpuPerOp  time.Duration
+	// server, holder and agent are the counters of the Caddy the client
+	// sent to, of the node holding the tunnel (cross-node cells only) and
+	// of the agent during the measured part of the cell.
+	server, holder, agent procCounters
 }
 
 type watchCell struct {
@@ -185,6 +190,8 @@ func (r *Report) Tables() string {
 		w("| %s | %d | %.0f | %s | %s | %s | %s | %s | %s |\n", c.target, c.conc, c.res.perSecond(), x,
 			ms(c.res.quantile(0.5)), ms(c.res.quantile(0.99)), added, cpu, agentCPU)
 	}
+
+	r.budgetTable(w)
 
 	r.crossNodeTables(w)
 
@@ -520,5 +527,30 @@ func (r *Report) crossNodeTables(w func(string, ...any)) {
 				perGiB(x.single.cpu, x.single), perGiB(c.cpu, c), x.ratio,
 				perGiB(c.cpu-c.holderCPU-c.agentCPU, c), perGiB(c.holderCPU, c), perGiB(c.agentCPU, c))
 		}
+	}
+}
+
+// budgetTable renders what each proxied 1 KiB request cost the processes
+// on its way in system calls and context switches, the work counters
+// behind its CPU time.
+func (r *Report) budgetTable(w func(string, ...any)) {
+	if !slices.ContainsFunc(r.Small, func(c cell) bool { return c.res.requests > 0 && !strings.HasPrefix(c.target, "direct") }) {
+		return
+	}
+	w("\n### Per request: system calls and context switches (1 KiB GET)\n\n")
+	w("Counted by Linux for each process during the cell (`/proc/<pid>/io` `syscr` and `syscw`, and the context switches of its threads), divided by the requests completed. The Caddy columns count both nodes in the cross-node rows.\n\n")
+	w("| path | c | Caddy reads | Caddy writes | Caddy switches | agent reads | agent writes | agent switches | all syscalls (reads + writes) |\n")
+	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, c := range r.Small {
+		if c.res.requests == 0 || strings.HasPrefix(c.target, "direct") {
+			continue
+		}
+		n := float64(c.res.requests)
+		caddy := c.server.add(c.holder)
+		per := func(v int64) string { return fmt.Sprintf("%.1f", float64(v)/n) }
+		w("| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", c.target, c.conc,
+			per(caddy.reads), per(caddy.writes), per(caddy.contextSwitches),
+			per(c.agent.reads), per(c.agent.writes), per(c.agent.contextSwitches),
+			per(caddy.reads+caddy.writes+c.agent.reads+c.agent.writes))
 	}
 }

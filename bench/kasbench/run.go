@@ -484,14 +484,20 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 	// direct); the CPU counted is that of rt's Caddy, its holder if any
 	// and its agent.
 	measure := func(rt *route, t target, conc int, op func(context.Context, *meter) error, profile string) cell {
-		var c0, c1, a0, a1, h0, h1 time.Duration
+		var server0, server1, agent0, agent1, holder0, holder1 procCounters
 		var prof sync.WaitGroup
+		holderCounters := func() procCounters {
+			if rt.holder == nil {
+				return procCounters{}
+			}
+			return readCounters(rt.holder.proc.pid())
+		}
 		mark := func(start bool) {
 			if rt == nil {
 				return
 			}
 			if start {
-				a0, c0, h0 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid()), holderCPU(rt)
+				agent0, server0, holder0 = readCounters(rt.agent.proc.pid()), readCounters(rt.caddy.proc.pid()), holderCounters()
 				if profile != "" && cfg.ProfileDir != "" {
 					for name, adminURL := range profiles(rt, profile) {
 						prof.Add(1)
@@ -502,16 +508,17 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 					}
 				}
 			} else {
-				a1, c1, h1 = cpuOf(rt.agent.proc.pid()), cpuOf(rt.caddy.proc.pid()), holderCPU(rt)
+				agent1, server1, holder1 = readCounters(rt.agent.proc.pid()), readCounters(rt.caddy.proc.pid()), holderCounters()
 			}
 		}
 		r := runLoad(ctx, conc, cfg.Warmup, cfg.Phase, cfg.MaxOps, mark, op)
 		prof.Wait()
 		c := cell{target: t.label(), conc: conc, res: r}
 		if rt != nil && r.requests > 0 {
-			c.cpu = (c1 - c0) + (h1 - h0) + (a1 - a0)
-			c.agentCPU = a1 - a0
-			c.holderCPU = h1 - h0
+			c.server, c.holder, c.agent = server1.sub(server0), holder1.sub(holder0), agent1.sub(agent0)
+			c.cpu = c.server.cpu + c.holder.cpu + c.agent.cpu
+			c.agentCPU = c.agent.cpu
+			c.holderCPU = c.holder.cpu
 			c.cpuPerOp = c.cpu / time.Duration(r.requests)
 		}
 		return c

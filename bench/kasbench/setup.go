@@ -308,3 +308,60 @@ func raiseFileLimit() (uint64, error) {
 	}
 	return l.Max, nil
 }
+
+// procCounters are the work counters of a process that Linux keeps: its CPU
+// time, the read- and write-type system calls it made (/proc/<pid>/io: on
+// sockets these are the reads and writes of every connection, one TLS
+// record or more each), and the times its threads were switched off a core
+// (voluntarily: waiting for a goroutine of another thread, the network or a
+// timer; or pre-empted).
+type procCounters struct {
+	cpu             time.Duration
+	reads, writes   int64
+	contextSwitches int64
+}
+
+func (a procCounters) sub(b procCounters) procCounters {
+	return procCounters{cpu: a.cpu - b.cpu, reads: a.reads - b.reads, writes: a.writes - b.writes,
+		contextSwitches: a.contextSwitches - b.contextSwitches}
+}
+
+func (a procCounters) add(b procCounters) procCounters {
+	return procCounters{cpu: a.cpu + b.cpu, reads: a.reads + b.reads, writes: a.writes + b.writes,
+		contextSwitches: a.contextSwitches + b.contextSwitches}
+}
+
+// readCounters reads the counters of process pid. A counter that cannot be
+// read stays zero: CPU time is what every table needs, the others only
+// the budget table.
+func readCounters(pid int) procCounters {
+	var c procCounters
+	c.cpu, _ = cpuTime(pid)
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid)); err == nil {
+		c.reads = procField(string(b), "syscr:")
+		c.writes = procField(string(b), "syscw:")
+	}
+	// Context switches are counted per thread; Go's threads live as long
+	// as the process, so the sum over the live ones is the process's.
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		c.contextSwitches += procField(string(b), "voluntary_ctxt_switches:") + procField(string(b), "nonvoluntary_ctxt_switches:")
+	}
+	return c
+}
+
+// procField is the number after name at the start of a line of a /proc
+// file, 0 if there is none.
+func procField(s, name string) int64 {
+	for line := range strings.Lines(s) {
+		if rest, ok := strings.CutPrefix(line, name); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(rest), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
