@@ -21,8 +21,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
-	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
+	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -259,8 +259,13 @@ func notConnectedMessage(agentID int64, waited time.Duration, err error) string 
 	return msg + ". Is the agent up and connected?"
 }
 
-// copyResponse streams the agent's answer to the client, flushing after
-// every read so that watch events and log lines arrive at once.
+// copyResponse streams the agent's answer to the client. A response of
+// unknown length (a watch, `kubectl logs -f`: the apiserver sends them
+// chunked) or an event stream is flushed after every read so that each
+// event and line arrives at once; a response of known length goes through
+// the response writer's buffer, which sends a small one in one piece when
+// the handler returns (over HTTP/2: HEADERS and one DATA frame ending the
+// stream, instead of a flush per read and an empty DATA frame to end it).
 func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.Response, access *Access) {
 	h := w.Header()
 	p.copyAllowedResponseHeader(h, resp.Header, access.AgentID)
@@ -270,6 +275,7 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 	if resp.Body == http.NoBody {
 		return
 	}
+	flush := streamed(resp)
 	bufp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bufp)
 	buf := *bufp
@@ -279,8 +285,10 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 			if _, err := w.Write(buf[:n]); err != nil {
 				return // the client went away; closing resp.Body resets the stream
 			}
-			if err := rc.Flush(); err != nil {
-				return
+			if flush {
+				if err := rc.Flush(); err != nil {
+					return
+				}
 			}
 		}
 		if readErr == io.EOF {
@@ -296,6 +304,17 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 			panic(http.ErrAbortHandler)
 		}
 	}
+}
+
+// streamed reports whether resp is to be flushed as it arrives: its length
+// is unknown, or it is an event stream (which may declare a length and
+// still arrive event by event), as httputil.ReverseProxy decides.
+func streamed(resp *http.Response) bool {
+	if resp.ContentLength < 0 {
+		return true
+	}
+	ct, _, _ := strings.Cut(resp.Header.Get("Content-Type"), ";")
+	return strings.EqualFold(strings.TrimSpace(ct), "text/event-stream")
 }
 
 // copyAllowedResponseHeader adds to dst the headers of the cluster's answer
