@@ -133,7 +133,7 @@ func startCrossNode(ctx context.Context, cfg Config, bins binaries, redisBin str
 	if err != nil {
 		return nil, err
 	}
-	if n.agent, err = startAgentk(ctx, bins.agentk, filepath.Join(dir, "node-b"), p, n.b, kubeconfig); err != nil {
+	if n.agent, err = startAgentk(ctx, bins.agentk, filepath.Join(dir, "node-b"), p, n.b, kubeconfig, cfg.AgentkEnv); err != nil {
 		return nil, fmt.Errorf("agentk on node B: %w", err)
 	}
 	if n.a, err = startCaddy(ctx, bins.caddy, filepath.Join(dir, "node-a"), p, 0, false, cfg.CaddyEnv, settings(ports[2])); err != nil {

@@ -79,6 +79,9 @@ type Config struct {
 	// of CaddyEnv, so that a run-time setting can be measured against the
 	// same code without it (-baseline at the same tree).
 	BaselineCaddyEnv []string
+	// AgentkEnv is added to our agentk's environment (GOMAXPROCS, say);
+	// BaselineAgentkEnv to the baseline agentk's instead of AgentkEnv.
+	AgentkEnv, BaselineAgentkEnv []string
 	// GitLabAgentk is GitLab's agentk binary (see GitLabAgentkPath). If
 	// it is set and the file exists, GitLab's agentk connects to the
 	// Caddy under test as a second agent and every cell of the 1 KiB,
@@ -339,9 +342,9 @@ func (s *stack) routes(proto string) []route {
 // gitlabBin (if not empty) next to it. GitLab's agentk failing to start
 // leaves its rows out (with the reason in *gitlabNote) but the stack up.
 func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string, gitlabNote *string, p *pki, up *upstream, dir, variant string, logf func(string, ...any)) (*stack, error) {
-	env := cfg.CaddyEnv
+	env, agentEnv := cfg.CaddyEnv, cfg.AgentkEnv
 	if variant != "" {
-		env = cfg.BaselineCaddyEnv
+		env, agentEnv = cfg.BaselineCaddyEnv, cfg.BaselineAgentkEnv
 	}
 	caddy, err := startCaddy(ctx, bins.caddy, dir, p, 0, gitlabBin != "", env, nil)
 	if err != nil {
@@ -356,7 +359,7 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 		s.stop()
 		return nil, err
 	}
-	if s.agent, err = startAgentk(ctx, bins.agentk, dir, p, caddy, kubeconfig); err != nil {
+	if s.agent, err = startAgentk(ctx, bins.agentk, dir, p, caddy, kubeconfig, agentEnv); err != nil {
 		s.stop()
 		return nil, err
 	}

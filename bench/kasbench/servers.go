@@ -350,7 +350,7 @@ current-context: bench
 
 // startAgentk starts agentk for agent 1 of c, with the cluster of
 // kubeconfig, and waits until its tunnel is up.
-func startAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, kubeconfig string) (*agentkProcess, error) {
+func startAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, kubeconfig string, extraEnv []string) (*agentkProcess, error) {
 	ports, err := freePorts(1)
 	if err != nil {
 		return nil, err
@@ -358,6 +358,7 @@ func startAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, k
 	obs := fmt.Sprintf("127.0.0.1:%d", ports[0])
 	env := append(environWithout("KUBECONFIG", "AGENTK_TOKEN", "POD_NAMESPACE", "POD_NAME", "KUBERNETES_SERVICE_HOST"),
 		"POD_NAMESPACE=bench", "POD_NAME=agentk-bench")
+	env = append(env, extraEnv...)
 	proc, err := startProcess("agentk", bin, dir, []string{
 		"--kas-address", c.agentURL,
 		"--kas-ca-cert-file", p.caFile,

@@ -51,6 +51,10 @@ func run() error {
 	flag.Var(&caddyEnv, "caddy-env", "`KEY=VALUE` added to Caddy's environment (repeatable)")
 	var baselineCaddyEnv stringsFlag
 	flag.Var(&baselineCaddyEnv, "baseline-caddy-env", "`KEY=VALUE` added to the baseline Caddy's environment instead of -caddy-env (repeatable)")
+	var agentkEnv stringsFlag
+	flag.Var(&agentkEnv, "agentk-env", "`KEY=VALUE` added to agentk's environment (repeatable)")
+	var baselineAgentkEnv stringsFlag
+	flag.Var(&baselineAgentkEnv, "baseline-agentk-env", "`KEY=VALUE` added to the baseline agentk's environment instead of -agentk-env (repeatable)")
 	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled, gitlab (GitLab's agentk's rows), nodes (the cross-node rows)")
 	gitlabAgentk := flag.String("gitlab-agentk", os.Getenv(kasbench.GitLabAgentkEnv),
 		"GitLab's agentk binary, measured behind the same Caddy next to ours (default $"+kasbench.GitLabAgentkEnv+", else "+kasbench.GitLabAgentkDefault+" relative to -root); if absent, its rows are left out")
@@ -100,6 +104,8 @@ func run() error {
 	}
 	cfg.CaddyEnv = caddyEnv
 	cfg.BaselineCaddyEnv = baselineCaddyEnv
+	cfg.AgentkEnv = agentkEnv
+	cfg.BaselineAgentkEnv = baselineAgentkEnv
 	cfg.Log = os.Stderr
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

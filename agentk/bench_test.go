@@ -1,0 +1,63 @@
+package agentk
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel/h2tunneltest"
+)
+
+// BenchmarkProxy measures agentk's side of a small request: a tunnel over
+// loopback TCP whose agent side is agentk's own proxy, forwarding to an
+// HTTPS HTTP/2 upstream as to a kube-apiserver. The KAS side and the
+// upstream run in the same process, so a CPU profile shows all three:
+//
+//	go test -run '^$' -bench Proxy -benchmem -cpuprofile cpu.out ./agentk/
+func BenchmarkProxy(b *testing.B) {
+	small := bytes.Repeat([]byte("k"), 1<<10)
+	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(small)
+	}))
+	upstream.EnableHTTP2 = true
+	upstream.StartTLS()
+	b.Cleanup(upstream.Close)
+	server, err := parseServerURL(upstream.URL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	tlsConfig := upstream.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
+	b.Cleanup(c.CloseIdleConnections)
+	agent := h2tunneltest.NewPair(b, newProxy(c, zap.NewNop(), newMetrics()), h2tunneltest.Options{})
+
+	for _, par := range []int{1, 8} {
+		b.Run(fmt.Sprintf("get-1KiB/p%d", par), func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(small)))
+			b.SetParallelism(par)
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					req, _ := http.NewRequest(http.MethodGet, "http://agent/api/v1/namespaces/default/configmaps/x", nil)
+					resp, err := agent.RoundTrip(req)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if err != nil || resp.StatusCode != http.StatusOK {
+						b.Errorf("status %d, %v", resp.StatusCode, err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
