@@ -84,6 +84,10 @@ type Proxy struct {
 
 	responseHeadersOnce sync.Once
 	responseHeaders     *responseHeaders
+	// viaOnce makes viaElements, the Via elements of HTTP/1.0, 1.1, 2 and
+	// 3, from Via.
+	viaOnce     sync.Once
+	viaElements [4]string
 
 	refusals logthrottle.Limiter // log lines of refusals, per status and reason
 }
@@ -212,11 +216,14 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 	}
 	window := cmp.Or(p.ReconnectWindow, DefaultReconnectWindow)
 	for attempt := 0; ; attempt++ {
-		findCtx, cancel := context.WithTimeout(out.Context(), wait)
-		start := time.Now()
-		t, err := p.Router.FindExpected(findCtx, access.AgentID, window)
-		cancel()
-		waited := time.Since(start)
+		t, waited, err := p.Router.Connected(access.AgentID), time.Duration(0), error(nil)
+		if t == nil {
+			findCtx, cancel := context.WithTimeout(out.Context(), wait)
+			start := time.Now()
+			t, err = p.Router.FindExpected(findCtx, access.AgentID, window)
+			cancel()
+			waited = time.Since(start)
+		}
 		if p.Observer != nil {
 			p.Observer.Routed(waited, err == nil)
 		}
@@ -337,11 +344,27 @@ func (p *Proxy) addVia(h http.Header, client *http.Request) {
 	if p.Via == "" {
 		return
 	}
-	proto := strconv.Itoa(client.ProtoMajor)
-	if client.ProtoMajor < 2 {
-		proto += "." + strconv.Itoa(client.ProtoMinor)
+	// The elements of the usual versions are made once, not twice per
+	// request.
+	p.viaOnce.Do(func() {
+		p.viaElements = [...]string{"1.0 " + p.Via, "1.1 " + p.Via, "2 " + p.Via, "3 " + p.Via}
+	})
+	var v string
+	switch {
+	case client.ProtoMajor == 1 && client.ProtoMinor <= 1:
+		v = p.viaElements[client.ProtoMinor]
+	case client.ProtoMajor == 2 && client.ProtoMinor == 0:
+		v = p.viaElements[2]
+	case client.ProtoMajor == 3 && client.ProtoMinor == 0:
+		v = p.viaElements[3]
+	default:
+		proto := strconv.Itoa(client.ProtoMajor)
+		if client.ProtoMajor < 2 {
+			proto += "." + strconv.Itoa(client.ProtoMinor)
+		}
+		v = proto + " " + p.Via
 	}
-	h.Add("Via", proto+" "+p.Via)
+	h.Add("Via", v)
 }
 
 func (p *Proxy) log() *zap.Logger {

@@ -62,7 +62,7 @@ type env struct {
 // newEnv starts the proxy with users dev (agent 1, impersonates alice),
 // ops (agents 1 and 2, may impersonate) and plain (agent 1), and agent 1
 // serving agentHandler (nil: record and answer 200 "ok").
-func newEnv(t *testing.T, agentHandler http.Handler) *env {
+func newEnv(t testing.TB, agentHandler http.Handler) *env {
 	t.Helper()
 	e := &env{store: tunnel.NewStore(), seen: &seen{}}
 	if agentHandler == nil {

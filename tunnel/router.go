@@ -39,6 +39,15 @@ func (r *Router) Find(ctx context.Context, agentID int64) (Tunnel, error) {
 	return r.FindExpected(ctx, agentID, 0)
 }
 
+// Connected returns the least loaded live tunnel of the agent on this
+// node, or nil if it has none here; it never waits. A request uses it
+// before [Router.FindExpected], so that the common case, an agent
+// connected here, needs no deadline (a context and a timer per request).
+func (r *Router) Connected(agentID int64) Tunnel {
+	var buf [maxTunnelsOnStack]Tunnel
+	return leastLoaded(r.Local.Tunnels(agentID, buf[:0]))
+}
+
 // FindExpected is [Router.Find] for a request that waits only for an agent
 // that is expected back: one whose last tunnel here was removed less than
 // window ago, or, for an agent not connected since the store was made,
@@ -49,8 +58,7 @@ func (r *Router) Find(ctx context.Context, agentID int64) (Tunnel, error) {
 // for every agent, as Find does; so does a router with Remote, since this
 // node's memory says nothing of the agent's tunnels on other nodes.
 func (r *Router) FindExpected(ctx context.Context, agentID int64, window time.Duration) (Tunnel, error) {
-	var buf [maxTunnelsOnStack]Tunnel
-	if t := leastLoaded(r.Local.Tunnels(agentID, buf[:0])); t != nil {
+	if t := r.Connected(agentID); t != nil {
 		return t, nil
 	}
 	if window > 0 && r.Remote == nil {
