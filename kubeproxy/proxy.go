@@ -282,7 +282,7 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 	if resp.Body == http.NoBody {
 		return
 	}
-	flush := streamed(resp)
+	flush := httpheader.Streamed(resp.Header, resp.ContentLength)
 	bufp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bufp)
 	buf := *bufp
@@ -311,17 +311,6 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 			panic(http.ErrAbortHandler)
 		}
 	}
-}
-
-// streamed reports whether resp is to be flushed as it arrives: its length
-// is unknown, or it is an event stream (which may declare a length and
-// still arrive event by event), as httputil.ReverseProxy decides.
-func streamed(resp *http.Response) bool {
-	if resp.ContentLength < 0 {
-		return true
-	}
-	ct, _, _ := strings.Cut(resp.Header.Get("Content-Type"), ";")
-	return strings.EqualFold(strings.TrimSpace(ct), "text/event-stream")
 }
 
 // copyAllowedResponseHeader adds to dst the headers of the cluster's answer

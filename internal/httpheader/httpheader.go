@@ -69,3 +69,17 @@ func CopyEndToEnd(dst, src http.Header) {
 func RetryAfterSeconds(d time.Duration) int {
 	return max(int((d+time.Second-1)/time.Second), 1)
 }
+
+// Streamed reports whether a response is to be passed on as it arrives,
+// each read flushed at once, rather than through a write buffer: its length
+// is unknown (contentLength < 0: a watch or `kubectl logs -f`, which the
+// apiserver sends chunked), or it is an event stream, which may declare a
+// length and still arrive event by event. httputil.ReverseProxy decides the
+// same way.
+func Streamed(h http.Header, contentLength int64) bool {
+	if contentLength < 0 {
+		return true
+	}
+	ct, _, _ := strings.Cut(h.Get("Content-Type"), ";")
+	return strings.EqualFold(strings.TrimSpace(ct), "text/event-stream")
+}

@@ -71,3 +71,28 @@ func TestIsHopByHop(t *testing.T) {
 		}
 	}
 }
+
+func TestStreamed(t *testing.T) {
+	tests := []struct {
+		contentType string
+		length      int64
+		want        bool
+	}{
+		{"application/json", 1024, false},
+		{"application/json", 0, false},
+		{"application/json", -1, true},
+		{"", -1, true},
+		{"text/event-stream", 1024, true},
+		{"Text/Event-Stream; charset=utf-8", 1024, true},
+		{"text/event-streams", 1024, false},
+	}
+	for _, tt := range tests {
+		h := http.Header{}
+		if tt.contentType != "" {
+			h.Set("Content-Type", tt.contentType)
+		}
+		if got := Streamed(h, tt.length); got != tt.want {
+			t.Errorf("Streamed(%q, %d) = %v, want %v", tt.contentType, tt.length, got, tt.want)
+		}
+	}
+}

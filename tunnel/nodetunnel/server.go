@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/tunnel"
 )
@@ -229,8 +230,11 @@ func (l *limitedHead) Read(p []byte) (int, error) {
 }
 
 // writeResponse writes resp in HTTP/1.1 form: the status line and headers,
-// then the body, flushed after every read, chunked unless its length is
-// known; after a 101 the body's raw bytes.
+// then the body, chunked unless its length is known; after a 101 the
+// body's raw bytes. A streamed answer (see [httpheader.Streamed]) and a
+// 101 are flushed after every read, their headers at once; an answer of
+// known length goes through the stream's buffer, so that a small one
+// leaves in one piece when the handler returns.
 func writeResponse(w io.Writer, rc *http.ResponseController, resp *http.Response, method string) error {
 	bw := bufio.NewWriterSize(w, 4096)
 	h := resp.Header.Clone()
@@ -258,10 +262,17 @@ func writeResponse(w io.Writer, rc *http.ResponseController, resp *http.Response
 	if _, err := bw.WriteString("\r\n"); err != nil {
 		return err
 	}
-	if err := bw.Flush(); err != nil {
-		return err
+	flushEach := resp.StatusCode == http.StatusSwitchingProtocols || httpheader.Streamed(resp.Header, resp.ContentLength)
+	flush := func() error {
+		if err := bw.Flush(); err != nil {
+			return err
+		}
+		if flushEach {
+			return rc.Flush()
+		}
+		return nil
 	}
-	if err := rc.Flush(); err != nil {
+	if err := flush(); err != nil {
 		return err
 	}
 	if resp.Body == nil || resp.Body == http.NoBody {
@@ -283,21 +294,15 @@ func writeResponse(w io.Writer, rc *http.ResponseController, resp *http.Response
 			} else {
 				bw.Write(buf[:n])
 			}
-			if err := bw.Flush(); err != nil {
-				return err
-			}
-			if err := rc.Flush(); err != nil {
+			if err := flush(); err != nil {
 				return err
 			}
 		}
 		if readErr == io.EOF {
 			if chunked {
 				bw.WriteString("0\r\n\r\n")
-				if err := bw.Flush(); err != nil {
-					return err
-				}
 			}
-			return rc.Flush()
+			return flush()
 		}
 		if readErr != nil {
 			return readErr
