@@ -4,7 +4,9 @@
 //
 // A Server is an httptest server on 127.0.0.1, plain HTTP (Start) or HTTPS
 // with the httptest certificate (StartTLS; CAFile is then the CA to give
-// KAS as "the CA for GitLab"). It is closed when the test ends.
+// KAS as "the CA for GitLab"). It is closed when the test ends. A Server
+// runs under a TB: a test, or a harness of its own such as the benchmark's,
+// which puts GitLab's KAS in front of it.
 //
 // It answers the way Rails does and holds KAS to the contract to the
 // letter. Where Rails would merely answer an error, a request that breaks

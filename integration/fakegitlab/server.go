@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"testing"
 
 	"github.com/caddy-kas/caddy-kas/integration/fakegitaly"
 )
@@ -55,13 +54,26 @@ type Options struct {
 	report func(msg string)
 }
 
+// TB is what a Server needs of whoever runs it: a test (*testing.T and
+// *testing.B satisfy it) or a harness of its own, such as the benchmark's,
+// which runs GitLab's KAS in front of a Server. Fatalf must not return
+// (testing.T ends the test's goroutine), Errorf receives contract
+// violations, Cleanup functions run when the run ends.
+type TB interface {
+	Helper()
+	Errorf(format string, args ...any)
+	Fatalf(format string, args ...any)
+	Cleanup(f func())
+	TempDir() string
+}
+
 // Server is a running GitLab Rails stand-in; see the package documentation.
 type Server struct {
 	// URL is the base URL of the Server, such as http://127.0.0.1:41234,
 	// with no trailing slash: the GitLab address to give KAS.
 	URL string
 
-	t      testing.TB
+	t      TB
 	secret []byte
 	report func(msg string)
 	// lateOutput receives the violations reported after the test ended.
@@ -99,7 +111,7 @@ type Server struct {
 
 // Start starts a plain HTTP Server on 127.0.0.1 that is closed when the
 // test ends.
-func Start(t testing.TB, opts Options) *Server {
+func Start(t TB, opts Options) *Server {
 	t.Helper()
 	return start(t, opts, false)
 }
@@ -107,12 +119,12 @@ func Start(t testing.TB, opts Options) *Server {
 // StartTLS starts an HTTPS Server on 127.0.0.1 with the httptest
 // certificate (valid for 127.0.0.1); CAFile names a PEM file with the
 // certificate to trust. It is closed when the test ends.
-func StartTLS(t testing.TB, opts Options) *Server {
+func StartTLS(t TB, opts Options) *Server {
 	t.Helper()
 	return start(t, opts, true)
 }
 
-func start(t testing.TB, opts Options, useTLS bool) *Server {
+func start(t TB, opts Options, useTLS bool) *Server {
 	t.Helper()
 	if len(opts.Secret) != SecretSize {
 		t.Fatalf("fakegitlab: the KAS secret is %d bytes, it must be exactly %d", len(opts.Secret), SecretSize)
@@ -168,7 +180,7 @@ func (s *Server) Client() *http.Client { return s.srv.Client() }
 // t.TempDir() with its base64, as Omnibus GitLab writes it: the secret is
 // 32 hex digits (16 random bytes hex encoded, SecretSize bytes in all) and
 // the file holds their strict base64 encoding with no trailing newline.
-func NewSecret(t testing.TB) (secret []byte, file string) {
+func NewSecret(t TB) (secret []byte, file string) {
 	t.Helper()
 	raw := make([]byte, SecretSize/2)
 	_, _ = rand.Read(raw) // crypto/rand.Read never fails on supported platforms
