@@ -16,7 +16,8 @@ import (
 // numbers. It asserts nothing about speed. GitLab's agentk's rows are
 // covered when its binary is at hand (see GitLabAgentkPath), and checked to
 // be left out with a reason when it is not; so are the cross-node rows,
-// which need redis-server.
+// which need redis-server, and GitLab's KAS's, which need GitLab's KAS and
+// agentk and redis-server. The floor's rows are always there.
 func TestQuickRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and starts caddy and agentk")
@@ -32,8 +33,14 @@ func TestQuickRun(t *testing.T) {
 	cfg.Root = root
 	cfg.Log = testWriter{t}
 	cfg.GitLabAgentk = GitLabAgentkPath(root)
+	cfg.GitLabKAS = GitLabKASPath(root)
 	_, err = os.Stat(cfg.GitLabAgentk)
 	withGitLab := err == nil
+	// GitLab's KAS needs both of GitLab's binaries and redis-server;
+	// under CI=true all must be there.
+	_, errKAS := os.Stat(cfg.GitLabKAS)
+	_, errRedis := exec.LookPath("redis-server")
+	withKAS := (withGitLab && errKAS == nil && errRedis == nil) || os.Getenv("CI") == "true"
 	if !withGitLab {
 		t.Logf("GitLab's agentk is not at hand, its rows are left out: %v (set %s)", err, GitLabAgentkEnv)
 	}
@@ -111,6 +118,48 @@ func TestQuickRun(t *testing.T) {
 		t.Errorf("no cross-node comparison:\n%s", rep.Tables())
 	case !withRedis && (crossRows != 0 || rep.CrossNodeNote == ""):
 		t.Errorf("without redis-server: %d cross-node rows, note %q", crossRows, rep.CrossNodeNote)
+	}
+	// rows counts the rows of name in every table; withCPU: each 1 KiB
+	// row must have CPU per request (the floor's few requests of a quick
+	// run may take less than a clock tick).
+	rows := func(name string, withCPU bool) (n int) {
+		for _, c := range append(append([]cell{}, rep.Small...), rep.Bulk...) {
+			if strings.HasPrefix(c.target, name+" ") {
+				n++
+				if withCPU && c.cpuPerOp <= 0 && c.op == "" {
+					t.Errorf("%s c=%d: no CPU per request", c.target, c.conc)
+				}
+			}
+		}
+		for _, w := range rep.Watches {
+			if strings.HasPrefix(w.target, name+" ") {
+				n++
+			}
+		}
+		return n
+	}
+	allRows := 2*len(cfg.Concurrency) + 2*2*len(cfg.BulkConcurrency) + len(cfg.WatchStreams)
+	if n := rows(floorName, false); n != allRows || rep.FloorNote != "" {
+		t.Errorf("%d rows of Caddy's own reverse_proxy, want %d (%s)", n, allRows, rep.FloorNote)
+	}
+	for _, c := range rep.Small {
+		if isFloor(c) && c.agentCPU != 0 {
+			t.Errorf("%s c=%d: agent CPU %v without an agent", c.target, c.conc, c.agentCPU)
+		}
+	}
+	tables := rep.Tables()
+	switch n := rows(gitlabKASName, true); {
+	case withKAS && (n != allRows || rep.GitLabKAS == ""):
+		t.Errorf("%d rows of GitLab's KAS, want %d (%s)", n, allRows, rep.GitLabKASNote)
+	case withKAS && !strings.Contains(tables, "### Against GitLab's KAS"):
+		t.Errorf("no comparison with GitLab's KAS:\n%s", tables)
+	case withKAS && rep.StandInAuthCalls == 0:
+		t.Errorf("GitLab's KAS never checked the CI job token with the Rails stand-in")
+	case !withKAS && (n != 0 || rep.GitLabKASNote == ""):
+		t.Errorf("without GitLab's KAS: %d rows of it, note %q", n, rep.GitLabKASNote)
+	}
+	if !strings.Contains(tables, "### Cost over Caddy's own reverse_proxy") {
+		t.Errorf("no cost over the floor:\n%s", tables)
 	}
 	md := rep.Markdown("go test")
 	if len(md) < 500 {

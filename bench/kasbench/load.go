@@ -33,6 +33,16 @@ type target struct {
 
 func (t target) label() string { return t.name + t.variant + " " + t.proto }
 
+// closeClients closes the idle connections of the targets' clients, which
+// may be nil.
+func closeClients(ts ...target) {
+	for _, t := range ts {
+		if t.client != nil {
+			t.client.CloseIdleConnections()
+		}
+	}
+}
+
 // newClient returns a kubectl-like client: TLS to 127.0.0.1, HTTP/1.1 with
 // a pool of keep-alive connections or HTTP/2 on as few connections as the
 // server's stream limit allows.

@@ -30,11 +30,7 @@ type crossNode struct {
 }
 
 func (n *crossNode) stop() {
-	for _, t := range []target{n.h1, n.h2} {
-		if t.client != nil {
-			t.client.CloseIdleConnections()
-		}
-	}
+	closeClients(n.h1, n.h2)
 	if n.agent != nil {
 		n.agent.proc.stop()
 	}
@@ -64,6 +60,12 @@ func findRedis(ctx context.Context, cfg Config) (bin, version, note string) {
 	if cfg.Skip["nodes"] {
 		return "", "", "rows left out (-skip nodes)"
 	}
+	return lookRedis(ctx)
+}
+
+// lookRedis returns the path of redis-server on PATH and its version, or ""
+// and why the rows that need it are left out.
+func lookRedis(ctx context.Context) (bin, version, note string) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		return "", "", "rows left out: no redis-server on PATH (Debian's package redis-server)"
@@ -101,24 +103,15 @@ func startCrossNode(ctx context.Context, cfg Config, bins binaries, redisBin str
 	if err != nil {
 		return nil, err
 	}
-	redisAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0]))
-	n.redis, err = startProcess("redis-server", redisBin, dir, []string{
-		"--bind", "127.0.0.1", "--port", strconv.Itoa(ports[0]), "--save", "", "--appendonly", "no", "--dir", dir,
-	}, os.Environ())
-	if err != nil {
+	var redisAddr string
+	if n.redis, redisAddr, err = startRedis(ctx, redisBin, dir, ports[0]); err != nil {
 		return nil, err
 	}
-	if err := eventually(ctx, time.Minute, func() error { return pingRedis(redisAddr, n.redis) }); err != nil {
-		return nil, fmt.Errorf("redis-server did not start: %w (see redis-server.log)", err)
-	}
 
-	// GitLab's private API secret: base64 of exactly 32 bytes, shared by
-	// every node.
-	secret := make([]byte, 32)
-	rand.Read(secret)
+	// One private API secret, shared by every node.
 	secretFile := filepath.Join(dir, "private-api.secret")
-	if err := os.WriteFile(secretFile, []byte(base64.StdEncoding.EncodeToString(secret)+"\n"), 0o600); err != nil {
-		return nil, fmt.Errorf("writing the private API secret: %w", err)
+	if err := writePrivateAPISecret(secretFile); err != nil {
+		return nil, err
 	}
 	// Every node accepts the same agent and user tokens.
 	agentToken, userToken := randomToken(), randomToken()
@@ -155,6 +148,35 @@ func startCrossNode(ctx context.Context, cfg Config, bins binaries, redisBin str
 		}
 	}
 	return n, nil
+}
+
+// writePrivateAPISecret writes a new secret for GitLab's private API (the
+// API between KAS nodes) to path: base64 of exactly 32 bytes.
+func writePrivateAPISecret(path string) error {
+	secret := make([]byte, 32)
+	rand.Read(secret)
+	if err := os.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(secret)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("writing the private API secret: %w", err)
+	}
+	return nil
+}
+
+// startRedis starts redis-server (bin) on 127.0.0.1:port, keeping nothing
+// on disk, with its log in dir, and waits until it answers PING. It returns
+// the process and its address; on failure, the process is stopped.
+func startRedis(ctx context.Context, bin, dir string, port int) (*process, string, error) {
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	proc, err := startProcess("redis-server", bin, dir, []string{
+		"--bind", "127.0.0.1", "--port", strconv.Itoa(port), "--save", "", "--appendonly", "no", "--dir", dir,
+	}, os.Environ())
+	if err != nil {
+		return nil, "", err
+	}
+	if err := eventually(ctx, time.Minute, func() error { return pingRedis(addr, proc) }); err != nil {
+		proc.stop()
+		return nil, "", fmt.Errorf("redis-server did not start: %w (see redis-server.log)", err)
+	}
+	return proc, addr, nil
 }
 
 // pingRedis sends one PING in Redis's protocol and expects PONG.

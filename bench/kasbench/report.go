@@ -72,6 +72,21 @@ type Report struct {
 	// empty if they were left out; CrossNodeNote then says why.
 	Redis, CrossNodeNote string
 
+	// FloorNote says why the rows of Caddy's own reverse_proxy were left
+	// out; empty when they were measured.
+	FloorNote string
+	// GitLabKAS, GitLabKASAgentk and GitLabKASRedis are the versions of
+	// GitLab's KAS, GitLab's agentk and redis-server that the rows of
+	// GitLab's KAS ran with, GitLabKAS empty if they were left out;
+	// GitLabKASNote then says why.
+	GitLabKAS, GitLabKASAgentk, GitLabKASRedis, GitLabKASNote string
+	// StandInViolations are the calls of GitLab's KAS that broke the
+	// contract of the Rails stand-in: a sign that the stand-in is wrong.
+	StandInViolations []string
+	// StandInAuthCalls counts the CI job token checks (allowed_agents)
+	// GitLab's KAS asked the Rails stand-in for: it caches their answers.
+	StandInAuthCalls int
+
 	Small, Bulk []cell
 	Watches     []watchCell
 	Stalled     *stalledResult
@@ -137,6 +152,9 @@ func (r *Report) Sane() error {
 			problems = append(problems, fmt.Sprintf("scale: %d of %d agents connected", s.connected, s.agents))
 		}
 	}
+	if n := len(r.StandInViolations); n > 0 {
+		problems = append(problems, fmt.Sprintf("the Rails stand-in saw %d contract violations by GitLab's KAS, first: %s", n, r.StandInViolations[0]))
+	}
 	if r.CaddyIdle.rss == 0 || r.AgentkIdle.rss == 0 || (r.GitLabAgentk != "" && r.GitLabAgentkIdle.rss == 0) {
 		problems = append(problems, "no idle memory")
 	}
@@ -174,7 +192,7 @@ func (r *Report) Tables() string {
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 
 	w("### 1 KiB GET\n\n")
-	w("| path | c | req/s | × direct | p50 ms | p99 ms | added p50 ms | CPU µs/req (Caddy + agentk; cross-node: both nodes + agentk) | of which agentk |\n")
+	w("| path | c | req/s | × direct | p50 ms | p99 ms | added p50 ms | CPU µs/req (%s) | of which agentk |\n", cpuCounted)
 	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, c := range r.Small {
 		d, _ := directOf(r.Small, c)
@@ -183,8 +201,8 @@ func (r *Report) Tables() string {
 			x = ratio(c.res.perSecond(), d.res.perSecond())
 			added = fmt.Sprintf("%+.2f", float64(c.res.quantile(0.5)-d.res.quantile(0.5))/float64(time.Millisecond))
 			cpu = fmt.Sprintf("%d", c.cpuPerOp.Microseconds())
-			if c.res.requests > 0 {
-				agentCPU = fmt.Sprintf("%d", (c.agentCPU / time.Duration(c.res.requests)).Microseconds())
+			if c.res.requests > 0 && !isFloor(c) {
+				agentCPU = fmt.Sprintf("%d", agentMicros(c))
 			}
 		}
 		w("| %s | %d | %.0f | %s | %s | %s | %s | %s | %s |\n", c.target, c.conc, c.res.perSecond(), x,
@@ -192,11 +210,11 @@ func (r *Report) Tables() string {
 	}
 
 	r.budgetTable(w)
-
+	r.anchorTables(w)
 	r.crossNodeTables(w)
 
 	w("\n### 10 MiB GET and PUT\n\n")
-	w("| op | path | c | MiB/s | × direct | CPU ms/GiB (Caddy + agentk; cross-node: both nodes + agentk) |\n")
+	w("| op | path | c | MiB/s | × direct | CPU ms/GiB (%s) |\n", cpuCounted)
 	w("|---|---|---:|---:|---:|---:|\n")
 	for _, c := range r.Bulk {
 		d, _ := directOf(r.Bulk, c)
@@ -212,7 +230,7 @@ func (r *Report) Tables() string {
 
 	if len(r.Watches) > 0 {
 		w("\n### Watch streams (one flushed line every 10 ms, HTTP/2 client)\n\n")
-		w("| path | streams | lines | lost | delay p50 ms | p99 ms | max ms | CPU %% of a core (Caddy + agentk; cross-node: both nodes + agentk) |\n")
+		w("| path | streams | lines | lost | delay p50 ms | p99 ms | max ms | CPU %% of a core (%s) |\n", cpuCounted)
 		w("|---|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, c := range r.Watches {
 			cpu := ""
@@ -352,6 +370,7 @@ func (r *Report) Targets() string {
 		}
 		rows = append(rows, targetRow{"cross-node CPU per request, c=16 (" + proto + ")", "≤ 1.3× single node", measured, ok && x.ratio <= 1.3, ok})
 	}
+	rows = append(rows, r.gitlabKASTarget())
 	rows = append(rows, targetRow{"agentk idle RSS / binary", "≤ 20 MiB / ≤ 20 MB",
 		fmt.Sprintf("%s MiB / %.1f MB", mib(r.AgentkIdle.rss), float64(r.AgentkBinary)/1e6),
 		r.AgentkIdle.rss <= 20<<20 && r.AgentkBinary <= 20e6, r.AgentkBinary > 0})
@@ -382,8 +401,21 @@ func (r *Report) Header(command string) string {
 	if r.Redis != "" {
 		nodes = "two Caddy nodes sharing redis-server " + r.Redis + " (rows \"" + crossNodeName + "\")"
 	}
-	return fmt.Sprintf("- Date: %s\n- Machine: %s, %d cores, %s\n- Load average at start: %s\n- Go: %s\n- GitLab's agentk: %s\n- Cross node: %s\n- Command: `%s`\n- Run time: %s\n",
-		r.Started.UTC().Format("2006-01-02 15:04 MST"), m.CPU, m.Cores, m.Kernel, m.LoadAvg, m.GoVersion, gitlab, nodes, command,
+	floor := r.FloorNote
+	if floor == "" {
+		floor = "the same Caddy binary with its stock reverse_proxy, a process of its own (rows \"" + floorName + "\")"
+	}
+	kas := r.GitLabKASNote
+	if r.GitLabKAS != "" {
+		times := fmt.Sprintf("%d times", r.StandInAuthCalls)
+		if r.StandInAuthCalls == 1 {
+			times = "once"
+		}
+		kas = fmt.Sprintf("%s with GitLab's agentk %s, redis-server %s and the Rails stand-in, which it asked %s to check the CI job token (rows \"%s\")",
+			r.GitLabKAS, r.GitLabKASAgentk, r.GitLabKASRedis, times, gitlabKASName)
+	}
+	return fmt.Sprintf("- Date: %s\n- Machine: %s, %d cores, %s\n- Load average at start: %s\n- Go: %s\n- GitLab's agentk: %s\n- Cross node: %s\n- Caddy's own reverse_proxy: %s\n- GitLab's KAS: %s\n- Command: `%s`\n- Run time: %s\n",
+		r.Started.UTC().Format("2006-01-02 15:04 MST"), m.CPU, m.Cores, m.Kernel, m.LoadAvg, m.GoVersion, gitlab, nodes, floor, kas, command,
 		r.Finished.Sub(r.Started).Round(time.Second))
 }
 
@@ -538,7 +570,7 @@ func (r *Report) budgetTable(w func(string, ...any)) {
 		return
 	}
 	w("\n### Per request: system calls and context switches (1 KiB GET)\n\n")
-	w("Counted by Linux for each process during the cell (`/proc/<pid>/io` `syscr` and `syscw`, and the context switches of its threads), divided by the requests completed. The Caddy columns count both nodes in the cross-node rows.\n\n")
+	w("Counted by Linux for each process during the cell (`/proc/<pid>/io` `syscr` and `syscw`, and the context switches of its threads), divided by the requests completed. The Caddy columns count both nodes in the cross-node rows and GitLab's KAS in its rows; %s has no agent.\n\n", floorName)
 	w("| path | c | Caddy reads | Caddy writes | Caddy switches | agent reads | agent writes | agent switches | all syscalls (reads + writes) |\n")
 	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, c := range r.Small {
@@ -548,9 +580,13 @@ func (r *Report) budgetTable(w func(string, ...any)) {
 		n := float64(c.res.requests)
 		caddy := c.server.add(c.holder)
 		per := func(v int64) string { return fmt.Sprintf("%.1f", float64(v)/n) }
+		agentReads, agentWrites, agentSwitches := per(c.agent.reads), per(c.agent.writes), per(c.agent.contextSwitches)
+		if isFloor(c) {
+			agentReads, agentWrites, agentSwitches = "", "", ""
+		}
 		w("| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", c.target, c.conc,
 			per(caddy.reads), per(caddy.writes), per(caddy.contextSwitches),
-			per(c.agent.reads), per(c.agent.writes), per(c.agent.contextSwitches),
+			agentReads, agentWrites, agentSwitches,
 			per(caddy.reads+caddy.writes+c.agent.reads+c.agent.writes))
 	}
 }

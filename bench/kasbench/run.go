@@ -62,7 +62,9 @@ type Config struct {
 	ProfileConc int
 	// Skip names measurements to leave out: "small", "bulk", "watch",
 	// "stalled", "gitlab" (the rows of GitLab's agentk), "nodes" (the
-	// cross-node rows); the scale one is left out with no ScaleAgents.
+	// cross-node rows), "floor" (the rows of Caddy's own reverse_proxy),
+	// "gitlabkas" (the rows of GitLab's KAS); the scale one is left out
+	// with no ScaleAgents.
 	Skip map[string]bool
 	// Settle is how long the harness waits for things to calm down
 	// (after a start, before reading memory).
@@ -89,6 +91,13 @@ type Config struct {
 	// the same cell through our agentk. Otherwise its rows are left out
 	// and the report says why.
 	GitLabAgentk string
+	// GitLabKAS is GitLab's KAS binary (see GitLabKASPath). If it, GitLab's
+	// agentk and redis-server are at hand, GitLab's KAS runs in front of
+	// the Rails stand-in with GitLab's agentk connected to it, and every
+	// cell of the request tables is also measured through it, right after
+	// the same cell through our Caddy. Otherwise its rows are left out and
+	// the report says why.
+	GitLabKAS string
 	// Log receives progress lines.
 	Log io.Writer
 }
@@ -104,10 +113,30 @@ const (
 // GitLabAgentkPath is the default of Config.GitLabAgentk for the module at
 // root: $GITLAB_AGENTK_BIN, else GitLabAgentkDefault relative to root.
 func GitLabAgentkPath(root string) string {
-	if p := os.Getenv(GitLabAgentkEnv); p != "" {
+	return pathFromEnv(GitLabAgentkEnv, root, GitLabAgentkDefault)
+}
+
+// GitLabKASEnv names the environment variable with the path of GitLab's
+// KAS, and GitLabKASDefault is where it is otherwise, relative to the
+// module root: beside GitLab's agentk, as for the integration tests.
+const (
+	GitLabKASEnv     = "GITLAB_KAS_BIN"
+	GitLabKASDefault = "../shared/gitlab-agent-v16.5/kas"
+)
+
+// GitLabKASPath is the default of Config.GitLabKAS for the module at root:
+// $GITLAB_KAS_BIN, else GitLabKASDefault relative to root.
+func GitLabKASPath(root string) string {
+	return pathFromEnv(GitLabKASEnv, root, GitLabKASDefault)
+}
+
+// pathFromEnv is the path in the environment variable env, else def (a
+// slash-separated path) relative to root.
+func pathFromEnv(env, root, def string) string {
+	if p := os.Getenv(env); p != "" {
 		return p
 	}
-	return filepath.Join(root, filepath.FromSlash(GitLabAgentkDefault))
+	return filepath.Join(root, filepath.FromSlash(def))
 }
 
 // DefaultConfig is the full run documented in docs/benchmarks.md.
@@ -216,6 +245,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	var nodes *crossNode
 	redisBin, redisVersion, note := findRedis(ctx, cfg)
 	rep.Redis, rep.CrossNodeNote = redisVersion, note
+	anchors := startAnchors(ctx, cfg, rep, bins, p, up, filepath.Join(dir, "anchors"), logf)
+	defer anchors.stop()
 	if redisBin != "" {
 		logf("starting redis-server %s, two caddy nodes and agentk on node B", redisVersion)
 		if nodes, err = startCrossNode(ctx, cfg, bins, redisBin, p, up, filepath.Join(dir, "nodes")); err != nil {
@@ -225,7 +256,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	} else {
 		logf("cross-node: %s", note)
 	}
-	if err := runRequests(ctx, cfg, rep, stacks, gitlabBin, nodes, p, up, dir, logf); err != nil {
+	if err := runRequests(ctx, cfg, rep, stacks, gitlabBin, anchors, nodes, p, up, dir, logf); err != nil {
 		return rep, err
 	}
 	if len(cfg.ScaleAgents) > 0 {
@@ -258,17 +289,11 @@ func findGitLabAgentk(ctx context.Context, cfg Config, rep *Report) string {
 			GitLabAgentkEnv, GitLabAgentkDefault)
 		return ""
 	}
-	vctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(vctx, bin, "--version").Output()
+	v, err := gitlabVersion(ctx, bin, "agentk")
 	if err != nil {
-		rep.GitLabAgentkNote = "rows left out: its --version failed: " + withoutPath(err, bin)
+		rep.GitLabAgentkNote = "rows left out: its --version failed: " + withoutPath(err, bin, "<GitLab's agentk>")
 		return ""
 	}
-	// "agentk version v16.5.0-stock, commit: 8daa08cc, built: ..."
-	v, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
-	v = strings.TrimPrefix(v, "agentk version ")
-	v, _, _ = strings.Cut(v, ", built")
 	rep.GitLabAgentk = v
 	if st, err := os.Stat(bin); err == nil {
 		rep.GitLabAgentkBinary = st.Size()
@@ -276,10 +301,27 @@ func findGitLabAgentk(ctx context.Context, cfg Config, rep *Report) string {
 	return bin
 }
 
+// gitlabVersion runs GitLab's program bin (agentk or kas, named name) with
+// --version and returns its version and commit, as in "v16.5.0-stock,
+// commit: 8daa08cc" of "agentk version v16.5.0-stock, commit: 8daa08cc,
+// built: ...".
+func gitlabVersion(ctx context.Context, bin, name string) (string, error) {
+	vctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(vctx, bin, "--version").Output()
+	if err != nil {
+		return "", err
+	}
+	v, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	v = strings.TrimPrefix(v, name+" version ")
+	v, _, _ = strings.Cut(v, ", built")
+	return v, nil
+}
+
 // withoutPath is err's text with the binary's path, which belongs to the
-// machine and not to the report, replaced.
-func withoutPath(err error, bin string) string {
-	return strings.ReplaceAll(err.Error(), bin, "<GitLab's agentk>")
+// machine and not to the report, replaced by label.
+func withoutPath(err error, bin, label string) string {
+	return strings.ReplaceAll(err.Error(), bin, label)
 }
 
 // stack is one Caddy and agentk under test, with its clients; the stack
@@ -297,11 +339,7 @@ type stack struct {
 }
 
 func (s *stack) stop() {
-	for _, t := range []target{s.h1, s.h2, s.gh1, s.gh2} {
-		if t.client != nil {
-			t.client.CloseIdleConnections()
-		}
-	}
+	closeClients(s.h1, s.h2, s.gh1, s.gh2)
 	if s.gitlab != nil {
 		s.gitlab.proc.stop()
 	}
@@ -316,10 +354,15 @@ func (s *stack) stop() {
 // another node, and the agent process, whose CPU a cell counts; and what
 // its profiles are named.
 type route struct {
+	// caddy is the server the clients send to. In the row of GitLab's
+	// KAS it is that KAS: only proc is set, and without an admin API it
+	// is not profiled.
 	caddy *caddyServer
 	// holder is the node that the agent is connected to, which caddy
 	// forwards each request to; nil when it is caddy itself.
-	holder        *caddyServer
+	holder *caddyServer
+	// agent is nil in the row of Caddy's own reverse_proxy, which
+	// reaches the upstream without one.
 	agent         *agentkProcess
 	t             target
 	profileSuffix string
@@ -376,7 +419,7 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 	gauth := fmt.Sprintf("Bearer pat:%d:%s", gitlabAgentID, caddy.userTok)
 	gh1 := target{name: name, variant: variant, proto: "h1", client: newClient(p.pool, false), base: caddy.proxyURL, auth: gauth}
 	gh2 := target{name: name, variant: variant, proto: "h2", client: newClient(p.pool, true), base: caddy.proxyURL, auth: gauth}
-	g, err := startGitLabAgentk(ctx, gitlabBin, dir, p, caddy, kubeconfig, gh2)
+	g, err := startGitLabAgentk(ctx, gitlabBin, dir, p, caddy.agentURL, filepath.Join(caddy.dir, "gitlab-agent.token"), kubeconfig, gh2)
 	if err == nil {
 		if err = gh1.do(ctx, nil, http.MethodGet, "/1k", nil); err != nil {
 			g.proc.stop()
@@ -391,7 +434,7 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 			return nil, ctx.Err()
 		}
 		logf("GitLab's agentk did not start: %v; its log ends:\n%s", err, logTail(dir, "gitlab-agentk", 20))
-		*gitlabNote = "rows left out: it did not start: " + withoutPath(err, gitlabBin)
+		*gitlabNote = "rows left out: it did not start: " + withoutPath(err, gitlabBin, "<GitLab's agentk>")
 		return s, nil
 	}
 	s.gitlab, s.gh1, s.gh2 = g, gh1, gh2
@@ -408,10 +451,14 @@ func startStack(ctx context.Context, cfg Config, bins binaries, gitlabBin string
 // the binaries under test (not the baseline's) as a second agent, and each
 // of its cells is measured right after the same cell through our agentk.
 //
+// anchors are Caddy's own reverse_proxy and GitLab's KAS (each may be
+// missing): each of their cells is measured right after the same cell of
+// the binaries under test (and of GitLab's agentk behind our Caddy).
+//
 // nodes, if not nil, are two nodes of the binaries under test: each cell
 // is also measured through node A to the agent on node B, last, and
 // compared with the same direct and single-node cells.
-func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, gitlabBin string, nodes *crossNode, p *pki, up *upstream, dir string, logf func(string, ...any)) error {
+func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, gitlabBin string, anchors *anchors, nodes *crossNode, p *pki, up *upstream, dir string, logf func(string, ...any)) error {
 	var stacks []*stack
 	defer func() {
 		for _, s := range stacks {
@@ -474,9 +521,19 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 		}
 		return cpuOf(rt.holder.proc.pid())
 	}
+	// agentCPU is the CPU time of rt's agent so far, zero without one.
+	agentCPU := func(rt *route) time.Duration {
+		if rt.agent == nil {
+			return 0
+		}
+		return cpuOf(rt.agent.proc.pid())
+	}
 	// profiles are the admin URLs of the Caddys of rt to profile, by file
 	// name: with a holder, both nodes, as <profile>-node-a and -node-b.
 	profiles := func(rt *route, profile string) map[string]string {
+		if rt.caddy.adminURL == "" {
+			return nil // GitLab's KAS
+		}
 		if rt.holder == nil {
 			return map[string]string{profile: rt.caddy.adminURL}
 		}
@@ -495,12 +552,19 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 			}
 			return readCounters(rt.holder.proc.pid())
 		}
+		// The floor has no agent.
+		agentCounters := func() procCounters {
+			if rt.agent == nil {
+				return procCounters{}
+			}
+			return readCounters(rt.agent.proc.pid())
+		}
 		mark := func(start bool) {
 			if rt == nil {
 				return
 			}
 			if start {
-				agent0, server0, holder0 = readCounters(rt.agent.proc.pid()), readCounters(rt.caddy.proc.pid()), holderCounters()
+				agent0, server0, holder0 = agentCounters(), readCounters(rt.caddy.proc.pid()), holderCounters()
 				if profile != "" && cfg.ProfileDir != "" {
 					for name, adminURL := range profiles(rt, profile) {
 						prof.Add(1)
@@ -511,7 +575,7 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 					}
 				}
 			} else {
-				agent1, server1, holder1 = readCounters(rt.agent.proc.pid()), readCounters(rt.caddy.proc.pid()), holderCounters()
+				agent1, server1, holder1 = agentCounters(), readCounters(rt.caddy.proc.pid()), holderCounters()
 			}
 		}
 		r := runLoad(ctx, conc, cfg.Warmup, cfg.Phase, cfg.MaxOps, mark, op)
@@ -527,11 +591,16 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 		return c
 	}
 	// each runs one cell directly, then through every route of every
-	// stack: ours, GitLab's agentk, the baseline; then across nodes.
+	// stack: ours, GitLab's agentk, Caddy's own reverse_proxy, GitLab's
+	// KAS, the baseline; then across nodes.
 	each := func(proto string, f func(r *route, t target)) {
 		f(nil, direct[proto])
-		for _, s := range stacks {
-			for _, r := range s.routes(proto) {
+		for i, s := range stacks {
+			routes := s.routes(proto)
+			if i == 0 {
+				routes = append(routes, anchors.routes(proto)...)
+			}
+			for _, r := range routes {
 				f(&r, r.t)
 			}
 		}
@@ -589,12 +658,12 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 			logf("%d watch streams, %s", n, t.label())
 			var c0 time.Duration
 			if r != nil {
-				c0 = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + cpuOf(r.agent.proc.pid())
+				c0 = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + agentCPU(r)
 			}
 			w := runWatches(ctx, t, up, n, cfg.WatchLines)
 			wc := watchCell{target: t.label(), watchResult: w}
 			if r != nil {
-				wc.cpu = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + cpuOf(r.agent.proc.pid()) - c0
+				wc.cpu = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + agentCPU(r) - c0
 			}
 			rep.Watches = append(rep.Watches, wc)
 		})

@@ -146,8 +146,9 @@ func (u *upstream) close() {
 	<-u.served
 }
 
-// caddyfile is the standalone configuration of the Caddy under test.
-var caddyfile = template.Must(template.New("Caddyfile").Parse(`{
+// caddyfile is the standalone configuration of the Caddy under test. Its
+// global options, "options", are those of every Caddy the harness runs.
+var caddyfile = template.Must(template.New("Caddyfile").Parse(`{{define "options"}}{
 	admin 127.0.0.1:{{.AdminPort}}
 	default_bind 127.0.0.1
 	skip_install_trust
@@ -172,7 +173,7 @@ var caddyfile = template.Must(template.New("Caddyfile").Parse(`{
 	}
 {{- end}}
 }
-
+{{end}}{{template "options" .}}
 https://127.0.0.1:{{.HTTPSPort}} {
 	tls {{.CertFile}} {{.KeyFile}}
 	kubernetes_agent {
@@ -231,23 +232,12 @@ type nodeSettings struct {
 // one node of several (see nodeSettings); otherwise it stands alone with
 // tokens of its own.
 func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, gitlabAgent bool, extraEnv []string, node *nodeSettings) (*caddyServer, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", dir, err)
-	}
-	ports, err := freePorts(3)
+	c, ports, err := newCaddyServer(dir)
 	if err != nil {
 		return nil, err
 	}
-	c := &caddyServer{
-		dir:            dir,
-		adminURL:       fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
-		siteURL:        fmt.Sprintf("https://127.0.0.1:%d", ports[2]),
-		agentToken:     randomToken(),
-		userTok:        randomToken(),
-		simTokenPrefix: randomToken() + "-",
-		simFirstID:     1000,
-		simCount:       simAgents,
-	}
+	c.agentToken, c.userTok = randomToken(), randomToken()
+	c.simTokenPrefix, c.simFirstID, c.simCount = randomToken()+"-", 1000, simAgents
 	if node != nil {
 		c.agentToken, c.userTok = node.agentToken, node.userToken
 	}
@@ -278,17 +268,45 @@ func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, git
 	if err != nil {
 		return nil, fmt.Errorf("rendering the Caddyfile: %w", err)
 	}
-	path := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
-		return nil, fmt.Errorf("writing the Caddyfile: %w", err)
+	if err := c.launch(ctx, bin, b.String(), p, extraEnv); err != nil {
+		return nil, err
 	}
-	home := filepath.Join(dir, "home")
+	return c, nil
+}
+
+// newCaddyServer makes dir and picks three free ports for a Caddy that is
+// yet to start there: its admin API, HTTP and HTTPS ports, in this order.
+func newCaddyServer(dir string) (*caddyServer, []int, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("creating %s: %w", dir, err)
+	}
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &caddyServer{
+		dir:      dir,
+		adminURL: fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
+		siteURL:  fmt.Sprintf("https://127.0.0.1:%d", ports[2]),
+	}, ports, nil
+}
+
+// launch writes config as the Caddyfile in c.dir, starts Caddy with it, and
+// waits until c.siteURL answers 404 at its root, which every Caddyfile of
+// the harness makes it do.
+func (c *caddyServer) launch(ctx context.Context, bin, config string, p *pki, extraEnv []string) error {
+	path := filepath.Join(c.dir, "Caddyfile")
+	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+		return fmt.Errorf("writing the Caddyfile: %w", err)
+	}
+	home := filepath.Join(c.dir, "home")
 	env := append(environWithout("HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"),
 		"HOME="+home, "XDG_CONFIG_HOME="+filepath.Join(home, "config"), "XDG_DATA_HOME="+filepath.Join(home, "data"))
 	env = append(env, extraEnv...)
-	c.proc, err = startProcess("caddy", bin, dir, []string{"run", "--config", path, "--adapter", "caddyfile"}, env)
+	var err error
+	c.proc, err = startProcess("caddy", bin, c.dir, []string{"run", "--config", path, "--adapter", "caddyfile"}, env)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: p.pool}}}
 	defer client.CloseIdleConnections()
@@ -308,9 +326,9 @@ func startCaddy(ctx context.Context, bin, dir string, p *pki, simAgents int, git
 	})
 	if err != nil {
 		c.proc.stop()
-		return nil, fmt.Errorf("caddy did not start: %w", err)
+		return fmt.Errorf("caddy did not start: %w", err)
 	}
-	return c, nil
+	return nil
 }
 
 // agentkProcess is the agentk under test.
@@ -370,34 +388,40 @@ func startAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, k
 		return nil, err
 	}
 	a := &agentkProcess{proc: proc, observabilityURL: "http://" + obs}
-	client := &http.Client{Timeout: 5 * time.Second}
-	defer client.CloseIdleConnections()
-	err = eventually(ctx, time.Minute, func() error {
-		if !proc.running() {
-			return fmt.Errorf("agentk exited: %v (see agentk.log)", proc.err)
-		}
-		resp, err := client.Get(a.observabilityURL + "/readiness")
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("agentk readiness %s", resp.Status)
-		}
-		return nil
-	})
-	if err != nil {
+	if err := waitReadiness(ctx, proc, a.observabilityURL+"/readiness"); err != nil {
 		proc.stop()
 		return nil, fmt.Errorf("agentk did not connect: %w", err)
 	}
 	return a, nil
 }
 
-// startGitLabAgentk starts GitLab's agentk for agent gitlabAgentID of c,
-// with the cluster of kubeconfig, as GitLab's README runs it outside a
-// cluster, and waits until a request through t (which reaches that agent)
-// succeeds.
-func startGitLabAgentk(ctx context.Context, bin, dir string, p *pki, c *caddyServer, kubeconfig string, t target) (*agentkProcess, error) {
+// waitReadiness waits until proc's readiness endpoint at url answers 200
+// OK, for a minute at most.
+func waitReadiness(ctx context.Context, proc *process, url string) error {
+	client := &http.Client{Timeout: 5 * time.Second}
+	defer client.CloseIdleConnections()
+	return eventually(ctx, time.Minute, func() error {
+		if !proc.running() {
+			return fmt.Errorf("%s exited: %v (see %s.log)", proc.name, proc.err, proc.name)
+		}
+		resp, err := client.Get(url)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s readiness %s", proc.name, resp.Status)
+		}
+		return nil
+	})
+}
+
+// startGitLabAgentk starts GitLab's agentk with the agent token in
+// tokenFile, dialing agentURL (a Caddy's, for agent gitlabAgentID, or
+// GitLab's KAS's) with the cluster of kubeconfig, as GitLab's README runs
+// it outside a cluster, and waits until a request through t (which
+// reaches that agent) succeeds.
+func startGitLabAgentk(ctx context.Context, bin, dir string, p *pki, agentURL, tokenFile, kubeconfig string, t target) (*agentkProcess, error) {
 	ports, err := freePorts(1)
 	if err != nil {
 		return nil, err
@@ -406,9 +430,9 @@ func startGitLabAgentk(ctx context.Context, bin, dir string, p *pki, c *caddySer
 	env := append(environWithout("KUBECONFIG", "POD_NAMESPACE", "POD_NAME", "SERVICE_ACCOUNT_NAME", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"),
 		"POD_NAMESPACE=bench", "POD_NAME=gitlab-agentk-bench", "SERVICE_ACCOUNT_NAME=gitlab-agent")
 	proc, err := startProcess("gitlab-agentk", bin, dir, []string{
-		"--kas-address", c.agentURL,
+		"--kas-address", agentURL,
 		"--ca-cert-file", p.caFile,
-		"--token-file", filepath.Join(c.dir, "gitlab-agent.token"),
+		"--token-file", tokenFile,
 		"--kubeconfig", kubeconfig,
 		"--cache-dir", filepath.Join(dir, "gitlab-agentk-cache"),
 		"--observability-listen-address", obs,

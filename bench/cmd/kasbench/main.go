@@ -14,6 +14,10 @@
 // redis-server is on PATH, two more Caddy nodes share their tunnels through
 // it, a second agentk connects to node B, and each load is also measured
 // sent to node A, which forwards it to node B (-skip nodes leaves this out).
+// Two more rows put ours in context: a Caddy of its own proxying with its
+// stock reverse_proxy straight to the upstream, the floor (-skip floor);
+// and GitLab's KAS (-gitlab-kas) with GitLab's agentk, in front of a Rails
+// stand-in and a redis-server, the anchor (-skip gitlabkas).
 // Every load is bounded in time and count and aimed at 127.0.0.x only.
 package main
 
@@ -55,9 +59,11 @@ func run() error {
 	flag.Var(&agentkEnv, "agentk-env", "`KEY=VALUE` added to agentk's environment (repeatable)")
 	var baselineAgentkEnv stringsFlag
 	flag.Var(&baselineAgentkEnv, "baseline-agentk-env", "`KEY=VALUE` added to the baseline agentk's environment instead of -agentk-env (repeatable)")
-	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled, gitlab (GitLab's agentk's rows), nodes (the cross-node rows)")
+	skip := flag.String("skip", "", "comma-separated measurements to leave out: small, bulk, watch, stalled, gitlab (GitLab's agentk's rows), nodes (the cross-node rows), floor (Caddy's own reverse_proxy's rows), gitlabkas (GitLab's KAS's rows)")
 	gitlabAgentk := flag.String("gitlab-agentk", os.Getenv(kasbench.GitLabAgentkEnv),
 		"GitLab's agentk binary, measured behind the same Caddy next to ours (default $"+kasbench.GitLabAgentkEnv+", else "+kasbench.GitLabAgentkDefault+" relative to -root); if absent, its rows are left out")
+	gitlabKAS := flag.String("gitlab-kas", os.Getenv(kasbench.GitLabKASEnv),
+		"GitLab's KAS binary, measured with GitLab's agentk as the anchor row (default $"+kasbench.GitLabKASEnv+", else "+kasbench.GitLabKASDefault+" relative to -root); if absent, its rows are left out")
 	release := flag.Bool("release", true, "build stripped binaries with -trimpath, like a release (false keeps symbols for perf)")
 	flag.Parse()
 
@@ -102,6 +108,10 @@ func run() error {
 	if cfg.GitLabAgentk == "" {
 		cfg.GitLabAgentk = kasbench.GitLabAgentkPath(*root)
 	}
+	cfg.GitLabKAS = *gitlabKAS
+	if cfg.GitLabKAS == "" {
+		cfg.GitLabKAS = kasbench.GitLabKASPath(*root)
+	}
 	cfg.CaddyEnv = caddyEnv
 	cfg.BaselineCaddyEnv = baselineCaddyEnv
 	cfg.AgentkEnv = agentkEnv
@@ -121,7 +131,7 @@ func run() error {
 		v := f.Value.String()
 		// Absolute paths are of this machine and say nothing to a
 		// reader of the results.
-		placeholders := map[string]string{"baseline": "<tree before the change>", "pprof": "<profile dir>", "write": "<file>", "root": "<module root>", "gitlab-agentk": "<GitLab's agentk>"}
+		placeholders := map[string]string{"baseline": "<tree before the change>", "pprof": "<profile dir>", "write": "<file>", "root": "<module root>", "gitlab-agentk": "<GitLab's agentk>", "gitlab-kas": "<GitLab's KAS>"}
 		if p, ok := placeholders[f.Name]; ok && filepath.IsAbs(v) {
 			v = p
 		}
