@@ -174,3 +174,60 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(p))
 	return len(p), nil
 }
+
+// TestSmallRequestTargets: the small-request goals are judged from the
+// single node's cells against the direct cells of the same run.
+func TestSmallRequestTargets(t *testing.T) {
+	ms := time.Millisecond
+	watch := func(label string, p99 time.Duration) watchCell {
+		return watchCell{target: label, watchResult: watchResult{streams: 100, p99: p99}}
+	}
+	tests := []struct {
+		name    string
+		small   []cell
+		watches []watchCell
+		want    []string // rows of the targets table, whole
+	}{
+		{
+			name: "met",
+			small: []cell{
+				smallCell("direct h1", 16, 10000, 0, 0, 300*time.Microsecond),
+				smallCell("single node h1", 16, 2500, 400*ms, 200*ms, 2*ms),
+				smallCell("direct h1", 1, 20000, 0, 0, 20*time.Microsecond),
+				smallCell("single node h1", 1, 2000, 800*ms, 400*ms, 400*time.Microsecond),
+			},
+			watches: []watchCell{watch("direct h2", 2*ms), watch("single node h2", 3*ms)},
+			want: []string{
+				"| small requests: CPU per request / req/s vs direct, c=16 (h1) | ≤ 200 µs / ≥ 0.20× | 160 µs / 0.25× | yes |",
+				"| small requests: added p50 latency, c=1 (h1) | ≤ +0.40 ms | +0.38 ms | yes |",
+				"| 100 watch streams: p99 delay vs direct | ≤ 2× direct's p99 | 3.00 ms against 2.00 ms (1.50×) | yes |",
+			},
+		},
+		{
+			name: "missed",
+			small: []cell{
+				smallCell("direct h2", 16, 10000, 0, 0, 300*time.Microsecond),
+				smallCell("single node h2", 16, 1500, 450*ms, 200*ms, 2*ms),
+				smallCell("direct h2", 1, 20000, 0, 0, 20*time.Microsecond),
+				smallCell("single node h2", 1, 2000, 800*ms, 400*ms, 500*time.Microsecond),
+			},
+			watches: []watchCell{watch("direct h2", 2*ms), watch("single node h2", 5*ms)},
+			want: []string{
+				"| small requests: CPU per request / req/s vs direct, c=16 (h2) | ≤ 200 µs / ≥ 0.20× | 300 µs / 0.15× | no |",
+				"| small requests: added p50 latency, c=1 (h2) | ≤ +0.40 ms | +0.48 ms | no |",
+				"| 100 watch streams: p99 delay vs direct | ≤ 2× direct's p99 | 5.00 ms against 2.00 ms (2.50×) | no |",
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := &Report{Small: tt.small, Watches: tt.watches}
+			got := r.Targets()
+			for _, row := range tt.want {
+				if !strings.Contains(got, row+"\n") {
+					t.Errorf("targets lack\n%s\nin\n%s", row, got)
+				}
+			}
+		})
+	}
+}
