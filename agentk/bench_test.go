@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"testing"
 
 	"go.uber.org/zap"
@@ -21,20 +20,10 @@ import (
 //	go test -run '^$' -bench Proxy -benchmem -cpuprofile cpu.out ./agentk/
 func BenchmarkProxy(b *testing.B) {
 	small := bytes.Repeat([]byte("k"), 1<<10)
-	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	c := http2Cluster(b, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(small)
 	}))
-	upstream.EnableHTTP2 = true
-	upstream.StartTLS()
-	b.Cleanup(upstream.Close)
-	server, err := parseServerURL(upstream.URL)
-	if err != nil {
-		b.Fatal(err)
-	}
-	tlsConfig := upstream.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
-	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
-	b.Cleanup(c.CloseIdleConnections)
 	agent := h2tunneltest.NewPair(b, newProxy(c, zap.NewNop(), newMetrics()), h2tunneltest.Options{})
 
 	for _, par := range []int{1, 8} {

@@ -339,21 +339,11 @@ func TestProxyStreamsFlushed(t *testing.T) {
 // HTTP/2 client, which stops sending on a status above 299) never finishes
 // it. The response must still end.
 func TestEarlyRefusalDoesNotDeadlock(t *testing.T) {
-	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	c := http2Cluster(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusForbidden)
 		io.WriteString(w, `{"kind":"Status","code":403}`)
 	}))
-	upstream.EnableHTTP2 = true
-	upstream.StartTLS()
-	t.Cleanup(upstream.Close)
-	server, err := parseServerURL(upstream.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tlsConfig := upstream.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
-	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
-	t.Cleanup(c.CloseIdleConnections)
 	agent := h2tunneltest.NewPair(t, newProxy(c, zap.NewNop(), newMetrics()), h2tunneltest.Options{})
 
 	body, bodyWriter := io.Pipe()
@@ -381,4 +371,22 @@ func TestEarlyRefusalDoesNotDeadlock(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the refused request's response never ended: deadlock")
 	}
+}
+
+// http2Cluster starts h as an HTTPS apiserver speaking HTTP/2, as a real one
+// does, and returns agentk's cluster for it, with a static token.
+func http2Cluster(tb testing.TB, h http.Handler) *Cluster {
+	tb.Helper()
+	upstream := httptest.NewUnstartedServer(h)
+	upstream.EnableHTTP2 = true
+	upstream.StartTLS()
+	tb.Cleanup(upstream.Close)
+	server, err := parseServerURL(upstream.URL)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tlsConfig := upstream.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+	c := newCluster(clusterSpec{server: server, tls: tlsConfig, cred: staticToken("agentk-token")})
+	tb.Cleanup(c.CloseIdleConnections)
+	return c
 }
