@@ -198,7 +198,13 @@ func (r *responseHeaders) copyAllowed(dst, h http.Header, agentID int64, dropCOR
 		switch {
 		case httpheader.IsHopByHop(h, k), dropCORS && isCORSHeader(k):
 		case r.allowed[k]:
-			dst[k] = append(dst[k], vs...)
+			if dst[k] == nil {
+				// The cluster's answer is read once and dropped: its
+				// values can be handed on without a copy per header.
+				dst[k] = vs
+			} else {
+				dst[k] = append(dst[k], vs...)
+			}
 		default:
 			r.blocked.add(k, agentID)
 		}
