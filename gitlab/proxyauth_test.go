@@ -14,8 +14,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/caddy-kas/caddy-kas/kubeproxy"
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/kubeproxy"
 )
 
 const allowedAgentsJSON = `{ "allowed_agents": [
