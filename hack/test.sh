@@ -25,8 +25,14 @@ echo "    $KUBE_TESTBIN"
 echo "==> helm for the Helm chart's tests (hack/helm pins it; the first build takes a few minutes)"
 (cd hack/helm && go tool helm version --short)
 
-echo "==> go vet ./..."
+echo "==> go vet ./..., gofmt -l"
 go vet ./...
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.git/*'))
+if [ -n "$unformatted" ]; then
+  echo "test.sh: not gofmt-formatted (run gofmt -w on them):" >&2
+  echo "$unformatted" >&2
+  exit 1
+fi
 
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(./...)
