@@ -216,7 +216,10 @@ func (p *Proxy) roundTrip(req *tunnel.Request, access *Access) (*http.Response, 
 	}
 	window := cmp.Or(p.ReconnectWindow, DefaultReconnectWindow)
 	for attempt := 0; ; attempt++ {
-		t, waited, err := p.Router.Connected(access.AgentID), time.Duration(0), error(nil)
+		// An agent connected here is found without a deadline to wait.
+		var waited time.Duration
+		var err error
+		t := p.Router.Connected(access.AgentID)
 		if t == nil {
 			findCtx, cancel := context.WithTimeout(out.Context(), wait)
 			start := time.Now()
