@@ -63,6 +63,9 @@ type kasConfig struct {
 	// kasExtra is more of the kas global option's block (redis,
 	// private_api).
 	kasExtra string
+	// connectionsPerToken, when not zero, is kubernetes_agent's
+	// connections_per_token_per_minute (standalone mode).
+	connectionsPerToken int
 }
 
 // caddySite is a site block https://<host>:<HTTPS port> with a certificate
@@ -181,6 +184,9 @@ https://localhost:{{.HTTPSPort}}{{if .OwnPort}}, https://localhost:{{.OwnPort}}{
 	}
 {{- else}}
 	kubernetes_agent {
+{{- if .ConnectionsPerToken}}
+		connections_per_token_per_minute {{.ConnectionsPerToken}}
+{{- end}}
 {{- range .Agents}}
 		agent {{.ID}} {{.Name}} {
 {{- if .TokenEnv}}
@@ -379,10 +385,11 @@ func (c *caddyServer) writeCaddyfile(t testing.TB, config kasConfig) string {
 		GitLab                                  *gitlabData
 		Sites                                   []siteData
 		KasExtra                                string
+		ConnectionsPerToken                     int
 	}{
 		AdminPort: c.adminPort, HTTPPort: c.httpPort, HTTPSPort: c.httpsPort, OwnPort: c.ownPort,
 		StateDir: c.dir, WaitForAgent: config.waitForAgent, ServerOptions: config.serverOptions,
-		KasExtra: config.kasExtra,
+		KasExtra: config.kasExtra, ConnectionsPerToken: config.connectionsPerToken,
 	}
 	if g := config.gitlab; g != nil {
 		data.GitLab = &gitlabData{URL: g.url, SecretFile: g.secretFile, CAFile: g.caFile,

@@ -18,6 +18,9 @@ import (
 	"github.com/caddy-kas/caddy-kas/integration/fakecluster"
 	"github.com/caddy-kas/caddy-kas/integration/internal/kubetest"
 	"github.com/caddy-kas/caddy-kas/internal/redistest"
+	"github.com/caddy-kas/caddy-kas/tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
+	"github.com/caddy-kas/caddy-kas/tunnel/wsconn"
 )
 
 // Several Caddy nodes sharing their tunnels through a real Redis: each node
@@ -363,4 +366,58 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestSeveralNodesShareTheConnectionLimit: connections_per_token_per_minute
+// holds for an agent token across the nodes, which count in Redis
+// together: an agent cannot get round it by being balanced over nodes.
+func TestSeveralNodesShareTheConnectionLimit(t *testing.T) {
+	t.Parallel()
+	s := requireSuite(t)
+	redis := redistest.StartServer(t)
+	config := standardConfig()
+	config.connectionsPerToken = 3
+	nodes := startNodes(t, s, 2, config, singleRedis(redis))
+	a, b := nodes[0], nodes[1]
+	token := config.agent(t, 1).token
+
+	// The count is per minute of the clock: start early in one, so that
+	// all handshakes below fall into it.
+	if left := time.Minute - time.Duration(time.Now().Second())*time.Second; left < 20*time.Second {
+		time.Sleep(left + time.Second)
+	}
+	handshake := func(n *caddyServer, i int) (status int) {
+		t.Helper()
+		h := make(http.Header)
+		h.Set("Authorization", "Bearer "+token)
+		h2tunnel.SetMetaHeaders(h, tunnel.AgentMeta{Version: "test", PodNamespace: "test", PodName: fmt.Sprintf("pod-%d", i), PodID: int64(i), ConnectionID: int64(i)})
+		ctx, cancel := context.WithTimeout(context.Background(), httpTimeout)
+		defer cancel()
+		nc, resp, err := wsconn.Dial(ctx, n.agentURL(), wsconn.DialOptions{HTTPClient: n.httpClient(t), Header: h, Subprotocol: h2tunnel.Subprotocol})
+		if err == nil {
+			nc.Close()
+			return http.StatusSwitchingProtocols
+		}
+		if resp == nil {
+			t.Fatalf("handshake %d with %s: %v", i, n.agentURL(), err)
+		}
+		if resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") == "" {
+			t.Errorf("handshake %d: 429 without Retry-After", i)
+		}
+		return resp.StatusCode
+	}
+	for i, step := range []struct {
+		node *caddyServer
+		want int
+	}{
+		{a, http.StatusSwitchingProtocols},
+		{b, http.StatusSwitchingProtocols},
+		{a, http.StatusSwitchingProtocols},
+		{b, http.StatusTooManyRequests}, // the fourth of the minute, though B has seen only one
+		{a, http.StatusTooManyRequests},
+	} {
+		if got := handshake(step.node, i); got != step.want {
+			t.Errorf("handshake %d: %d, want %d", i, got, step.want)
+		}
+	}
 }
