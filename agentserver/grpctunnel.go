@@ -59,18 +59,18 @@ type grpcAdmission struct {
 
 // Authenticate implements [grpctunnel.Admission].
 func (a *grpcAdmission) Authenticate(ctx context.Context, token string) (tunnel.AgentInfo, error) {
-	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr))
+	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr), zap.String("protocol", a.protocol))
 	agent, err := a.e.Auth.AuthenticateAgent(ctx, token)
 	var limited *RateLimitedError
 	switch {
 	case errors.Is(err, ErrUnknownToken):
-		a.e.logRefusalOf(log, "unknown agent token", a.protocol, zap.String("protocol", a.protocol))
+		a.e.logRefusalOf(log, "unknown agent token", a.protocol)
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("unknown agent token")
 		}
 		return tunnel.AgentInfo{}, status.Error(codes.Unauthenticated, "unauthenticated")
 	case errors.As(err, &limited):
-		a.e.logRefusalOf(log, "authentication rate limited", a.protocol, zap.String("protocol", a.protocol),
+		a.e.logRefusalOf(log, "authentication rate limited", a.protocol,
 			zap.Duration("retry_after", limited.RetryAfter), zap.Error(limited.Err))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("authentication rate limited")
@@ -107,7 +107,7 @@ func (a *grpcAdmission) CountCall(ctx context.Context, token string) error {
 	log := a.e.logger().With(zap.String("remote_addr", a.remoteAddr), zap.String("protocol", a.protocol))
 	var limited *RateLimitedError
 	if errors.As(err, &limited) {
-		a.e.logRefusalOf(log, "connection rate limit", a.protocol, zap.String("protocol", a.protocol), zap.Duration("retry_after", limited.RetryAfter))
+		a.e.logRefusalOf(log, "connection rate limit", a.protocol, zap.Duration("retry_after", limited.RetryAfter))
 		if a.e.Observer != nil {
 			a.e.Observer.AgentRefused("connection rate limit")
 		}

@@ -251,8 +251,26 @@ func TestEndpointGRPCCallsCounted(t *testing.T) {
 			if n := lines.Len(); n != 1 {
 				t.Errorf("%d lines %q (reason %q), want 1", n, tt.wantLog, tt.reason)
 			}
+			// Every line about a call says its protocol, once: a key
+			// twice in a JSON log line is ambiguous to log processors.
+			for _, line := range logs.All() {
+				if n := countFields(line.Context, "protocol"); n != 1 {
+					t.Errorf("line %q has %d protocol fields, want 1", line.Message, n)
+				}
+			}
 		})
 	}
+}
+
+// countFields counts the fields named key.
+func countFields(fields []zapcore.Field, key string) int {
+	n := 0
+	for _, f := range fields {
+		if f.Key == key {
+			n++
+		}
+	}
+	return n
 }
 
 // TestEndpointH2CounterFails: a handshake whose connection cannot be
