@@ -32,8 +32,7 @@ func (p *Proxy) handleCORS(w http.ResponseWriter, r *http.Request) (answered boo
 		return false // not a browser's cross-origin request
 	}
 	if len(origins) > 1 || origins[0] != p.AllowedOrigin {
-		p.logRefusal(http.StatusForbidden, "origin not allowed", zap.Int("status", http.StatusForbidden),
-			zap.String("reason", "origin not allowed"), zap.Strings("origin", origins),
+		p.logRefusal(http.StatusForbidden, "origin not allowed", zap.Strings("origin", origins),
 			zap.String("remote_addr", r.RemoteAddr))
 		if p.Observer != nil {
 			p.Observer.Refused(http.StatusForbidden)

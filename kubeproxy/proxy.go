@@ -368,23 +368,22 @@ func (p *Proxy) log() *zap.Logger {
 
 var nopLogger = zap.NewNop()
 
-// logRefusal logs a refused request: the first of each status and reason
-// at once, then one line a minute with the count left out since
-// ("suppressed"), so that a client with a bad token cannot fill the log;
-// the metrics count every refusal.
+// logRefusal logs a refused request with its status and reason: the first
+// of each status and reason at once, then one line a minute with the count
+// left out since ("suppressed"), so that a client with a bad token cannot
+// fill the log; the metrics count every refusal.
 func (p *Proxy) logRefusal(code int, reason string, fields ...zap.Field) {
 	ok, suppressed := p.refusals.Allow(strconv.Itoa(code) + " " + reason)
 	if !ok {
 		return
 	}
-	p.log().Info("k8s proxy request refused", append(fields, zap.Int("suppressed", suppressed))...)
+	p.log().Info("k8s proxy request refused", append(fields,
+		zap.Int("status", code), zap.String("reason", reason), zap.Int("suppressed", suppressed))...)
 }
 
 // refuse answers with a Kubernetes Status for e and logs why.
 func (p *Proxy) refuse(w http.ResponseWriter, r *http.Request, e *Error) {
-	fields := []zap.Field{
-		zap.Int("status", e.Code), zap.String("reason", e.Reason), zap.String("remote_addr", r.RemoteAddr),
-	}
+	fields := []zap.Field{zap.String("remote_addr", r.RemoteAddr)}
 	if e.AgentID != 0 {
 		fields = append(fields, zap.Int64("agent_id", e.AgentID))
 	}

@@ -15,6 +15,10 @@ import (
 	"testing/synctest"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/caddy-kas/caddy-kas/identity"
 
 	"github.com/caddy-kas/caddy-kas/tunnel"
@@ -414,5 +418,45 @@ func TestVia(t *testing.T) {
 	}
 	if got := resp.Header.Values("Via"); !slices.Equal(got, []string{"1.1 cluster-gateway", "1.1 caddy-kas/test"}) {
 		t.Errorf("the client got Via %q", got)
+	}
+}
+
+// TestRefusalsLoggedOncePerInterval: a client that keeps being refused
+// writes one log line, which names the status and the reason, and not
+// one line per request.
+func TestRefusalsLoggedOncePerInterval(t *testing.T) {
+	tests := []struct {
+		name       string
+		header     http.Header
+		wantStatus int
+		wantReason string
+	}{
+		{"unknown token", http.Header{"Authorization": {"Bearer pat:1:wrong-token"}}, http.StatusUnauthorized, "unknown token"},
+		{"origin not allowed", http.Header{"Authorization": {"Bearer pat:1:dev-token"}, "Origin": {"https://evil.example"}},
+			http.StatusForbidden, "origin not allowed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			core, logs := observer.New(zapcore.DebugLevel)
+			p := e.proxy.Config.Handler.(*Proxy)
+			p.Logger = zap.New(core)
+			p.AllowedOrigin = "https://gitlab.example.com"
+			for range 3 {
+				resp := e.do(t, http.MethodGet, prefix+"api/v1/namespaces", "", tt.header, nil)
+				resp.Body.Close()
+				if resp.StatusCode != tt.wantStatus {
+					t.Fatalf("status %d, want %d", resp.StatusCode, tt.wantStatus)
+				}
+			}
+			lines := logs.FilterMessage("k8s proxy request refused").All()
+			if len(lines) != 1 {
+				t.Fatalf("%d refusal lines, want 1", len(lines))
+			}
+			fields := lines[0].ContextMap()
+			if fields["status"] != int64(tt.wantStatus) || fields["reason"] != tt.wantReason || fields["suppressed"] != int64(0) {
+				t.Errorf("refusal logged with %v, want status %d and reason %q", fields, tt.wantStatus, tt.wantReason)
+			}
+		})
 	}
 }
