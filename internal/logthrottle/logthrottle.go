@@ -12,8 +12,9 @@ import (
 const DefaultInterval = time.Minute
 
 // maxKeys bounds the kinds a Limiter remembers, so that keys made from
-// what clients send cannot grow it without limit; beyond it, the oldest
-// windows are forgotten.
+// what clients send cannot grow it without limit. When it is reached, the
+// windows whose interval has passed are forgotten; if none has, a new kind
+// is not remembered, and each of its events is logged, as a first one.
 const maxKeys = 1024
 
 // Limiter decides which events of each kind (key) to log. The zero value
