@@ -126,19 +126,11 @@ type KubeconfigOverrides struct {
 // LoadKubeconfigWithOverrides is [LoadKubeconfig] with kubectl's
 // command-line overrides applied to the chosen cluster and user.
 func LoadKubeconfigWithOverrides(path string, o KubeconfigOverrides) (*Cluster, error) {
-	return loadKubeconfig(path, o, clockOptions{})
-}
-
-func loadKubeconfig(path string, o KubeconfigOverrides, co clockOptions) (*Cluster, error) {
-	spec, err := kubeconfigSpecOverrides(path, o, co)
+	spec, err := kubeconfigSpec(path, o, clockOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 	}
 	return newCluster(spec), nil
-}
-
-func kubeconfigSpec(path, contextName string, co clockOptions) (clusterSpec, error) {
-	return kubeconfigSpecOverrides(path, KubeconfigOverrides{Context: contextName}, co)
 }
 
 // apply puts the overrides into the chosen cluster and user entries.
@@ -186,7 +178,9 @@ func (o KubeconfigOverrides) apply(cluster *kubeconfigCluster, user *kubeconfigU
 	return nil
 }
 
-func kubeconfigSpecOverrides(path string, o KubeconfigOverrides, co clockOptions) (clusterSpec, error) {
+// kubeconfigSpec reads the kubeconfig at path and returns what the chosen
+// context, with the overrides applied, says about the cluster and user.
+func kubeconfigSpec(path string, o KubeconfigOverrides, co clockOptions) (clusterSpec, error) {
 	contextName := o.Context
 	raw, err := os.ReadFile(path)
 	if err != nil {

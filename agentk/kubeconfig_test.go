@@ -271,7 +271,7 @@ func TestLoadKubeconfig(t *testing.T) {
 			path := filepath.Join(dir, "kubeconfig")
 			writeFile(t, path, []byte(kubeconfigYAML(current, tt.cluster, tt.user)))
 
-			spec, err := kubeconfigSpec(path, tt.context, clockOptions{})
+			spec, err := kubeconfigSpec(path, KubeconfigOverrides{Context: tt.context}, clockOptions{})
 			if tt.wantErr != nil || tt.wantErrText != "" {
 				checkError(t, err, tt.wantErr, tt.wantErrText)
 				return
@@ -308,7 +308,7 @@ func TestLoadKubeconfigJSON(t *testing.T) {
 		"users":[{"name":"admin","user":{"token":"json-token"}}],
 		"contexts":[{"name":"admin","context":{"cluster":"c","user":"admin"}}],
 		"current-context":"admin"}`))
-	spec, err := kubeconfigSpec(path, "admin", clockOptions{})
+	spec, err := kubeconfigSpec(path, KubeconfigOverrides{Context: "admin"}, clockOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -323,7 +323,7 @@ func TestKubeconfigTokenFileRotation(t *testing.T) {
 	writeFile(t, path, []byte(kubeconfigYAML("test", "server: https://k8s.example", "tokenFile: token")))
 
 	clock := newFakeClock()
-	spec, err := kubeconfigSpec(path, "", clockOptions{now: clock.Now})
+	spec, err := kubeconfigSpec(path, KubeconfigOverrides{}, clockOptions{now: clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -458,7 +458,7 @@ func TestKubeconfigOverrides(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			spec, err := kubeconfigSpecOverrides(path, tt.o, clockOptions{})
+			spec, err := kubeconfigSpec(path, tt.o, clockOptions{})
 			if tt.wantErrText != "" {
 				checkError(t, err, nil, tt.wantErrText)
 				return
