@@ -186,9 +186,7 @@ func (s *Server) serveForwarded(w http.ResponseWriter, r *http.Request, rc *http
 		// The body is framed; what follows it in br is nothing.
 		req.HTTP.Body = fwd.Body
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), findWait)
-	t, err := tunnel.NewRouter(s.Local).Find(ctx, agentID)
-	cancel()
+	t, err := s.localTunnel(r.Context(), agentID)
 	if err != nil {
 		// The head went out as ready: tell the forwarding node by
 		// resetting the stream; it answers its client 502.
@@ -207,6 +205,21 @@ func (s *Server) serveForwarded(w http.ResponseWriter, r *http.Request, rc *http
 		}
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// localTunnel returns the least loaded tunnel of the agent on this node.
+// A forwarded request usually finds one connected, and then needs no
+// deadline, a timer per request (as [tunnel.Router.Connected] explains);
+// only if the tunnel went away since this node said it had one does it
+// wait up to findWait for one to come back.
+func (s *Server) localTunnel(ctx context.Context, agentID int64) (tunnel.Tunnel, error) {
+	router := tunnel.NewRouter(s.Local)
+	if t := router.Connected(agentID); t != nil {
+		return t, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, findWait)
+	defer cancel()
+	return router.Find(ctx, agentID)
 }
 
 // limitedHead reads from r, failing once more than left bytes were read
