@@ -36,6 +36,12 @@ const (
 	// unusedTimeout closes a ready stream no request was sent on (its
 	// finder's caller went away).
 	unusedTimeout = 30 * time.Second
+	// idleConnTimeout closes a connection that carried no stream for this
+	// long, as net/http's DefaultTransport does: the pings keep a
+	// connection to a live node open for ever otherwise, and a Client
+	// left behind by a configuration reload, or a node URL no longer in
+	// use, would keep its connections.
+	idleConnTimeout = 90 * time.Second
 )
 
 // Client opens streams to other nodes' private listeners. Its zero value
@@ -113,7 +119,7 @@ func (c *Client) transport(nodeURL string) (*http2.Transport, string, error) {
 		return nil, "", fmt.Errorf("node URL %q: %w", nodeURL, err)
 	}
 	d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
-	t := &http2.Transport{ReadIdleTimeout: readIdleTimeout, PingTimeout: pingTimeout}
+	t := &http2.Transport{ReadIdleTimeout: readIdleTimeout, PingTimeout: pingTimeout, IdleConnTimeout: idleConnTimeout}
 	switch u.Scheme {
 	case "grpc", "http":
 		t.AllowHTTP = true
