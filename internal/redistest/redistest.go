@@ -53,8 +53,8 @@ func debianPackage(name string) string {
 	return "redis-server"
 }
 
-// Server is one redis-server process that a test can stop and start again
-// on the same port.
+// Server is one redis-server (or redis-sentinel) process that a test can
+// stop and start again on the same port.
 type Server struct {
 	t    testing.TB
 	bin  string
@@ -62,7 +62,7 @@ type Server struct {
 	port int
 	args []string
 
-	mu   sync.Mutex // guards cmd
+	mu   sync.Mutex // guards cmd and done
 	cmd  *exec.Cmd
 	done chan struct{} // closed when cmd has exited
 }
@@ -103,14 +103,14 @@ func (s *Server) Start() {
 	cmd.Dir = s.dir
 	if err := cmd.Start(); err != nil {
 		s.mu.Unlock()
-		s.t.Fatalf("starting redis-server: %v", err)
+		s.t.Fatalf("starting %s: %v", filepath.Base(s.bin), err)
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
 	s.cmd, s.done = cmd, done
 	s.mu.Unlock()
 	if err := waitPing(s.Addr(), done); err != nil {
-		s.t.Fatalf("redis-server on %s did not start: %v (log in %s)", s.Addr(), err, s.dir)
+		s.t.Fatalf("%s on %s did not start: %v (log in %s)", filepath.Base(s.bin), s.Addr(), err, s.dir)
 	}
 }
 
@@ -208,18 +208,14 @@ sentinel parallel-syncs %[4]s 1
 		if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
 			t.Fatalf("writing sentinel %d's configuration: %v", i, err)
 		}
-		cmd := exec.Command(sentinelBin, conf)
-		cmd.Dir = dir
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("starting redis-sentinel: %v", err)
-		}
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGKILL); <-done })
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		// A sentinel is run, answers PING and is stopped as a server is.
+		sentinel := &Server{t: t, bin: sentinelBin, dir: dir, port: port, args: []string{conf}}
+		sentinel.Start()
+		t.Cleanup(sentinel.Stop)
+		addr := sentinel.Addr()
 		s.SentinelAddrs = append(s.SentinelAddrs, addr)
 		sc := redis.NewSentinelClient(&redis.Options{Addr: addr, MaxRetries: -1, DialTimeout: time.Second})
-		err := eventually(done, func(ctx context.Context) error {
+		err := eventually(sentinel.done, func(ctx context.Context) error {
 			replicas, err := sc.Replicas(ctx, s.MasterName).Result()
 			if err != nil {
 				return err
