@@ -6,11 +6,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httputil"
-	"sync"
 
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/copybuf"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
 )
@@ -42,7 +42,7 @@ func newProxy(c *Cluster, log *zap.Logger, m *metrics) *proxy {
 		FlushInterval: 0,
 		// Without a pool the reverse proxy allocates 32 KiB per request
 		// to copy the body through.
-		BufferPool:   copyBufferPool{},
+		BufferPool:   copybuf.ReverseProxyPool{},
 		ErrorLog:     zap.NewStdLog(log.Named("reverseproxy")),
 		ErrorHandler: p.upstreamError,
 		// See releaseAtEOF.
@@ -55,14 +55,6 @@ func newProxy(c *Cluster, log *zap.Logger, m *metrics) *proxy {
 	}
 	return p
 }
-
-// copyBufferPool lends the reverse proxy its 32 KiB copy buffers.
-type copyBufferPool struct{}
-
-var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
-
-func (copyBufferPool) Get() []byte  { return *copyBuffers.Get().(*[]byte) }
-func (copyBufferPool) Put(b []byte) { copyBuffers.Put(&b) }
 
 // releaseKey carries the function that ends the upstream request once its
 // response has been read.

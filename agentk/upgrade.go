@@ -9,6 +9,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/copybuf"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
 	"github.com/caddy-kas/caddy-kas/tunnel/h2tunnel"
@@ -87,7 +88,9 @@ func (p *proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upgrade str
 // nothing waits in a buffer (interactive exec, port-forward).
 func copyFlushing(w http.ResponseWriter, src io.Reader) error {
 	rc := http.NewResponseController(w)
-	buf := make([]byte, 32<<10)
+	bufp := copybuf.Get()
+	defer copybuf.Put(bufp)
+	buf := *bufp
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {

@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/copybuf"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/kubestatus"
@@ -100,13 +101,6 @@ type Observer interface {
 	// Refused counts a request refused with an HTTP status code.
 	Refused(code int)
 }
-
-// copyBufferSize is the size of the buffers that move response bodies: big
-// enough for bulk transfers, small enough that 10,000 concurrent watches
-// cost little.
-const copyBufferSize = 32 << 10
-
-var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize); return &b }}
 
 // ServeHTTP implements http.Handler.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -286,8 +280,8 @@ func (p *Proxy) copyResponse(w http.ResponseWriter, r *http.Request, resp *http.
 		return
 	}
 	flush := httpheader.Streamed(resp.Header, resp.ContentLength)
-	bufp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bufp)
+	bufp := copybuf.Get()
+	defer copybuf.Put(bufp)
 	buf := *bufp
 	for {
 		n, readErr := resp.Body.Read(buf)

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-kas/caddy-kas/identity"
+	"github.com/caddy-kas/caddy-kas/internal/copybuf"
 	"github.com/caddy-kas/caddy-kas/internal/httpheader"
 	"github.com/caddy-kas/caddy-kas/internal/logthrottle"
 	"github.com/caddy-kas/caddy-kas/tunnel"
@@ -294,8 +295,8 @@ func writeResponse(w io.Writer, rc *http.ResponseController, resp *http.Response
 	if method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified {
 		return nil
 	}
-	bufp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bufp)
+	bufp := copybuf.Get()
+	defer copybuf.Put(bufp)
 	buf := *bufp
 	for {
 		n, readErr := resp.Body.Read(buf)
@@ -322,8 +323,6 @@ func writeResponse(w io.Writer, rc *http.ResponseController, resp *http.Response
 		}
 	}
 }
-
-var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // refuse answers a request that is not a valid forwarded request, and logs
 // it once per reason a minute with the count left out since, so that a
