@@ -382,58 +382,39 @@ func (s *Server) accessLevelLocked(userID int64, fullPath string) int {
 	return level
 }
 
-func (s *Server) groupByPathLocked(p string) *Group {
-	for i := range s.groups {
-		if strings.EqualFold(s.groups[i].Path, p) {
-			return &s.groups[i]
+// findLocked returns the first element of items that match accepts, or nil;
+// the pointer points into items, so s.mu must be held while it is used.
+func findLocked[T any](items []T, match func(*T) bool) *T {
+	for i := range items {
+		if match(&items[i]) {
+			return &items[i]
 		}
 	}
 	return nil
+}
+
+func (s *Server) groupByPathLocked(p string) *Group {
+	return findLocked(s.groups, func(g *Group) bool { return strings.EqualFold(g.Path, p) })
 }
 
 func (s *Server) groupByIDLocked(id int64) *Group {
-	for i := range s.groups {
-		if s.groups[i].ID == id {
-			return &s.groups[i]
-		}
-	}
-	return nil
+	return findLocked(s.groups, func(g *Group) bool { return g.ID == id })
 }
 
 func (s *Server) projectByPathLocked(p string) *Project {
-	for i := range s.projects {
-		if strings.EqualFold(s.projects[i].Path, p) {
-			return &s.projects[i]
-		}
-	}
-	return nil
+	return findLocked(s.projects, func(pr *Project) bool { return strings.EqualFold(pr.Path, p) })
 }
 
 func (s *Server) projectByIDLocked(id int64) *Project {
-	for i := range s.projects {
-		if s.projects[i].ID == id {
-			return &s.projects[i]
-		}
-	}
-	return nil
+	return findLocked(s.projects, func(pr *Project) bool { return pr.ID == id })
 }
 
 func (s *Server) userByNameLocked(name string) *User {
-	for i := range s.users {
-		if strings.EqualFold(s.users[i].Username, name) {
-			return &s.users[i]
-		}
-	}
-	return nil
+	return findLocked(s.users, func(u *User) bool { return strings.EqualFold(u.Username, name) })
 }
 
 func (s *Server) userByIDLocked(id int64) *User {
-	for i := range s.users {
-		if s.users[i].ID == id {
-			return &s.users[i]
-		}
-	}
-	return nil
+	return findLocked(s.users, func(u *User) bool { return u.ID == id })
 }
 
 // environmentMatches reports whether a job's environment name matches one
