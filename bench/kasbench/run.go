@@ -566,8 +566,6 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 		if rt != nil && r.requests > 0 {
 			c.server, c.holder, c.agent = server1.sub(server0), holder1.sub(holder0), agent1.sub(agent0)
 			c.cpu = c.server.cpu + c.holder.cpu + c.agent.cpu
-			c.agentCPU = c.agent.cpu
-			c.holderCPU = c.holder.cpu
 			c.cpuPerOp = c.cpu / time.Duration(r.requests)
 		}
 		return c
