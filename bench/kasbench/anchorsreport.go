@@ -37,7 +37,7 @@ func agentMicros(c cell) int64 {
 	if c.res.requests == 0 {
 		return 0
 	}
-	return (c.agentCPU / time.Duration(c.res.requests)).Microseconds()
+	return (c.agent.cpu / time.Duration(c.res.requests)).Microseconds()
 }
 
 // floorCost is a single-node cell over the floor's cell of the same load:

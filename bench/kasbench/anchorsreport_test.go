@@ -10,7 +10,7 @@ import (
 // smallCell is a 1 KiB cell of label at conc: requests in one second, the
 // CPU of its processes and of its agent, and one latency, its p50.
 func smallCell(label string, conc int, requests int64, cpu, agentCPU, p50 time.Duration) cell {
-	c := cell{target: label, conc: conc, cpu: cpu, agentCPU: agentCPU,
+	c := cell{target: label, conc: conc, cpu: cpu, agent: procCounters{cpu: agentCPU},
 		res: loadResult{requests: requests, elapsed: time.Second, latencies: []time.Duration{p50}}}
 	if requests > 0 {
 		c.cpuPerOp = cpu / time.Duration(requests)

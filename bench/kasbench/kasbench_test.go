@@ -106,8 +106,8 @@ func TestQuickRun(t *testing.T) {
 	for _, c := range rep.Small {
 		if strings.HasPrefix(c.target, crossNodeName+" ") {
 			crossRows++
-			if c.cpuPerOp <= 0 || c.holderCPU < 0 || c.agentCPU < 0 {
-				t.Errorf("%s c=%d: CPU per request %v, node B %v, agentk %v", c.target, c.conc, c.cpuPerOp, c.holderCPU, c.agentCPU)
+			if c.cpuPerOp <= 0 || c.holder.cpu < 0 || c.agent.cpu < 0 {
+				t.Errorf("%s c=%d: CPU per request %v, node B %v, agentk %v", c.target, c.conc, c.cpuPerOp, c.holder.cpu, c.agent.cpu)
 			}
 		}
 	}
@@ -143,8 +143,8 @@ func TestQuickRun(t *testing.T) {
 		t.Errorf("%d rows of Caddy's own reverse_proxy, want %d (%s)", n, allRows, rep.FloorNote)
 	}
 	for _, c := range rep.Small {
-		if isFloor(c) && c.agentCPU != 0 {
-			t.Errorf("%s c=%d: agent CPU %v without an agent", c.target, c.conc, c.agentCPU)
+		if isFloor(c) && c.agent.cpu != 0 {
+			t.Errorf("%s c=%d: agent CPU %v without an agent", c.target, c.conc, c.agent.cpu)
 		}
 	}
 	tables := rep.Tables()

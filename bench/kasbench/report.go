@@ -12,16 +12,15 @@ import (
 
 // cell is one measured row of the request tables.
 type cell struct {
-	target   string
-	op       string // "GET" or "PUT" in the bulk table
-	conc     int
-	res      loadResult
-	cpu      time.Duration // CPU of Caddy and the agent (ours or GitLab's) during the cell
-	agentCPU time.Duration // the part of cpu that the agent used
-	// holderCPU is the part of cpu that node B (the node holding the
-	// agent's tunnel) used in a cross-node cell; zero in the others.
-	holderCPU time.Duration
-	cpuPerOp  time.Duration
+	target string
+	op     string // "GET" or "PUT" in the bulk table
+	conc   int
+	res    loadResult
+	// cpu is the CPU of Caddy, of node B (the node holding the agent's
+	// tunnel) in a cross-node cell, and of the agent (ours or GitLab's)
+	// during the cell: the sum of the cpu of server, holder and agent.
+	cpu      time.Duration
+	cpuPerOp time.Duration
 	// server, holder and agent are the counters of the Caddy the client
 	// sent to, of the node holding the tunnel (cross-node cells only) and
 	// of the agent during the measured part of the cell.
@@ -570,7 +569,7 @@ func (r *Report) crossNodeTables(w func(string, ...any)) {
 			c, p50 := x.cross, x.cross.res.quantile(0.5)
 			w("| %s | %d | %.0f | %s | %s | %.2f× | %s | %s | %s | %s | %+.2f | %+.2f |\n",
 				client(c), c.conc, c.res.perSecond(), perOpMicros(x.single), perOpMicros(c), x.ratio,
-				per(c.cpu-c.holderCPU-c.agentCPU, c), per(c.holderCPU, c), per(c.agentCPU, c), ms(p50),
+				per(c.cpu-c.holder.cpu-c.agent.cpu, c), per(c.holder.cpu, c), per(c.agent.cpu, c), ms(p50),
 				float64(p50-x.direct.res.quantile(0.5))/float64(time.Millisecond),
 				float64(p50-x.single.res.quantile(0.5))/float64(time.Millisecond))
 		}
@@ -587,7 +586,7 @@ func (r *Report) crossNodeTables(w func(string, ...any)) {
 			w("| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.2f× | %.0f / %.0f / %.0f |\n",
 				c.op, client(c), c.conc, x.single.res.mibPerSecond(), c.res.mibPerSecond(),
 				perGiB(x.single.cpu, x.single), perGiB(c.cpu, c), x.ratio,
-				perGiB(c.cpu-c.holderCPU-c.agentCPU, c), perGiB(c.holderCPU, c), perGiB(c.agentCPU, c))
+				perGiB(c.cpu-c.holder.cpu-c.agent.cpu, c), perGiB(c.holder.cpu, c), perGiB(c.agent.cpu, c))
 		}
 	}
 }

@@ -510,23 +510,18 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 		}
 	}()
 
-	cpuOf := func(pid int) time.Duration {
-		d, _ := cpuTime(pid)
-		return d
-	}
-	// holderCPU is the CPU time of rt's holder so far, zero without one.
-	holderCPU := func(rt *route) time.Duration {
-		if rt.holder == nil {
-			return 0
+	// routeCounters are the counters so far of rt's Caddy, of its holder
+	// and of its agent; zero for a route without a holder or an agent (the
+	// floor has no agent).
+	routeCounters := func(rt *route) (server, holder, agent procCounters) {
+		server = readCounters(rt.caddy.proc.pid())
+		if rt.holder != nil {
+			holder = readCounters(rt.holder.proc.pid())
 		}
-		return cpuOf(rt.holder.proc.pid())
-	}
-	// agentCPU is the CPU time of rt's agent so far, zero without one.
-	agentCPU := func(rt *route) time.Duration {
-		if rt.agent == nil {
-			return 0
+		if rt.agent != nil {
+			agent = readCounters(rt.agent.proc.pid())
 		}
-		return cpuOf(rt.agent.proc.pid())
+		return server, holder, agent
 	}
 	// profiles are the admin URLs of the Caddys of rt to profile, by file
 	// name: with a holder, both nodes, as <profile>-node-a and -node-b.
@@ -546,25 +541,12 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 	measure := func(rt *route, t target, conc int, op func(context.Context, *meter) error, profile string) cell {
 		var server0, server1, agent0, agent1, holder0, holder1 procCounters
 		var prof sync.WaitGroup
-		holderCounters := func() procCounters {
-			if rt.holder == nil {
-				return procCounters{}
-			}
-			return readCounters(rt.holder.proc.pid())
-		}
-		// The floor has no agent.
-		agentCounters := func() procCounters {
-			if rt.agent == nil {
-				return procCounters{}
-			}
-			return readCounters(rt.agent.proc.pid())
-		}
 		mark := func(start bool) {
 			if rt == nil {
 				return
 			}
 			if start {
-				agent0, server0, holder0 = agentCounters(), readCounters(rt.caddy.proc.pid()), holderCounters()
+				server0, holder0, agent0 = routeCounters(rt)
 				if profile != "" && cfg.ProfileDir != "" {
 					for name, adminURL := range profiles(rt, profile) {
 						prof.Add(1)
@@ -575,7 +557,7 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 					}
 				}
 			} else {
-				agent1, server1, holder1 = agentCounters(), readCounters(rt.caddy.proc.pid()), holderCounters()
+				server1, holder1, agent1 = routeCounters(rt)
 			}
 		}
 		r := runLoad(ctx, conc, cfg.Warmup, cfg.Phase, cfg.MaxOps, mark, op)
@@ -584,8 +566,6 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 		if rt != nil && r.requests > 0 {
 			c.server, c.holder, c.agent = server1.sub(server0), holder1.sub(holder0), agent1.sub(agent0)
 			c.cpu = c.server.cpu + c.holder.cpu + c.agent.cpu
-			c.agentCPU = c.agent.cpu
-			c.holderCPU = c.holder.cpu
 			c.cpuPerOp = c.cpu / time.Duration(r.requests)
 		}
 		return c
@@ -656,14 +636,15 @@ func runRequests(ctx context.Context, cfg Config, rep *Report, bins []binaries, 
 		}
 		each("h2", func(r *route, t target) {
 			logf("%d watch streams, %s", n, t.label())
-			var c0 time.Duration
+			var server0, holder0, agent0 procCounters
 			if r != nil {
-				c0 = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + agentCPU(r)
+				server0, holder0, agent0 = routeCounters(r)
 			}
 			w := runWatches(ctx, t, up, n, cfg.WatchLines)
 			wc := watchCell{target: t.label(), watchResult: w}
 			if r != nil {
-				wc.cpu = cpuOf(r.caddy.proc.pid()) + holderCPU(r) + agentCPU(r) - c0
+				server1, holder1, agent1 := routeCounters(r)
+				wc.cpu = server1.sub(server0).cpu + holder1.sub(holder0).cpu + agent1.sub(agent0).cpu
 			}
 			rep.Watches = append(rep.Watches, wc)
 		})

@@ -79,6 +79,18 @@ func (s *Server) findAgentLocked(token string) *agentToken {
 	return found
 }
 
+// agentByIDLocked finds the agent with id, whichever of its tokens are
+// revoked; with several tokens, the last added describes it. s.mu must be
+// held while the pointer is used.
+func (s *Server) agentByIDLocked(id int64) *Agent {
+	for i := len(s.agents) - 1; i >= 0; i-- {
+		if s.agents[i].agent.ID == id {
+			return &s.agents[i].agent
+		}
+	}
+	return nil
+}
+
 // agentTokenHeader is where newer Rails also accepts the agent token.
 const agentTokenHeader = "Gitlab-Agentk-Api-Request"
 

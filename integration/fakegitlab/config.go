@@ -57,12 +57,7 @@ func (s *Server) agentConfiguration(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var agent *Agent
-	for _, at := range s.agents {
-		if at.agent.ID == req.AgentID.value {
-			agent = &at.agent
-		}
-	}
+	agent := s.agentByIDLocked(req.AgentID.value)
 	if agent == nil {
 		// A legitimate answer: the agent was deleted.
 		writeMessage(w, http.StatusNotFound, "404 Not found")

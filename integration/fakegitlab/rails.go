@@ -281,51 +281,24 @@ func (s *Server) resolveConfigLocked(a Agent, raw json.RawMessage) (*agentConfig
 	root := rootNamespace(a.ProjectPath)
 	cfg := &agentConfig{}
 	if ci := f.CIAccess; ci != nil {
-		for kind, entries := range map[string][]map[string]json.RawMessage{"projects": ci.Projects, "groups": ci.Groups} {
-			var out []ciAuthorization
-			for _, e := range entries {
-				var id string
-				if err := json.Unmarshal(e["id"], &id); err != nil || id == "" {
-					return nil, fmt.Errorf("ci_access.%s entry without a string id", kind)
-				}
-				var authID int64
-				var fullPath string
-				if kind == "projects" {
-					p := s.projectByPathLocked(id)
-					if p == nil || rootNamespace(p.Path) != root {
-						continue
-					}
-					authID, fullPath = p.ID, p.Path
-				} else {
-					g := s.groupByPathLocked(id)
-					if g == nil || rootNamespace(g.Path) != root {
-						continue
-					}
-					authID, fullPath = g.ID, g.Path
-				}
-				rest := make(map[string]json.RawMessage, len(e))
-				for k, v := range e {
-					if k != "id" {
-						rest[k] = v
-					}
-				}
-				conf, _ := json.Marshal(rest)
-				var envs []string
-				if v, ok := e["environments"]; ok {
-					if err := json.Unmarshal(v, &envs); err != nil {
-						return nil, fmt.Errorf("ci_access.%s environments is not a list of strings", kind)
-					}
-				}
-				out = append(out, ciAuthorization{id: authID, path: fullPath, config: conf, environments: envs})
-				if len(out) == maxEntries {
-					break
-				}
+		var err error
+		cfg.ciProjects, err = resolveCIAccess("projects", ci.Projects, root, func(fullPath string) (int64, string, bool) {
+			if p := s.projectByPathLocked(fullPath); p != nil {
+				return p.ID, p.Path, true
 			}
-			if kind == "projects" {
-				cfg.ciProjects = out
-			} else {
-				cfg.ciGroups = out
+			return 0, "", false
+		})
+		if err != nil {
+			return nil, err
+		}
+		cfg.ciGroups, err = resolveCIAccess("groups", ci.Groups, root, func(fullPath string) (int64, string, bool) {
+			if g := s.groupByPathLocked(fullPath); g != nil {
+				return g.ID, g.Path, true
 			}
+			return 0, "", false
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	if ua := f.UserAccess; ua != nil {
@@ -346,6 +319,42 @@ func (s *Server) resolveConfigLocked(a Agent, raw json.RawMessage) (*agentConfig
 		cfg.user = u
 	}
 	return cfg, nil
+}
+
+// resolveCIAccess resolves the entries of ci_access.<kind> (projects or
+// groups) with lookup, which finds a full path's id and canonical path:
+// entries that name nothing within the root namespace root are left out,
+// and at most maxEntries are kept.
+func resolveCIAccess(kind string, entries []map[string]json.RawMessage, root string, lookup func(fullPath string) (id int64, canonical string, ok bool)) ([]ciAuthorization, error) {
+	var out []ciAuthorization
+	for _, e := range entries {
+		var fullPath string
+		if err := json.Unmarshal(e["id"], &fullPath); err != nil || fullPath == "" {
+			return nil, fmt.Errorf("ci_access.%s entry without a string id", kind)
+		}
+		id, canonical, ok := lookup(fullPath)
+		if !ok || rootNamespace(canonical) != root {
+			continue
+		}
+		rest := make(map[string]json.RawMessage, len(e))
+		for k, v := range e {
+			if k != "id" {
+				rest[k] = v
+			}
+		}
+		conf, _ := json.Marshal(rest) // values were decoded as JSON: they marshal
+		var envs []string
+		if v, ok := e["environments"]; ok {
+			if err := json.Unmarshal(v, &envs); err != nil {
+				return nil, fmt.Errorf("ci_access.%s environments is not a list of strings", kind)
+			}
+		}
+		out = append(out, ciAuthorization{id: id, path: canonical, config: conf, environments: envs})
+		if len(out) == maxEntries {
+			break
+		}
+	}
+	return out, nil
 }
 
 // rootNamespace is the first segment of a full path.
@@ -382,58 +391,39 @@ func (s *Server) accessLevelLocked(userID int64, fullPath string) int {
 	return level
 }
 
-func (s *Server) groupByPathLocked(p string) *Group {
-	for i := range s.groups {
-		if strings.EqualFold(s.groups[i].Path, p) {
-			return &s.groups[i]
+// findLocked returns the first element of items that match accepts, or nil;
+// the pointer points into items, so s.mu must be held while it is used.
+func findLocked[T any](items []T, match func(*T) bool) *T {
+	for i := range items {
+		if match(&items[i]) {
+			return &items[i]
 		}
 	}
 	return nil
+}
+
+func (s *Server) groupByPathLocked(p string) *Group {
+	return findLocked(s.groups, func(g *Group) bool { return strings.EqualFold(g.Path, p) })
 }
 
 func (s *Server) groupByIDLocked(id int64) *Group {
-	for i := range s.groups {
-		if s.groups[i].ID == id {
-			return &s.groups[i]
-		}
-	}
-	return nil
+	return findLocked(s.groups, func(g *Group) bool { return g.ID == id })
 }
 
 func (s *Server) projectByPathLocked(p string) *Project {
-	for i := range s.projects {
-		if strings.EqualFold(s.projects[i].Path, p) {
-			return &s.projects[i]
-		}
-	}
-	return nil
+	return findLocked(s.projects, func(pr *Project) bool { return strings.EqualFold(pr.Path, p) })
 }
 
 func (s *Server) projectByIDLocked(id int64) *Project {
-	for i := range s.projects {
-		if s.projects[i].ID == id {
-			return &s.projects[i]
-		}
-	}
-	return nil
+	return findLocked(s.projects, func(pr *Project) bool { return pr.ID == id })
 }
 
 func (s *Server) userByNameLocked(name string) *User {
-	for i := range s.users {
-		if strings.EqualFold(s.users[i].Username, name) {
-			return &s.users[i]
-		}
-	}
-	return nil
+	return findLocked(s.users, func(u *User) bool { return strings.EqualFold(u.Username, name) })
 }
 
 func (s *Server) userByIDLocked(id int64) *User {
-	for i := range s.users {
-		if s.users[i].ID == id {
-			return &s.users[i]
-		}
-	}
-	return nil
+	return findLocked(s.users, func(u *User) bool { return u.ID == id })
 }
 
 // environmentMatches reports whether a job's environment name matches one

@@ -116,12 +116,7 @@ func (s *Server) authorizeProxyUser(w http.ResponseWriter, r *http.Request) {
 func (s *Server) decideProxyUser(agentID int64, accessType, accessKey, csrf string) (int, authorizeProxyUserResponse) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var agent *Agent
-	for _, at := range s.agents {
-		if at.agent.ID == agentID {
-			agent = &at.agent
-		}
-	}
+	agent := s.agentByIDLocked(agentID)
 	if agent == nil {
 		return http.StatusNotFound, authorizeProxyUserResponse{}
 	}
