@@ -523,21 +523,16 @@ func locator(agents *gitlab.AgentAuthenticator) func(context.Context, string) (c
 		if err != nil {
 			return configwatch.Location{}, err
 		}
-		r := info.GitalyRepository
+		// GitLab's answer and the Gitaly client describe the server and
+		// the repository with the same fields: a conversion carries them
+		// all, and stops compiling should the two ever differ.
 		return configwatch.Location{
-			AgentID:     info.AgentID,
-			AgentName:   info.AgentName,
-			ProjectID:   info.ProjectID,
-			ProjectPath: r.GlProjectPath,
-			Gitaly:      gitaly.Info{Address: info.GitalyInfo.Address, Token: info.GitalyInfo.Token, Features: info.GitalyInfo.Features},
-			Repository: gitaly.Repository{
-				StorageName:                   r.StorageName,
-				RelativePath:                  r.RelativePath,
-				GitObjectDirectory:            r.GitObjectDirectory,
-				GitAlternateObjectDirectories: r.GitAlternateObjectDirectories,
-				GlRepository:                  r.GlRepository,
-				GlProjectPath:                 r.GlProjectPath,
-			},
+			AgentID:       info.AgentID,
+			AgentName:     info.AgentName,
+			ProjectID:     info.ProjectID,
+			ProjectPath:   info.GitalyRepository.GlProjectPath,
+			Gitaly:        gitaly.Info(info.GitalyInfo),
+			Repository:    gitaly.Repository(info.GitalyRepository),
 			DefaultBranch: info.DefaultBranch,
 		}, nil
 	}
