@@ -164,9 +164,19 @@ func agentOf(tunnels []tunnel.Tunnel, node string) Agent {
 	return Agent{ID: info.ID, Name: info.Name, ProjectID: info.ProjectID, Connections: conns}
 }
 
+// connectionOf describes a live tunnel of this node, with what only the
+// holding node knows.
 func connectionOf(t tunnel.Tunnel, node string) Connection {
 	info := t.Agent()
-	m := info.Meta
+	c := newConnection(node, info.Meta, t.ConnectedAt())
+	c.RemoteAddr = info.RemoteAddr
+	c.RequestsInFlight = t.Load()
+	return c
+}
+
+// newConnection describes a tunnel from what the agent said when it
+// connected, as this node's tunnels and the shared registry both hold it.
+func newConnection(node string, m tunnel.AgentMeta, connectedAt time.Time) Connection {
 	return Connection{
 		Node:               node,
 		ConnectionID:       m.ConnectionID,
@@ -175,9 +185,7 @@ func connectionOf(t tunnel.Tunnel, node string) Connection {
 		AgentkCommit:       m.CommitID,
 		KubernetesVersion:  m.KubernetesVersion,
 		KubernetesPlatform: m.KubernetesPlatform,
-		RemoteAddr:         info.RemoteAddr,
-		ConnectedAt:        t.ConnectedAt().UTC(),
-		RequestsInFlight:   t.Load(),
+		ConnectedAt:        connectedAt.UTC(),
 	}
 }
 
@@ -199,17 +207,7 @@ func ListShared(conns []redisregistry.Connection, node string) Listing {
 			newest[c.AgentID] = c.ConnectedAt
 			a.Name, a.ProjectID = c.AgentName, c.ProjectID
 		}
-		m := c.Meta
-		a.Connections = append(a.Connections, Connection{
-			Node:               c.Node,
-			ConnectionID:       m.ConnectionID,
-			Pod:                Pod{Namespace: m.PodNamespace, Name: m.PodName, ID: m.PodID},
-			AgentkVersion:      m.Version,
-			AgentkCommit:       m.CommitID,
-			KubernetesVersion:  m.KubernetesVersion,
-			KubernetesPlatform: m.KubernetesPlatform,
-			ConnectedAt:        c.ConnectedAt.UTC(),
-		})
+		a.Connections = append(a.Connections, newConnection(c.Node, c.Meta, c.ConnectedAt))
 	}
 	for _, a := range byID {
 		slices.SortFunc(a.Connections, func(x, y Connection) int {
