@@ -14,7 +14,6 @@ package railsapi
 
 import (
 	"context"
-	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -59,12 +58,24 @@ var _ Connections = Local{}
 
 // ByAgentIDs implements [Connections].
 func (l Local) ByAgentIDs(_ context.Context, ids []int64) ([]Connection, error) {
-	return l.list(func(a tunnel.AgentInfo) bool { return slices.Contains(ids, a.ID) }), nil
+	want := setOf(ids)
+	return l.list(func(a tunnel.AgentInfo) bool { return want[a.ID] }), nil
 }
 
 // ByProjectIDs implements [Connections].
 func (l Local) ByProjectIDs(_ context.Context, ids []int64) ([]Connection, error) {
-	return l.list(func(a tunnel.AgentInfo) bool { return slices.Contains(ids, a.ProjectID) }), nil
+	want := setOf(ids)
+	return l.list(func(a tunnel.AgentInfo) bool { return want[a.ProjectID] }), nil
+}
+
+// setOf makes ids a set: a request may name up to maxIDs of them, checked
+// against every tunnel of the node.
+func setOf(ids []int64) map[int64]bool {
+	set := make(map[int64]bool, len(ids))
+	for _, id := range ids {
+		set[id] = true
+	}
+	return set
 }
 
 // All implements [Connections].

@@ -104,7 +104,7 @@ func (t *agentTracker) CountAgentsByAgentVersions(ctx context.Context, _ *agentt
 
 // byAgents reports the pods of the given agents.
 func (t *agentTracker) byAgents(ctx context.Context, ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
-	if _, err := idSet("agent", ids); err != nil {
+	if err := validateIDs("agent", ids); err != nil {
 		return nil, err
 	}
 	t.s.logger().Debug("listing connected agents", zap.Int64s("agent_ids", ids))
@@ -118,7 +118,7 @@ func (t *agentTracker) byAgents(ctx context.Context, ids []int64) ([]*agenttrack
 // byProjects reports the pods of the agents whose configuration project is
 // one of the given projects.
 func (t *agentTracker) byProjects(ctx context.Context, ids []int64) ([]*agenttracker.ConnectedAgentInfo, error) {
-	if _, err := idSet("project", ids); err != nil {
+	if err := validateIDs("project", ids); err != nil {
 		return nil, err
 	}
 	t.s.logger().Debug("listing connected agents", zap.Int64s("project_ids", ids))
@@ -143,20 +143,18 @@ func (t *agentTracker) connections(ctx context.Context, list func(Connections, c
 	return conns, nil
 }
 
-// idSet validates the ids of a request: positive, and not too many of
+// validateIDs checks the ids of a request: positive, and not too many of
 // them. GitLab's KAS rejects such requests the same way (gitlab-wire A.2).
-func idSet(what string, ids []int64) (map[int64]bool, error) {
+func validateIDs(what string, ids []int64) error {
 	if len(ids) > maxIDs {
-		return nil, status.Errorf(codes.InvalidArgument, "at most %d %s ids per request, got %d", maxIDs, what, len(ids))
+		return status.Errorf(codes.InvalidArgument, "at most %d %s ids per request, got %d", maxIDs, what, len(ids))
 	}
-	set := make(map[int64]bool, len(ids))
 	for _, id := range ids {
 		if id <= 0 {
-			return nil, status.Errorf(codes.InvalidArgument, "%s id must be positive, got %d", what, id)
+			return status.Errorf(codes.InvalidArgument, "%s id must be positive, got %d", what, id)
 		}
-		set[id] = true
 	}
-	return set, nil
+	return nil
 }
 
 // pod is one agentk process with its tunnel connections: what Rails calls
