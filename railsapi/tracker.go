@@ -170,9 +170,10 @@ type pod struct {
 // it on every tunnel.
 type podKey struct{ agentID, podID int64 }
 
-// groupPods groups connections into agentk pods, in a stable order: by agent id, then connection time, then
-// connection id. A pod's connected_at is when its first live tunnel
-// connected, and its metadata comes from that tunnel.
+// groupPods groups connections into agentk pods, in a stable order: by
+// agent id, then connection time, then connection id. A pod's connected_at
+// is when its first live tunnel connected, and its metadata comes from
+// that tunnel.
 //
 // An agentk that sends no pod id gets one entry per tunnel, named by its
 // connection id, rather than all such tunnels folding into one entry.
