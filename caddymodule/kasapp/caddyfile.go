@@ -252,22 +252,25 @@ func (r *Redis) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			r.DatabaseIndex = n
 		case name == "tls":
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			r.TLS = new(RedisTLS)
-			tlsTexts := map[string]*string{"ca_file": &r.TLS.CAFile, "cert_file": &r.TLS.CertFile, "key_file": &r.TLS.KeyFile, "server_name": &r.TLS.ServerName}
-			for n := d.Nesting(); d.NextBlock(n); {
-				f := tlsTexts[d.Val()]
-				if f == nil {
-					return d.Errf("unrecognized redis tls option %q", d.Val())
-				}
-				if !d.AllArgs(f) {
-					return d.ArgErr()
-				}
+			if err := unmarshalBlock(d, &r.TLS, (*RedisTLS).unmarshalCaddyfile); err != nil {
+				return err
 			}
 		default:
 			return d.Errf("unrecognized redis option %q", name)
+		}
+	}
+	return nil
+}
+
+func (t *RedisTLS) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	texts := map[string]*string{"ca_file": &t.CAFile, "cert_file": &t.CertFile, "key_file": &t.KeyFile, "server_name": &t.ServerName}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		f := texts[d.Val()]
+		if f == nil {
+			return d.Errf("unrecognized redis tls option %q", d.Val())
+		}
+		if !d.AllArgs(f) {
+			return d.ArgErr()
 		}
 	}
 	return nil

@@ -113,6 +113,7 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 		{name: "gitaly rate limit refill zero", input: "kas {\n gitlab {\n gitaly_per_server_rate_limit 0 40\n }\n}", wantErr: `gitaly_per_server_rate_limit: refill rate "0"`},
 		{name: "bad poll period", input: "kas {\n gitlab {\n agent_configuration_poll_period often\n }\n}", wantErr: `agent_configuration_poll_period: "often" is not a duration`},
 		{name: "gitlab twice", input: "kas {\n gitlab {\n }\n gitlab {\n }\n}", wantErr: "gitlab given twice"},
+		{name: "redis tls twice", input: "kas {\n redis {\n tls {\n ca_file a.pem\n }\n tls {\n }\n }\n}", wantErr: "tls given twice"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
