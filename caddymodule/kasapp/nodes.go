@@ -232,7 +232,7 @@ func (a *App) provisionNodes() error {
 	key := "nodes " + hex.EncodeToString(sum[:])
 	log := a.logger.Named("nodes")
 	v, _, err := nodePools.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newSharedNodes(key, r, p, ownURLs, secret, a.tunnels.store, log)
+		return newSharedNodes(key, r, p, settings.Host, ownURLs, secret, a.tunnels.store, log)
 	})
 	if err != nil {
 		return err
@@ -249,8 +249,9 @@ func (a *App) provisionNodes() error {
 }
 
 // newSharedNodes makes the Redis client and registry and starts the
-// private listener.
-func newSharedNodes(key string, r *Redis, p *PrivateAPI, ownURLs []string, secret []byte, store *tunnel.Store, log *zap.Logger) (*sharedNodes, error) {
+// private listener. ownHost is the TLS server name of the nodes, own_host
+// or OWN_PRIVATE_API_HOST as [nodetunnel.OwnURLSettingsFromEnv] resolved it.
+func newSharedNodes(key string, r *Redis, p *PrivateAPI, ownHost string, ownURLs []string, secret []byte, store *tunnel.Store, log *zap.Logger) (*sharedNodes, error) {
 	opts := &redis.UniversalOptions{
 		Addrs:                 r.Addresses,
 		MasterName:            r.MasterName,
@@ -306,10 +307,7 @@ func newSharedNodes(key string, r *Redis, p *PrivateAPI, ownURLs []string, secre
 	}
 	n := &sharedNodes{key: key, client: client, registry: registry, ownURLs: ownURLs, secret: secret}
 	if p.CAFile != "" || strings.HasPrefix(ownURLs[0], "grpcs://") {
-		cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: p.OwnHost}
-		if h := os.Getenv("OWN_PRIVATE_API_HOST"); h != "" {
-			cfg.ServerName = h
-		}
+		cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: ownHost}
 		if p.CAFile != "" {
 			if cfg.RootCAs, err = systemRootsWith(p.CAFile); err != nil {
 				n.Destruct()
