@@ -137,16 +137,9 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 }
 
 func TestProvisionGitLabRefuses(t *testing.T) {
-	dir := t.TempDir()
-	write := func(name, content string) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	good := write("good.secret", base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef")))
-	short := write("short.secret", base64.StdEncoding.EncodeToString([]byte("0123456789abcdef")))
+	dir := t.TempDir() // for files that are not there
+	good := writeTestFile(t, "good.secret", base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef")))
+	short := writeTestFile(t, "short.secret", base64.StdEncoding.EncodeToString([]byte("0123456789abcdef")))
 	tests := []struct {
 		name    string
 		cfg     GitLab

@@ -189,16 +189,8 @@ func TestLocalStore(t *testing.T) {
 // TestProvisionNodesRefuses: several-node settings that cannot work stop
 // Caddy with a message that names the fix.
 func TestProvisionNodesRefuses(t *testing.T) {
-	dir := t.TempDir()
-	write := func(name, content string) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	good := write("good.secret", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte("s"), 32)))
-	short := write("short.secret", base64.StdEncoding.EncodeToString([]byte("short")))
+	good := writeTestFile(t, "good.secret", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte("s"), 32)))
+	short := writeTestFile(t, "short.secret", base64.StdEncoding.EncodeToString([]byte("short")))
 	redisOK := &Redis{Addresses: []string{"127.0.0.1:1"}}
 	tests := []struct {
 		name    string
@@ -277,4 +269,15 @@ func TestExitDrain(t *testing.T) {
 	if _, err := a.Router().Find(t.Context(), 1); !errors.Is(err, tunnel.ErrStoreClosed) {
 		t.Errorf("Find after the drain: %v, want ErrStoreClosed", err)
 	}
+}
+
+// writeTestFile writes content to a new file name in the test's temporary
+// directory and returns its path.
+func writeTestFile(t *testing.T, name, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
