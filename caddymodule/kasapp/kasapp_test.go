@@ -281,3 +281,39 @@ func writeTestFile(t *testing.T, name, content string) string {
 	}
 	return p
 }
+
+// TestPeerServerName: the nodes verify each other's certificates for the
+// host name own_host gives, or OWN_PRIVATE_API_HOST in its place, as
+// GitLab's KAS lets the environment override its configuration.
+func TestPeerServerName(t *testing.T) {
+	secret := writeTestFile(t, "private.secret", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte("s"), 32)))
+	tests := []struct {
+		name, ownHost, env, want string
+	}{
+		{name: "own_host", ownHost: "kas.internal", want: "kas.internal"},
+		{name: "environment over own_host", ownHost: "kas.internal", env: "kas-env.internal", want: "kas-env.internal"},
+		{name: "environment alone", env: "kas-env.internal", want: "kas-env.internal"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv("OWN_PRIVATE_API_HOST", tt.env)
+			a := App{
+				// Nothing listens there: Provision does not need Redis.
+				Redis: &Redis{Addresses: []string{"127.0.0.1:1"}},
+				PrivateAPI: &PrivateAPI{Listen: "127.0.0.1:0", SecretFile: secret,
+					OwnURL: "grpcs://127.0.0.1:8155", OwnHost: tt.ownHost},
+			}
+			err := a.Provision(caddy.Context{})
+			defer a.Cleanup()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if a.nodes.tlsPeers == nil {
+				t.Fatal("no TLS configuration for grpcs:// peers")
+			}
+			if got := a.nodes.tlsPeers.ServerName; got != tt.want {
+				t.Errorf("peers' TLS server name %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
