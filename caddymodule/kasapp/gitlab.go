@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -593,15 +592,7 @@ func gitlabHTTPClient(caFile string) (*http.Client, error) {
 // certPool reads the PEM certificates of file (for Gitaly, which trusts
 // them besides the system's roots).
 func certPool(file string) (*x509.CertPool, error) {
-	pem, err := os.ReadFile(file)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("%s: no PEM certificate in it", file)
-	}
-	return pool, nil
+	return addPEMFile(x509.NewCertPool(), file)
 }
 
 // agentRecheck is how often a connected agent's token is checked again for

@@ -381,13 +381,19 @@ func readPasswordFile(file string) (string, error) {
 // systemRootsWith returns the system's roots with the PEM certificates of
 // file added.
 func systemRootsWith(file string) (*x509.CertPool, error) {
-	pem, err := os.ReadFile(file)
-	if err != nil {
-		return nil, err
-	}
 	pool, err := x509.SystemCertPool()
 	if err != nil {
 		pool = x509.NewCertPool()
+	}
+	return addPEMFile(pool, file)
+}
+
+// addPEMFile adds the PEM certificates of file to pool, failing for a
+// file that holds none.
+func addPEMFile(pool *x509.CertPool, file string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
 	}
 	if !pool.AppendCertsFromPEM(pem) {
 		return nil, fmt.Errorf("%s: no PEM certificate in it", file)
