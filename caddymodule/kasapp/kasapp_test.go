@@ -308,10 +308,10 @@ func TestPeerServerName(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if a.nodes.tlsPeers == nil {
+			if a.nodes.peers.TLS == nil {
 				t.Fatal("no TLS configuration for grpcs:// peers")
 			}
-			if got := a.nodes.tlsPeers.ServerName; got != tt.want {
+			if got := a.nodes.peers.TLS.ServerName; got != tt.want {
 				t.Errorf("peers' TLS server name %q, want %q", got, tt.want)
 			}
 		})

@@ -130,14 +130,16 @@ type PrivateAPI struct {
 
 // sharedNodes is what outlives a reload when several nodes share a
 // registry: the Redis client, the registry (whose Close removes this node
-// from Redis, which only a stop may do) and the private listener's server.
+// from Redis, which only a stop may do), the private listener's server and
+// the client of the other nodes' (whose connections a reload must not
+// multiply).
 type sharedNodes struct {
 	key      string
 	client   redis.UniversalClient
 	registry *redisregistry.Registry
 	ownURLs  []string
 	secret   []byte
-	tlsPeers *tls.Config // for grpcs:// peers; nil: system's roots
+	peers    *nodetunnel.Client
 
 	mu     sync.Mutex // guards server and served
 	server *http.Server
@@ -169,6 +171,7 @@ func (n *sharedNodes) Destruct() error {
 	if err := n.client.Close(); err != nil {
 		errs = append(errs, err)
 	}
+	n.peers.CloseIdleConnections()
 	return errors.Join(errs...)
 }
 
@@ -240,7 +243,7 @@ func (a *App) provisionNodes() error {
 	a.nodes = v.(*sharedNodes)
 	finder := &nodetunnel.Finder{
 		Nodes:  a.nodes.registry,
-		Client: &nodetunnel.Client{Secret: secret, TLS: a.nodes.tlsPeers},
+		Client: a.nodes.peers,
 		Logger: log,
 	}
 	a.router = &tunnel.Router{Local: a.tunnels.store, Remote: finder.Find}
@@ -305,7 +308,8 @@ func newSharedNodes(key string, r *Redis, p *PrivateAPI, ownHost string, ownURLs
 		client.Close()
 		return nil, fmt.Errorf("redis: %w", err)
 	}
-	n := &sharedNodes{key: key, client: client, registry: registry, ownURLs: ownURLs, secret: secret}
+	n := &sharedNodes{key: key, client: client, registry: registry, ownURLs: ownURLs, secret: secret,
+		peers: &nodetunnel.Client{Secret: secret}}
 	if p.CAFile != "" || strings.HasPrefix(ownURLs[0], "grpcs://") {
 		cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: ownHost}
 		if p.CAFile != "" {
@@ -314,7 +318,7 @@ func newSharedNodes(key string, r *Redis, p *PrivateAPI, ownHost string, ownURLs
 				return nil, fmt.Errorf("private_api: ca_file: %w", err)
 			}
 		}
-		n.tlsPeers = cfg
+		n.peers.TLS = cfg // for grpcs:// peers; without it, the system's roots
 	}
 	if err := n.serve(p, store, log); err != nil {
 		n.Destruct()
