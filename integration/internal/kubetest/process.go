@@ -3,11 +3,14 @@ package kubetest
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -169,20 +172,59 @@ func LastLines(text string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// FreeLoopbackPorts returns n distinct TCP ports that were free on 127.0.0.1
-// a moment ago. All listeners are held until every port is picked, so the
-// ports differ from each other.
+// FreeLoopbackPorts returns n TCP ports that were free on 127.0.0.1 a
+// moment ago and that it has not returned before in this process. They are
+// taken below the kernel's ephemeral range (ip_local_port_range): a port
+// from the range, free when picked, can be handed to any connection's local
+// end or any listener on port 0 before the test's process binds it, which
+// made a Caddy fail to start with "address already in use" now and then
+// while other tests ran.
 func FreeLoopbackPorts(n int) ([]int, error) {
+	low, high := 10000, ephemeralLow()-1
+	portsMu.Lock()
+	defer portsMu.Unlock()
 	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("pick a free port: %w", err)
+	for attempts := 0; len(ports) < n; attempts++ {
+		if attempts == 10*(high-low) {
+			return nil, fmt.Errorf("pick a free port: none free in %d-%d", low, high)
 		}
-		defer l.Close()
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		p := low + rand.IntN(high-low+1)
+		if portsGiven[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue // in use
+		}
+		l.Close()
+		portsGiven[p] = true
+		ports = append(ports, p)
 	}
 	return ports, nil
+}
+
+// portsMu guards portsGiven, the ports FreeLoopbackPorts returned.
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{}
+)
+
+// ephemeralLow is the first port of the kernel's ephemeral range, 32768
+// if it cannot be read.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 32768
+	}
+	low, err := strconv.Atoi(f[0])
+	if err != nil || low <= 11000 {
+		return 32768
+	}
+	return low
 }
 
 // errPermanent marks an error that ends Eventually's polling at once.
